@@ -1,0 +1,389 @@
+import { constants } from 'node:fs';
+import { lstat, mkdir, open, readdir, rm } from 'node:fs/promises';
+import path from 'node:path';
+import { ErrorCode, toErrorInfo, WorkerError } from './errors.js';
+import {
+  type JobRequest,
+  type JobSpec,
+  MAX_JOB_FILE_BYTES,
+  parseJobFile,
+  type StepSpec,
+  specFromSteps,
+} from './job-spec.js';
+import type { Logger } from './log.js';
+import { type JobPaths, resolveJobPaths } from './paths.js';
+import { type Manifest, type StepRecord, writeManifest } from './report.js';
+import { runStep, type StepOutcome, type StopReason } from './run.js';
+import { createWorkspace, purgeWorkspace, type SkippedEntry, stageJob } from './stage.js';
+import { type Artifact, syncResults } from './sync.js';
+import { formatBytes, formatDuration } from './units.js';
+
+/** What the engine needs from the worker's configuration. */
+export interface EngineConfig {
+  readonly jobsDir: string;
+  readonly workspacesDir: string;
+  readonly workerId: string;
+  readonly hostname: string;
+  readonly version: string;
+  readonly killGraceMs: number;
+  readonly maxLogBytes: number;
+  /** The environment steps inherit (the worker's own, without its broker settings). */
+  readonly baseEnv: Readonly<Record<string, string>>;
+  /** Create a missing jobs directory (dry runs); a worker treats it as an unmounted shared drive. */
+  readonly createJobsDir?: boolean;
+}
+
+export type JobEvent =
+  | { readonly type: 'staging' }
+  | { readonly type: 'step-started'; readonly step: number; readonly name: string }
+  | {
+      readonly type: 'step-ended';
+      readonly step: number;
+      readonly name: string;
+      readonly status: string;
+      readonly exitCode: number | null;
+    }
+  | { readonly type: 'syncing' }
+  | { readonly type: 'done'; readonly status: string; readonly exitCode: number };
+
+export interface JobRun {
+  readonly request: JobRequest;
+  readonly attempt: number;
+  readonly log: Logger;
+  /** Aborting stops the running step; its reason (a StopReason) decides the outcome. */
+  readonly signal?: AbortSignal;
+  readonly onEvent?: (event: JobEvent) => void;
+  /** Clock, for tests. */
+  readonly now?: () => number;
+}
+
+export interface JobOutcome {
+  readonly manifest: Manifest;
+  /** False when the manifest could not be written (no usable job folder, or the write failed). */
+  readonly manifestWritten: boolean;
+}
+
+/** Names in `results/` that survive the reset at the start of a run (the claim, see claim.ts). */
+const KEEP_IN_RESULTS = /^\.mqtt-fs-worker/;
+
+/** The job was interrupted (the worker is shutting down): no result, the job stays claimable. */
+export class JobInterrupted extends WorkerError {
+  constructor() {
+    super(ErrorCode.INTERRUPTED, 'The job was interrupted before it finished; it will run again');
+  }
+}
+
+/**
+ * Runs one job end to end: resolve its folder, read its definition, stage it into a fresh workspace, run its
+ * steps, sync changed files back and write `results/result.json`. Failures of the job (and bad input) are
+ * outcomes, not exceptions; only an interruption (the `signal` aborted with 'interrupted') throws.
+ */
+export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutcome> {
+  const now = run.now ?? Date.now;
+  const started = now();
+  const { request, log } = run;
+  const emit = run.onEvent ?? (() => {});
+  const manifest: Manifest = {
+    schemaVersion: 1,
+    id: request.id,
+    status: 'error',
+    exitCode: 1,
+    error: null,
+    attempt: run.attempt,
+    worker: { id: config.workerId, host: config.hostname, version: config.version },
+    startedAt: new Date(started).toISOString(),
+    endedAt: '',
+    durationMs: 0,
+    phases: { stagingMs: 0, runningMs: 0, syncingMs: 0 },
+    limits: { mode: 'none', cpus: null, memoryBytes: null, pids: null },
+    steps: [],
+    artifacts: [],
+    skipped: [],
+  };
+  let paths: JobPaths | undefined;
+  let resultsReady = false;
+  let workspace: string | undefined;
+  try {
+    paths = await resolveJobPaths(
+      config.jobsDir,
+      request.id,
+      request.steps !== undefined,
+      config.createJobsDir,
+    );
+    await resetResults(paths.resultsDir);
+    resultsReady = true;
+    const spec = await loadSpec(paths, request);
+    manifest.steps = spec.steps.map(pendingStep);
+
+    emit({ type: 'staging' });
+    const stagingStarted = now();
+    workspace = await createWorkspace(config.workspacesDir, config.workerId, request.id);
+    const staged = await stageJob(paths.jobDir, workspace);
+    manifest.phases.stagingMs = now() - stagingStarted;
+    log.info(
+      `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${formatDuration(manifest.phases.stagingMs)}`,
+    );
+
+    const runningStarted = now();
+    const ran = await runSteps(config, run, spec, paths, workspace, manifest.steps, now);
+    manifest.phases.runningMs = now() - runningStarted;
+    manifest.status = ran.status;
+    manifest.exitCode = ran.exitCode;
+    manifest.error = ran.error;
+
+    emit({ type: 'syncing' });
+    const syncStarted = now();
+    const synced = await syncResults({
+      workspace,
+      resultsDir: paths.resultsDir,
+      snapshot: staged.snapshot,
+      include: spec.artifacts.include,
+      exclude: spec.artifacts.exclude,
+    });
+    manifest.phases.syncingMs = now() - syncStarted;
+    manifest.artifacts = [...synced.artifacts] as Artifact[];
+    manifest.skipped = [...staged.skipped, ...synced.skipped] as SkippedEntry[];
+    log.info(
+      `synced ${synced.artifacts.length} files (${formatBytes(synced.bytes)}) in ${formatDuration(manifest.phases.syncingMs)}`,
+    );
+  } catch (error) {
+    if (error instanceof JobInterrupted) {
+      await cleanUp(config, log, workspace);
+      throw error;
+    }
+    manifest.status = 'error';
+    manifest.exitCode = 1;
+    manifest.error = toErrorInfo(error);
+    if (!(error instanceof WorkerError)) log.error('unexpected error', { stack: (error as Error).stack });
+  }
+  await cleanUp(config, log, workspace);
+
+  const ended = now();
+  manifest.endedAt = new Date(ended).toISOString();
+  manifest.durationMs = ended - started;
+  let manifestWritten = false;
+  if (paths && resultsReady) {
+    try {
+      await writeManifest(paths.resultsDir, manifest);
+      manifestWritten = true;
+    } catch (error) {
+      log.error(`cannot write result.json: ${(error as Error).message}`);
+      if (manifest.status !== 'error') {
+        manifest.status = 'error';
+        manifest.exitCode = 1;
+        manifest.error = {
+          code: ErrorCode.REPORT_FAILED,
+          message: `Cannot write result.json: ${(error as Error).message}`,
+        };
+      }
+    }
+  }
+  emit({ type: 'done', status: manifest.status, exitCode: manifest.exitCode });
+  return { manifest, manifestWritten };
+}
+
+async function cleanUp(config: EngineConfig, log: Logger, workspace: string | undefined): Promise<void> {
+  if (workspace === undefined) return;
+  const failure = await purgeWorkspace(config.workspacesDir, config.workerId);
+  if (failure) log.warn(`could not remove workspace ${workspace}: ${failure.message}`);
+}
+
+/** Empties `results/` (an earlier attempt's output) but the claim; refuses a results/ that is not a directory. */
+async function resetResults(resultsDir: string): Promise<void> {
+  const stats = await lstat(resultsDir).catch((error: NodeJS.ErrnoException) => {
+    if (error.code === 'ENOENT') return undefined;
+    throw error;
+  });
+  if (!stats) {
+    await mkdir(resultsDir);
+    return;
+  }
+  if (!stats.isDirectory()) {
+    const what = stats.isSymbolicLink() ? 'a symlink' : 'not a directory';
+    throw new WorkerError(
+      ErrorCode.RESULTS_NOT_DIRECTORY,
+      `${resultsDir} is ${what}; the worker writes only into a real results/ folder`,
+    );
+  }
+  for (const name of await readdir(resultsDir)) {
+    if (!KEEP_IN_RESULTS.test(name)) await rm(path.join(resultsDir, name), { recursive: true, force: true });
+  }
+}
+
+/** The job's definition: `job.json` (its steps replaced by the request's, if any), or the request's steps alone. */
+async function loadSpec(paths: JobPaths, request: JobRequest): Promise<JobSpec> {
+  const file = path.join(paths.jobDir, 'job.json');
+  let text: string;
+  try {
+    text = await readSmallFile(file, MAX_JOB_FILE_BYTES);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT' && request.steps) return specFromSteps(request.steps);
+    if (code === 'ENOENT')
+      throw new WorkerError(
+        ErrorCode.INVALID_JOB_FILE,
+        `${file} does not exist and the request carries no steps`,
+      );
+    if (code === 'ELOOP')
+      throw new WorkerError(
+        ErrorCode.INVALID_JOB_FILE,
+        `${file} is a symlink; job.json must be a regular file`,
+      );
+    throw new WorkerError(ErrorCode.INVALID_JOB_FILE, `Cannot read ${file}: ${(error as Error).message}`, {
+      cause: error,
+    });
+  }
+  return parseJobFile(text, 'job.json', request.steps);
+}
+
+/** Reads a regular file of at most `maxBytes` without following a link. */
+export async function readSmallFile(file: string, maxBytes: number): Promise<string> {
+  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  try {
+    const stats = await handle.stat();
+    if (!stats.isFile()) throw new WorkerError(ErrorCode.INVALID_JOB_FILE, `${file} is not a regular file`);
+    if (stats.size > maxBytes) {
+      throw new WorkerError(
+        ErrorCode.INVALID_JOB_FILE,
+        `${file} is ${formatBytes(stats.size)}, more than the ${formatBytes(maxBytes)} allowed`,
+      );
+    }
+    return await handle.readFile('utf8');
+  } finally {
+    await handle.close();
+  }
+}
+
+function pendingStep(step: StepSpec): StepRecord {
+  return {
+    index: step.index,
+    name: step.name,
+    command: step.run,
+    status: 'skipped',
+    exitCode: null,
+    signal: null,
+    startedAt: null,
+    endedAt: null,
+    durationMs: null,
+    log: null,
+    logBytes: 0,
+    logTruncated: false,
+    peakMemoryBytes: null,
+    cpuMs: null,
+    oomKilled: null,
+  };
+}
+
+/** The variables every step sees, documented in the README; they win over the job's own `env`. */
+export function stepEnv(
+  config: EngineConfig,
+  run: JobRun,
+  spec: JobSpec,
+  step: StepSpec,
+  workspace: string,
+  resultsDir: string,
+): Record<string, string> {
+  return {
+    ...config.baseEnv,
+    ...spec.env,
+    ...step.env,
+    JOB_ID: run.request.id,
+    JOB_ATTEMPT: String(run.attempt),
+    JOB_WORKSPACE: workspace,
+    JOB_RESULTS_DIR: resultsDir,
+    JOB_WORKER_ID: config.workerId,
+    JOB_STEP_INDEX: String(step.index),
+    JOB_STEP_NAME: step.name,
+  };
+}
+
+interface StepsOutcome {
+  status: Manifest['status'];
+  exitCode: number;
+  error: Manifest['error'];
+}
+
+async function runSteps(
+  config: EngineConfig,
+  run: JobRun,
+  spec: JobSpec,
+  paths: JobPaths,
+  workspace: string,
+  records: StepRecord[],
+  now: () => number,
+): Promise<StepsOutcome> {
+  const emit = run.onEvent ?? (() => {});
+  const deadline = spec.timeoutMs === undefined ? undefined : now() + spec.timeoutMs;
+  const outcome: StepsOutcome = { status: 'success', exitCode: 0, error: null };
+  for (const step of spec.steps) {
+    const record = records[step.index] as StepRecord;
+    const remaining = deadline === undefined ? undefined : Math.max(0, deadline - now());
+    const timeoutMs =
+      remaining === undefined ? step.timeoutMs : Math.min(remaining, step.timeoutMs ?? remaining);
+    const logName = `step_${step.index}.log`;
+    const started = now();
+    record.startedAt = new Date(started).toISOString();
+    record.log = logName;
+    emit({ type: 'step-started', step: step.index, name: step.name });
+    run.log.info(`step ${step.index} started: ${step.name}`);
+    const result: StepOutcome = await runStep({
+      command: step.run,
+      cwd: workspace,
+      env: stepEnv(config, run, spec, step, workspace, paths.resultsDir),
+      logFile: path.join(paths.resultsDir, logName),
+      maxLogBytes: config.maxLogBytes,
+      timeoutMs,
+      killGraceMs: config.killGraceMs,
+      ...(run.signal ? { signal: run.signal } : {}),
+    });
+    if (result.stoppedFor === 'interrupted') throw new JobInterrupted();
+    const ended = now();
+    Object.assign(record, {
+      status: stepStatus(result),
+      exitCode: result.exitCode,
+      signal: result.signal,
+      endedAt: new Date(ended).toISOString(),
+      durationMs: ended - started,
+      logBytes: result.logBytes,
+      logTruncated: result.logTruncated,
+      ...result.accounting,
+    });
+    emit({
+      type: 'step-ended',
+      step: step.index,
+      name: step.name,
+      status: record.status,
+      exitCode: record.exitCode,
+    });
+    run.log.info(
+      `step ${step.index} ${record.status} with exit code ${record.exitCode} after ${formatDuration(ended - started)}`,
+      {
+        ...(result.logTruncated ? { logTruncated: true } : {}),
+        ...(result.accounting.oomKilled ? { oomKilled: true } : {}),
+      },
+    );
+    if (record.status === 'success' || (record.status === 'failed' && step.continueOnError)) continue;
+    outcome.status = record.status === 'skipped' ? 'failed' : record.status;
+    outcome.exitCode = result.exitCode === 0 ? 1 : result.exitCode;
+    if (result.spawnError) outcome.error = { code: ErrorCode.STEP_SPAWN_FAILED, message: result.spawnError };
+    if (record.status === 'timeout') {
+      const which =
+        timeoutMs === step.timeoutMs
+          ? `the step's timeout of ${formatDuration(timeoutMs ?? 0)}`
+          : `the job's timeout`;
+      run.log.warn(`step ${step.index} stopped: it ran past ${which}`);
+    }
+    break;
+  }
+  return outcome;
+}
+
+function stepStatus(result: StepOutcome): StepRecord['status'] {
+  const stopped: Record<StopReason, StepRecord['status']> = {
+    timeout: 'timeout',
+    cancelled: 'cancelled',
+    interrupted: 'cancelled',
+  };
+  if (result.stoppedFor) return stopped[result.stoppedFor];
+  return result.exitCode === 0 && !result.accounting.oomKilled && !result.spawnError ? 'success' : 'failed';
+}

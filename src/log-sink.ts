@@ -1,0 +1,102 @@
+import { constants } from 'node:fs';
+import { type FileHandle, open, unlink } from 'node:fs/promises';
+import { Writable } from 'node:stream';
+import { formatBytes } from './units.js';
+
+const CREATE_FLAGS = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+
+/**
+ * Creates `file` anew without following a link: a step can write into `results/`, so a `step_N.log` planted as a
+ * symlink there must not redirect the worker's writes outside the job folder.
+ */
+export async function createFresh(file: string, mode = 0o644): Promise<FileHandle> {
+  await unlink(file).catch((error: NodeJS.ErrnoException) => {
+    if (error.code !== 'ENOENT') throw error;
+  });
+  return open(file, CREATE_FLAGS, mode);
+}
+
+/**
+ * A step's log file: every chunk is written as it arrives (a tailing controller sees it at once), nothing is held
+ * in memory beyond the chunk in flight, and past `maxBytes` the rest is counted but not written, after one
+ * marker line.
+ */
+export class LogSink extends Writable {
+  /** Bytes in the file, the marker line excluded. */
+  written = 0;
+  /** Bytes the step produced in all. */
+  received = 0;
+  truncated = false;
+  readonly #handle: FileHandle;
+  readonly #maxBytes: number;
+
+  constructor(handle: FileHandle, maxBytes: number) {
+    super({ highWaterMark: 1024 * 1024 });
+    this.#handle = handle;
+    this.#maxBytes = maxBytes;
+  }
+
+  static async create(file: string, maxBytes: number): Promise<LogSink> {
+    return new LogSink(await createFresh(file), maxBytes);
+  }
+
+  override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
+    const buffers: Buffer[] = [];
+    for (const { chunk } of chunks) {
+      this.received += chunk.length;
+      const room = this.#maxBytes - this.written;
+      if (room <= 0) {
+        this.truncated = true;
+        continue;
+      }
+      const part = chunk.length > room ? chunk.subarray(0, room) : chunk;
+      buffers.push(part);
+      this.written += part.length;
+      if (part.length < chunk.length) {
+        this.truncated = true;
+        buffers.push(this.#marker());
+      }
+    }
+    if (buffers.length === 0) callback();
+    else this.#writeAll(buffers).then(() => callback(), callback);
+  }
+
+  override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {
+    this._writev([{ chunk }], callback);
+  }
+
+  override _final(callback: (error?: Error | null) => void): void {
+    this.#handle.close().then(() => callback(), callback);
+  }
+
+  override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {
+    this.#handle.close().then(
+      () => callback(error),
+      () => callback(error),
+    );
+  }
+
+  #marker(): Buffer {
+    return Buffer.from(
+      `\n[mqtt-fs-worker] log truncated at ${formatBytes(this.#maxBytes)} (--max-log-size); the step keeps running\n`,
+    );
+  }
+
+  async #writeAll(buffers: Buffer[]): Promise<void> {
+    // writev may write less than asked (rarely, on some filesystems); finish the rest.
+    let pending = buffers;
+    while (pending.length > 0) {
+      const { bytesWritten } = await this.#handle.writev(pending);
+      let skip = bytesWritten;
+      const rest: Buffer[] = [];
+      for (const buffer of pending) {
+        if (skip >= buffer.length) skip -= buffer.length;
+        else {
+          rest.push(skip > 0 ? buffer.subarray(skip) : buffer);
+          skip = 0;
+        }
+      }
+      pending = rest;
+    }
+  }
+}

@@ -1,0 +1,203 @@
+import { createHash } from 'node:crypto';
+import { constants, type ReadStream, type Stats } from 'node:fs';
+import { chmod, lstat, mkdir, open, readlink, rename, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import { pipeline } from 'node:stream/promises';
+import fg from 'fast-glob';
+import { ErrorCode, WorkerError } from './errors.js';
+import { fileFingerprint, linkFingerprint, type SkippedEntry, type Snapshot } from './stage.js';
+import { forEachLimit } from './util/pool.js';
+
+export interface Artifact {
+  readonly path: string;
+  readonly bytes: number;
+  readonly sha256: string;
+}
+
+export interface SyncResult {
+  readonly artifacts: readonly Artifact[];
+  readonly skipped: readonly SkippedEntry[];
+  readonly bytes: number;
+}
+
+export interface SyncInput {
+  readonly workspace: string;
+  readonly resultsDir: string;
+  readonly snapshot: Snapshot;
+  readonly include: readonly string[];
+  readonly exclude: readonly string[];
+}
+
+// Names in results/ that belong to the worker: an artifact never replaces them.
+const RESERVED = /^(result\.json|step_\d+\.log|\.mqtt-fs-worker.*)$/;
+const SYNC_CONCURRENCY = 8;
+const TEMP_FLAGS = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+
+/** Entries of the workspace that are new or changed since staging, as relative paths with their lstat. */
+export async function findChanges(input: Omit<SyncInput, 'resultsDir'>): Promise<{
+  changed: { path: string; stats: Stats }[];
+  skipped: SkippedEntry[];
+}> {
+  const entries = await fg(input.include as string[], {
+    cwd: input.workspace,
+    dot: true,
+    onlyFiles: false,
+    followSymbolicLinks: false,
+    ignore: input.exclude as string[],
+    stats: true,
+    objectMode: true,
+    unique: true,
+    suppressErrors: true,
+  });
+  const changed: { path: string; stats: Stats }[] = [];
+  const skipped: SkippedEntry[] = [];
+  for (const entry of entries) {
+    const stats = entry.stats;
+    if (!stats || stats.isDirectory()) continue;
+    const before = input.snapshot.get(entry.path);
+    if (stats.isFile()) {
+      if (before !== fileFingerprint(stats)) changed.push({ path: entry.path, stats });
+    } else if (stats.isSymbolicLink()) {
+      if (
+        before === undefined ||
+        !before.startsWith('l:') ||
+        before !== (await linkTarget(input.workspace, entry.path))
+      ) {
+        skipped.push({ path: entry.path, reason: 'symlink' });
+      }
+    } else {
+      skipped.push({ path: entry.path, reason: 'special-file' });
+    }
+  }
+  return { changed, skipped };
+}
+
+async function linkTarget(workspace: string, relative: string): Promise<string | undefined> {
+  return readlink(path.join(workspace, relative)).then(linkFingerprint, () => undefined);
+}
+
+/**
+ * Copies every new or changed workspace file into `results/` at its relative path, hashing it in the same pass.
+ * Links are never followed, on either side: a directory in results/ that a step replaced with a symlink is not
+ * written through, and each file lands by rename, so a reader never sees half of it.
+ */
+export async function syncResults(input: SyncInput): Promise<SyncResult> {
+  try {
+    return await copyChanges(input);
+  } catch (error) {
+    if (error instanceof WorkerError) throw error;
+    throw new WorkerError(
+      ErrorCode.SYNC_FAILED,
+      `Sync to ${input.resultsDir} failed: ${(error as Error).message}`,
+      {
+        cause: error,
+      },
+    );
+  }
+}
+
+async function copyChanges(input: SyncInput): Promise<SyncResult> {
+  const { changed, skipped } = await findChanges(input);
+  const artifacts: Artifact[] = [];
+  const dirs = new SafeDirs(input.resultsDir);
+  let bytes = 0;
+  await forEachLimit(changed, SYNC_CONCURRENCY, async ({ path: relative, stats }) => {
+    if (!relative.includes('/') && RESERVED.test(relative)) {
+      skipped.push({ path: relative, reason: 'reserved-name' });
+      return;
+    }
+    const parent = path.posix.dirname(relative);
+    if (!(await dirs.ensure(parent))) {
+      skipped.push({ path: relative, reason: 'not-a-directory' });
+      return;
+    }
+    const sha256 = await copyHashed(
+      path.join(input.workspace, relative),
+      path.join(input.resultsDir, relative),
+      stats,
+    );
+    if (sha256 === undefined) {
+      skipped.push({ path: relative, reason: 'unreadable' });
+      return;
+    }
+    artifacts.push({ path: relative, bytes: stats.size, sha256 });
+    bytes += stats.size;
+  });
+  artifacts.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
+  skipped.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
+  return { artifacts, skipped, bytes };
+}
+
+/** Copies `from` to `to` through a temp file and a rename; undefined when the source cannot be read. */
+async function copyHashed(from: string, to: string, stats: Stats): Promise<string | undefined> {
+  let source: ReadStream;
+  try {
+    const handle = await open(from, constants.O_RDONLY | constants.O_NOFOLLOW);
+    source = handle.createReadStream({ highWaterMark: 1024 * 1024 });
+  } catch {
+    return undefined;
+  }
+  const temp = `${to}.mqtt-fs-worker-${process.pid}-${Math.random().toString(36).slice(2, 10)}.tmp`;
+  const hash = createHash('sha256');
+  try {
+    const target = await open(temp, TEMP_FLAGS, 0o600);
+    try {
+      await pipeline(
+        source,
+        async function* (chunks: AsyncIterable<Buffer>) {
+          for await (const chunk of chunks) {
+            hash.update(chunk);
+            yield chunk;
+          }
+        },
+        target.createWriteStream({ highWaterMark: 1024 * 1024 }),
+      );
+    } finally {
+      await target.close().catch(() => {});
+    }
+    await chmod(temp, stats.mode & 0o777);
+    await rename(temp, to);
+    return hash.digest('hex');
+  } catch (error) {
+    source.destroy();
+    await unlink(temp).catch(() => {});
+    throw new WorkerError(
+      ErrorCode.SYNC_FAILED,
+      `Cannot copy ${path.basename(from)} to results: ${(error as Error).message}`,
+      {
+        cause: error,
+      },
+    );
+  }
+}
+
+/** Creates directories below a root, refusing to pass through anything that is not a real directory. */
+class SafeDirs {
+  readonly #root: string;
+  readonly #known = new Map<string, Promise<boolean>>();
+
+  constructor(root: string) {
+    this.#root = root;
+  }
+
+  ensure(relative: string): Promise<boolean> {
+    if (relative === '.' || relative === '') return Promise.resolve(true);
+    let known = this.#known.get(relative);
+    if (!known) {
+      known = this.ensure(path.posix.dirname(relative)).then((ok) => ok && this.#make(relative));
+      this.#known.set(relative, known);
+    }
+    return known;
+  }
+
+  async #make(relative: string): Promise<boolean> {
+    const full = path.join(this.#root, relative);
+    try {
+      await mkdir(full);
+      return true;
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+      return (await lstat(full)).isDirectory();
+    }
+  }
+}
