@@ -120,22 +120,30 @@ function buildProgram(run: (action: () => Promise<number>) => void): Command {
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ writeErr: (text) => process.stderr.write(text) })
     .exitOverride();
+  // commander names attributes after the flags (--kill-grace → killGrace); map them onto the option keys.
+  const keyOf = new Map<string, keyof Options>();
   for (const def of OPTION_DEFS) {
     const option = new Option(
       def.flags,
       `${def.description} [env: ${def.env}]${def.defaultText ? ` (default: ${def.defaultText})` : ''}`,
     );
-    program.addOption(def.boolean ? option : option);
+    keyOf.set(option.attributeName(), def.key);
+    program.addOption(option);
   }
   program
     .option(
       '--dry-run [payload-file]',
       'run the job in a local payload file, no broker (default: ./test-payload.json)',
     )
-    .action((flags: OptionFlags & { dryRun?: string | boolean }) => {
-      const { dryRun, ...rest } = flags;
+    .action((parsed: Record<string, string | boolean | undefined>) => {
+      const flags: OptionFlags = {};
+      for (const [attribute, value] of Object.entries(parsed)) {
+        const key = keyOf.get(attribute);
+        if (key && value !== undefined) flags[key] = value;
+      }
+      const dryRun = parsed.dryRun;
       if (dryRun !== undefined) {
-        run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', rest));
+        run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', flags));
         return;
       }
       run(async () => {

@@ -96,11 +96,29 @@ const stepObject = z.strictObject({
   continueOnError: z.boolean().optional(),
 });
 
-const rawStep = z.union([nonEmptyCommand, stepObject], {
-  error: (issue) =>
-    `Expected a command string or a step object like {"run": "npm test"}, got ${describeValue(issue.input)}`,
+// Dispatch on the shape first, so that a step object's own problems are reported at their path
+// (`steps[1].timeout: …`) rather than as one vague "matches neither" union error.
+const rawStep = z.unknown().transform((value, ctx): string | z.output<typeof stepObject> => {
+  const schema =
+    typeof value === 'string'
+      ? nonEmptyCommand
+      : value !== null && typeof value === 'object' && !Array.isArray(value)
+        ? stepObject
+        : undefined;
+  if (!schema) {
+    ctx.addIssue({
+      code: 'custom',
+      message: `Expected a command string or a step object like {"run": "npm test"}, got ${describeValue(value)}`,
+    });
+    return z.NEVER;
+  }
+  const parsed = schema.safeParse(value);
+  if (parsed.success) return parsed.data;
+  for (const issue of parsed.error.issues)
+    ctx.addIssue({ code: 'custom', message: issue.message, path: issue.path });
+  return z.NEVER;
 });
-export type RawStep = z.input<typeof rawStep>;
+export type RawStep = string | z.input<typeof stepObject>;
 
 const stepList = z
   .array(rawStep, { error: (issue) => `Expected an array of steps, got ${describeValue(issue.input)}` })

@@ -1,0 +1,143 @@
+import { execFile } from 'node:child_process';
+import { lstat, readdir, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { describe, expect, inject, it } from 'vitest';
+import { tempDir, writeTree } from './helpers/tmp.js';
+
+const bin = inject('installedBin');
+
+interface Run {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+function cli(args: string[], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<Run> {
+  return new Promise((resolve) => {
+    execFile(
+      bin,
+      args,
+      {
+        cwd: options.cwd,
+        env: { PATH: process.env.PATH ?? '', HOME: process.env.HOME ?? '/root', ...options.env },
+        encoding: 'utf8',
+      },
+      (error, stdout, stderr) =>
+        resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+}
+
+describe('the installed command', () => {
+  it('prints its version and help', async () => {
+    const pkg = JSON.parse(await readFile(new URL('../package.json', import.meta.url), 'utf8'));
+    expect(await cli(['--version'])).toMatchObject({ code: 0, stdout: `${pkg.version}\n` });
+    const help = await cli(['--help']);
+    expect(help.code).toBe(0);
+    for (const text of [
+      '--url',
+      'MQTT_URL',
+      '--jobs-dir',
+      'MQTT_JOBS_DIR',
+      '--dry-run',
+      'validate',
+      'WORKER_ID',
+    ]) {
+      expect(help.stdout).toContain(text);
+    }
+  });
+
+  it('runs ./test-payload.json with --dry-run, prints the result and exits 0', async () => {
+    const cwd = await tempDir();
+    await writeFile(
+      path.join(cwd, 'test-payload.json'),
+      '{"id": "dry-run-test", "steps": ["echo hi", "echo made > out.txt"]}',
+    );
+    const run = await cli(['--dry-run'], { cwd });
+    expect(run.code).toBe(0);
+    expect(JSON.parse(run.stdout)).toMatchObject({
+      id: 'dry-run-test',
+      status: 'success',
+      exitCode: 0,
+      manifestFile: 'results/result.json',
+    });
+    expect(run.stderr).toContain('dry-run-test');
+    const results = path.join(cwd, 'jobs/dry-run-test/results');
+    expect(await readFile(path.join(results, 'step_0.log'), 'utf8')).toBe('hi\n');
+    expect(await readFile(path.join(results, 'out.txt'), 'utf8')).toBe('made\n');
+    expect(JSON.parse(await readFile(path.join(results, 'result.json'), 'utf8')).status).toBe('success');
+    expect(await readdir(path.join(cwd, 'workspaces'))).toEqual([]);
+  });
+
+  it('exits 1 for a failing dry-run job and names the payload file given', async () => {
+    const cwd = await tempDir();
+    await writeFile(path.join(cwd, 'fail.json'), '{"id": "f", "steps": ["exit 7"]}');
+    const run = await cli(['--dry-run', 'fail.json', '--jobs-dir', 'j', '--workspaces-dir', 'w'], { cwd });
+    expect(run.code).toBe(1);
+    expect(JSON.parse(run.stdout)).toMatchObject({ id: 'f', status: 'failed', exitCode: 7 });
+    expect(await lstat(path.join(cwd, 'j/f/results/result.json'))).toBeTruthy();
+  });
+
+  it('reports an invalid job.json in a dry run as status error with a code, without a stack trace', async () => {
+    const cwd = await tempDir();
+    await writeTree(cwd, {
+      'test-payload.json': '{"id": "bad"}',
+      'jobs/bad/job.json': '{"steps": "npm test"}',
+    });
+    const run = await cli(['--dry-run'], { cwd });
+    expect(run.code).toBe(1);
+    expect(JSON.parse(run.stdout)).toMatchObject({ status: 'error', error: { code: 'INVALID_JOB_FILE' } });
+    expect(run.stderr).toContain('INVALID_JOB_FILE');
+    expect(run.stderr).not.toMatch(/\n\s+at /);
+  });
+
+  it('exits 2 with one clear line for an invalid option value', async () => {
+    const run = await cli(['--dry-run', '--kill-grace', 'soon']);
+    expect(run.code).toBe(2);
+    expect(run.stderr.trim()).toBe(
+      'mqtt-fs-worker: INVALID_OPTION: --kill-grace: expected a duration like "10s", got "soon" (string)',
+    );
+    const env = await cli(['--dry-run'], { env: { MQTT_URL: 'http://x' } });
+    expect(env.code).toBe(2);
+    expect(env.stderr).toContain('--url: expected an mqtt://');
+  });
+
+  it('exits 2 for an unknown option and for a missing payload file', async () => {
+    expect((await cli(['--bogus'])).code).toBe(2);
+    const cwd = await tempDir();
+    const missing = await cli(['--dry-run'], { cwd });
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toContain('test-payload.json');
+  });
+
+  it('validate prints every problem and exits 1, or says valid and exits 0', async () => {
+    const dir = await tempDir();
+    await writeTree(dir, {
+      'good/job.json': '{"steps": ["true", {"run": "make", "timeout": "5m"}]}',
+      'bad/job.json': '{"steps": [1, {"run": "x", "timeout": "ten"}], "limits": {"memory": "lots"}}',
+    });
+    const good = await cli(['validate', path.join(dir, 'good')]);
+    expect(good).toMatchObject({ code: 0 });
+    expect(good.stdout).toContain('valid (2 steps)');
+    const bad = await cli(['validate', path.join(dir, 'bad/job.json')]);
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toContain('3 problems');
+    expect(bad.stdout).toContain('steps[0]');
+    expect(bad.stdout).toContain('steps[1].timeout');
+    expect(bad.stdout).toContain('limits.memory');
+    const missing = await cli(['validate', path.join(dir, 'nope')]);
+    expect(missing.code).toBe(1);
+    expect(missing.stdout).toContain('ENOENT');
+  });
+
+  it('exits with 128 + signal and removes the workspace when interrupted during a dry run', async () => {
+    const cwd = await tempDir();
+    await writeFile(path.join(cwd, 'test-payload.json'), '{"id": "long", "steps": ["sleep 30"]}');
+    const child = execFile(bin, ['--dry-run'], { cwd, env: { PATH: process.env.PATH ?? '' } });
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    child.kill('SIGTERM');
+    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    expect(code).toBe(143);
+    expect(await readdir(path.join(cwd, 'workspaces'))).toEqual([]);
+  });
+});

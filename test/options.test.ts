@@ -1,0 +1,110 @@
+import { describe, expect, it } from 'vitest';
+import { isWorkerError } from '../src/errors.js';
+import { defaultWorkerId, type OptionFlags, resolveOptions } from '../src/options.js';
+
+const context = { cwd: '/srv/worker', hostname: 'build-7' };
+
+function problemsOf(flags: OptionFlags, env: Record<string, string> = {}): string[] {
+  try {
+    resolveOptions(flags, env, context);
+  } catch (error) {
+    if (isWorkerError(error, 'INVALID_OPTION')) return [...error.problems];
+    throw error;
+  }
+  return [];
+}
+
+describe('resolveOptions', () => {
+  it('applies the contract defaults', () => {
+    const options = resolveOptions({}, {}, context);
+    expect(options).toMatchObject({
+      url: 'mqtt://localhost:1883',
+      username: undefined,
+      password: undefined,
+      id: 'build-7',
+      jobsDir: '/srv/worker/jobs',
+      workspacesDir: '/srv/worker/workspaces',
+      topic: 'jobs/pending',
+      clean: false,
+      killGraceMs: 10_000,
+      maxLogBytes: 100 * 1024 * 1024,
+    });
+    expect(Object.isFrozen(options)).toBe(true);
+  });
+
+  it('reads every contract variable from the environment', () => {
+    const options = resolveOptions(
+      {},
+      {
+        MQTT_URL: 'mqtts://broker:8883',
+        MQTT_USERNAME: 'u',
+        MQTT_PASSWORD: 'p',
+        WORKER_ID: 'slot-1',
+        MQTT_JOBS_DIR: '/mnt/jobs',
+        MQTT_WORKSPACES_DIR: 'ws',
+        MQTT_TOPIC: '$share/workers/jobs/pending',
+        MQTT_CLEAN: 'true',
+        MQTT_KILL_GRACE: '2s',
+        MQTT_MAX_LOG_SIZE: '4M',
+      },
+      context,
+    );
+    expect(options).toMatchObject({
+      url: 'mqtts://broker:8883',
+      username: 'u',
+      password: 'p',
+      id: 'slot-1',
+      jobsDir: '/mnt/jobs',
+      workspacesDir: '/srv/worker/ws',
+      topic: '$share/workers/jobs/pending',
+      clean: true,
+      killGraceMs: 2000,
+      maxLogBytes: 4 * 1024 * 1024,
+    });
+  });
+
+  it('lets flags win over the environment', () => {
+    const options = resolveOptions(
+      { id: 'from-flag', clean: true },
+      { WORKER_ID: 'from-env', MQTT_CLEAN: 'false' },
+      context,
+    );
+    expect(options.id).toBe('from-flag');
+    expect(options.clean).toBe(true);
+  });
+
+  it.each([
+    [{ url: 'http://broker' }, {}, '--url: expected an mqtt://'],
+    [{ url: 'not a url' }, {}, '--url: expected a URL'],
+    [{ id: '../etc' }, {}, '--id: Expected `worker id`'],
+    [{}, { WORKER_ID: 'a/b' }, '--id: Expected `worker id`'],
+    [{}, { MQTT_CLEAN: 'maybe' }, 'MQTT_CLEAN: expected true or false, got "maybe" (string)'],
+    [{ killGraceMs: 'ten' }, {}, '--kill-grace: expected a duration like "10s", got "ten" (string)'],
+    [{ killGraceMs: '10' }, {}, '--kill-grace: expected a duration'],
+    [{ maxLogBytes: 'lots' }, {}, '--max-log-size: expected a size like "100M", got "lots" (string)'],
+    [{ topic: '' }, {}, '--topic: expected an MQTT topic filter'],
+    [{ jobsDir: '' }, {}, '--jobs-dir: expected a directory path'],
+  ] as [OptionFlags, Record<string, string>, string][])('rejects %j %j', (flags, env, expected) => {
+    const problems = problemsOf(flags, env);
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toContain(expected);
+  });
+
+  it('reports every invalid value at once', () => {
+    expect(problemsOf({ url: 'ftp://x', killGraceMs: 'x' }, { MQTT_CLEAN: 'perhaps' })).toHaveLength(3);
+  });
+});
+
+describe('defaultWorkerId', () => {
+  it.each([
+    ['build-7', 'build-7'],
+    ['3f2a9c1b7d4e', '3f2a9c1b7d4e'],
+    ['host.example.com', 'host.example.com'],
+    ['weird host!name', 'weird-host-name'],
+    ['-leading', 'leading'],
+    ['', 'worker'],
+    ['x'.repeat(300), 'x'.repeat(128)],
+  ])('%s -> %s', (host, id) => {
+    expect(defaultWorkerId(host)).toBe(id);
+  });
+});

@@ -1,0 +1,141 @@
+import { readFile, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { runStep } from '../src/run.js';
+import { isAlive, tempDir, waitFor } from './helpers/tmp.js';
+
+async function setup() {
+  const dir = await tempDir();
+  const log = path.join(dir, 'step_0.log');
+  const base = {
+    cwd: dir,
+    env: { PATH: process.env.PATH ?? '/usr/bin:/bin' },
+    logFile: log,
+    maxLogBytes: 1 << 30,
+    timeoutMs: undefined,
+    killGraceMs: 500,
+  };
+  return { dir, log, base };
+}
+
+describe('runStep', () => {
+  it('runs through sh -c in the workspace and returns the exit code', async () => {
+    const { dir, log, base } = await setup();
+    const outcome = await runStep({
+      ...base,
+      command: 'pwd; echo "$GREETING"; exit 3',
+      env: { ...base.env, GREETING: 'hello' },
+    });
+    expect(outcome).toMatchObject({
+      exitCode: 3,
+      signal: null,
+      stoppedFor: null,
+      logTruncated: false,
+      spawnError: null,
+    });
+    expect(await readFile(log, 'utf8')).toBe(`${dir}\nhello\n`);
+    expect(outcome.logBytes).toBe(dir.length + 7);
+  });
+
+  it('keeps stdout and stderr in order in one log', async () => {
+    const { log, base } = await setup();
+    await runStep({ ...base, command: 'for i in 1 2 3; do echo out$i; echo err$i >&2; done' });
+    expect(await readFile(log, 'utf8')).toBe('out1\nerr1\nout2\nerr2\nout3\nerr3\n');
+  });
+
+  it('gives steps an empty stdin', async () => {
+    const { log, base } = await setup();
+    const outcome = await runStep({ ...base, command: 'cat; echo done' });
+    expect(outcome.exitCode).toBe(0);
+    expect(await readFile(log, 'utf8')).toBe('done\n');
+  });
+
+  it('writes a line to the log while the step still runs', async () => {
+    const { log, base } = await setup();
+    const running = runStep({ ...base, command: 'echo first; sleep 3; echo second' });
+    const seenAt = Date.now();
+    await waitFor(async () => (await readFile(log, 'utf8').catch(() => '')) === 'first\n', 2000, 10);
+    expect(Date.now() - seenAt).toBeLessThan(1000);
+    const outcome = await running;
+    expect(outcome.exitCode).toBe(0);
+    expect(await readFile(log, 'utf8')).toBe('first\nsecond\n');
+  });
+
+  it('reports a signal as 128 + its number', async () => {
+    const { base } = await setup();
+    const outcome = await runStep({ ...base, command: 'kill -9 $$' });
+    expect(outcome).toMatchObject({ exitCode: 137, signal: 'SIGKILL' });
+  });
+
+  it('on timeout, stops the step and its children: SIGTERM, then SIGKILL after the grace', async () => {
+    const { dir, base } = await setup();
+    const started = Date.now();
+    const outcome = await runStep({
+      ...base,
+      // The parent ignores SIGTERM, so only the SIGKILL after the grace ends it; the child records its pid.
+      command: `trap '' TERM; sleep 60 & echo $! > ${dir}/child.pid; wait`,
+      timeoutMs: 300,
+      killGraceMs: 400,
+    });
+    const elapsed = Date.now() - started;
+    expect(outcome.stoppedFor).toBe('timeout');
+    expect(outcome.signal).toBe('SIGKILL');
+    expect(elapsed).toBeGreaterThanOrEqual(650);
+    expect(elapsed).toBeLessThan(5000);
+    const child = Number(await readFile(path.join(dir, 'child.pid'), 'utf8'));
+    await waitFor(() => !isAlive(child), 2000);
+  });
+
+  it('kills a background process the step left running', async () => {
+    const { dir, base } = await setup();
+    const outcome = await runStep({
+      ...base,
+      command: `(sleep 60; echo late > ${dir}/late.txt) & echo $! > ${dir}/bg.pid; exit 0`,
+    });
+    expect(outcome.exitCode).toBe(0);
+    const pid = Number(await readFile(path.join(dir, 'bg.pid'), 'utf8'));
+    await waitFor(() => !isAlive(pid), 2000);
+  });
+
+  it('does not wait forever for output held open by a process that escaped the group', async () => {
+    const { dir, base } = await setup();
+    const started = Date.now();
+    const outcome = await runStep({
+      ...base,
+      command: `setsid sh -c 'echo $$ > ${dir}/escaped.pid; sleep 30' & sleep 0.2; echo main done`,
+    });
+    expect(outcome.exitCode).toBe(0);
+    expect(Date.now() - started).toBeLessThan(8000);
+    const pid = Number(await readFile(path.join(dir, 'escaped.pid'), 'utf8'));
+    process.kill(pid, 'SIGKILL');
+  });
+
+  it('stops on abort with the abort reason', async () => {
+    const { base } = await setup();
+    const controller = new AbortController();
+    setTimeout(() => controller.abort('cancelled'), 200);
+    const outcome = await runStep({ ...base, command: 'sleep 30', signal: controller.signal });
+    expect(outcome).toMatchObject({ stoppedFor: 'cancelled', exitCode: 143, signal: 'SIGTERM' });
+  });
+
+  it('truncates the log at the cap and marks it, while the step runs to the end', async () => {
+    const { dir, log, base } = await setup();
+    const outcome = await runStep({
+      ...base,
+      maxLogBytes: 1000,
+      command: `head -c 100000 /dev/zero | tr '\\0' x; echo ran-to-end > ${dir}/end`,
+    });
+    expect(outcome).toMatchObject({ exitCode: 0, logBytes: 1000, logTruncated: true });
+    const text = await readFile(log, 'utf8');
+    expect(text.startsWith('x'.repeat(1000))).toBe(true);
+    expect(text).toContain('log truncated at 1000 B');
+    expect((await stat(path.join(dir, 'end'))).isFile()).toBe(true);
+  });
+
+  it('reports a step that cannot start', async () => {
+    const { dir, base } = await setup();
+    const outcome = await runStep({ ...base, cwd: path.join(dir, 'missing'), command: 'true' });
+    expect(outcome.exitCode).not.toBe(0);
+    expect(outcome.spawnError).toMatch(/missing|ENOENT/);
+  });
+});
