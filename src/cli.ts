@@ -6,8 +6,10 @@ import { ErrorCode, ExitCode, isWorkerError, WorkerError } from './errors.js';
 import type { EngineConfig } from './job.js';
 import { createLogger, type Logger } from './log.js';
 import { OPTION_DEFS, type OptionFlags, type Options, resolveOptions } from './options.js';
+import { parseDuration } from './units.js';
 
-// The only module that touches the process: argv, env, stdout/stderr, signals and exit codes.
+// The only module that touches the process: argv, env, stdout/stderr, signals and exit codes. Each command's
+// modules are imported when that command runs, so `--version` and `--help` load almost nothing.
 
 const VERSION: string = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version;
 
@@ -35,11 +37,25 @@ function engineConfig(options: Options, env: NodeJS.ProcessEnv): EngineConfig {
   };
 }
 
-function logger(): Logger {
-  return createLogger({ format: 'text', level: 'info', write: (line) => process.stderr.write(line) });
+function resolve(flags: OptionFlags): Options {
+  return resolveOptions(flags, process.env, { cwd: process.cwd(), hostname: hostname() });
 }
 
-/** An AbortSignal fired by SIGINT/SIGTERM with reason 'interrupted'; `signalName` tells which arrived. */
+function logger(options: Pick<Options, 'logFormat' | 'password'>): Logger {
+  const secret = options.password;
+  return createLogger({
+    format: options.logFormat,
+    level: 'info',
+    write: (line) => process.stderr.write(line),
+    ...(secret ? { redact: (line: string) => line.split(secret).join('***') } : {}),
+  });
+}
+
+function signalExitCode(name: NodeJS.Signals, signals: Record<string, number>): number {
+  return ExitCode.SIGNAL_BASE + (signals[name] ?? 15);
+}
+
+/** An AbortSignal fired by SIGINT/SIGTERM with reason 'interrupted'; `received` tells which arrived. */
 function interruptOnSignals(): {
   signal: AbortSignal;
   received: () => NodeJS.Signals | undefined;
@@ -64,11 +80,14 @@ function interruptOnSignals(): {
 }
 
 async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> {
-  const options = resolveOptions(flags, process.env, { cwd: process.cwd(), hostname: hostname() });
-  const { dryRun } = await import('./dry-run.js');
-  const { toResultPayload } = await import('./report.js');
-  const { JobInterrupted } = await import('./job.js');
-  const log = logger().child({ worker: options.id });
+  const options = resolve(flags);
+  const [{ dryRun }, { toResultPayload }, { JobInterrupted }, { constants }] = await Promise.all([
+    import('./dry-run.js'),
+    import('./report.js'),
+    import('./job.js'),
+    import('node:os'),
+  ]);
+  const log = logger(options).child({ worker: options.id });
   const interrupt = interruptOnSignals();
   try {
     const outcome = await dryRun({
@@ -86,10 +105,45 @@ async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> 
     if (error instanceof JobInterrupted) {
       const name = interrupt.received() ?? 'SIGTERM';
       log.warn(`interrupted by ${name}; the job was stopped and its workspace removed`);
-      const { constants } = await import('node:os');
-      return ExitCode.SIGNAL_BASE + (constants.signals[name] ?? 15);
+      return signalExitCode(name, constants.signals);
     }
     throw error;
+  } finally {
+    interrupt.dispose();
+  }
+}
+
+async function runBrokerWorker(flags: OptionFlags): Promise<number> {
+  const options = resolve(flags);
+  const [{ runWorker }, { selfIdentity }, { constants }] = await Promise.all([
+    import('./worker.js'),
+    import('./claim.js'),
+    import('node:os'),
+  ]);
+  const log = logger(options).child({ worker: options.id });
+  const interrupt = interruptOnSignals();
+  try {
+    const outcome = await runWorker({
+      options,
+      config: engineConfig(options, process.env),
+      identity: selfIdentity(options.id, hostname(), process.pid),
+      log,
+      signal: interrupt.signal,
+    });
+    switch (outcome.kind) {
+      case 'no-job':
+      case 'handled':
+        return ExitCode.OK;
+      case 'connection-lost':
+        return ExitCode.BROKER_UNREACHABLE;
+      case 'interrupted': {
+        const name = interrupt.received() ?? 'SIGTERM';
+        log.warn(
+          `interrupted by ${name}: job ${outcome.id} was stopped and stays queued for this slot's next run`,
+        );
+        return signalExitCode(name, constants.signals);
+      }
+    }
   } finally {
     interrupt.dispose();
   }
@@ -111,7 +165,106 @@ async function runValidate(target: string): Promise<number> {
   return ExitCode.JOB_NOT_SUCCESSFUL;
 }
 
+interface SubmitFlags {
+  steps?: string[];
+  wait?: boolean;
+  timeout?: string;
+}
+
+function parseStepsFlag(steps: string[] | undefined): unknown[] | undefined {
+  if (!steps) return undefined;
+  // One JSON array, or each value a step command.
+  if (steps.length === 1 && steps[0]?.trim().startsWith('[')) {
+    try {
+      return JSON.parse(steps[0]) as unknown[];
+    } catch (error) {
+      throw new WorkerError(
+        ErrorCode.INVALID_OPTION,
+        `--steps: expected a JSON array or commands, got invalid JSON: ${(error as Error).message}`,
+      );
+    }
+  }
+  return steps;
+}
+
+async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlags): Promise<number> {
+  const options = resolve(flags);
+  const timeoutMs = parseDuration(submitFlags.timeout ?? '1h');
+  if (timeoutMs === undefined) {
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--timeout: expected a duration like "10m", got ${JSON.stringify(submitFlags.timeout)}`,
+    );
+  }
+  const { submit } = await import('./submit.js');
+  const log = logger(options);
+  const outcome = await submit({
+    settings: options,
+    id,
+    steps: parseStepsFlag(submitFlags.steps) as never,
+    topic: options.topic,
+    resultsTopic: options.resultsTopic,
+    wait: submitFlags.wait ?? false,
+    timeoutMs,
+    log,
+  });
+  if (outcome.kind === 'timeout') {
+    log.error(
+      outcome.waitedFor === 'subscriber'
+        ? 'no worker is subscribed to take the job'
+        : `no result for ${id} within --timeout`,
+    );
+    return ExitCode.TIMEOUT;
+  }
+  if (outcome.kind === 'published') return ExitCode.OK;
+  process.stdout.write(`${JSON.stringify(outcome.result)}\n`);
+  return outcome.result.status === 'success' ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
+}
+
+async function runDrain(quiet: string | undefined, flags: OptionFlags): Promise<number> {
+  const options = resolve(flags);
+  const quietMs = parseDuration(quiet ?? '3s');
+  if (quietMs === undefined)
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--quiet: expected a duration like "3s", got ${JSON.stringify(quiet)}`,
+    );
+  const { drain } = await import('./drain.js');
+  const outcome = await drain({
+    settings: options,
+    slot: options.id,
+    topic: options.topic,
+    quietMs,
+    log: logger(options),
+  });
+  process.stdout.write(`${JSON.stringify({ slot: options.id, moved: outcome.moved })}\n`);
+  return ExitCode.OK;
+}
+
+function addWorkerOptions(command: Command, keyOf: Map<string, keyof Options>): Command {
+  for (const def of OPTION_DEFS) {
+    const defaultText = def.defaultText ?? ('fallback' in def.kind ? def.kind.fallback : undefined);
+    const option = new Option(
+      def.flags,
+      `${def.description} [env: ${def.env}]${defaultText ? ` (default: ${defaultText})` : ''}`,
+    );
+    keyOf.set(option.attributeName(), def.key);
+    command.addOption(option);
+  }
+  return command;
+}
+
 function buildProgram(run: (action: () => Promise<number>) => void): Command {
+  // commander names attributes after the flags (--kill-grace → killGrace); map them onto the option keys.
+  const keyOf = new Map<string, keyof Options>();
+  const flagsOf = (parsed: Record<string, unknown>): OptionFlags => {
+    const flags: OptionFlags = {};
+    for (const [attribute, value] of Object.entries(parsed)) {
+      const key = keyOf.get(attribute);
+      if (key && (typeof value === 'string' || typeof value === 'boolean')) flags[key] = value;
+    }
+    return flags;
+  };
   const program = new Command('mqtt-fs-worker')
     .description(
       'Take one job from an MQTT topic, run its steps from a shared drive, sync the results back, exit.',
@@ -119,45 +272,45 @@ function buildProgram(run: (action: () => Promise<number>) => void): Command {
     .version(VERSION, '-V, --version')
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ writeErr: (text) => process.stderr.write(text) })
+    .enablePositionalOptions()
     .exitOverride();
-  // commander names attributes after the flags (--kill-grace → killGrace); map them onto the option keys.
-  const keyOf = new Map<string, keyof Options>();
-  for (const def of OPTION_DEFS) {
-    const option = new Option(
-      def.flags,
-      `${def.description} [env: ${def.env}]${def.defaultText ? ` (default: ${def.defaultText})` : ''}`,
-    );
-    keyOf.set(option.attributeName(), def.key);
-    program.addOption(option);
-  }
-  program
+  addWorkerOptions(program, keyOf)
     .option(
       '--dry-run [payload-file]',
       'run the job in a local payload file, no broker (default: ./test-payload.json)',
     )
-    .action((parsed: Record<string, string | boolean | undefined>) => {
-      const flags: OptionFlags = {};
-      for (const [attribute, value] of Object.entries(parsed)) {
-        const key = keyOf.get(attribute);
-        if (key && value !== undefined) flags[key] = value;
-      }
-      const dryRun = parsed.dryRun;
-      if (dryRun !== undefined) {
-        run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', flags));
-        return;
-      }
-      run(async () => {
-        throw new WorkerError(
-          ErrorCode.INVALID_OPTION,
-          'broker mode is not available in this build; use --dry-run',
-        );
-      });
+    .action((parsed: Record<string, unknown>) => {
+      const dryRun = parsed.dryRun as string | boolean | undefined;
+      if (dryRun !== undefined)
+        run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', flagsOf(parsed)));
+      else run(() => runBrokerWorker(flagsOf(parsed)));
     });
   program
     .command('validate')
     .description('check a job definition (a job folder or a job.json) and print every problem found')
     .argument('<path>', 'job folder or job.json')
     .action((target: string) => run(() => runValidate(target)));
+  addWorkerOptions(
+    program
+      .command('submit')
+      .description('publish a job request; with --wait, print its result and exit with its outcome')
+      .argument('<id>', 'job id')
+      .option('--steps <steps...>', 'steps to run instead of job.json (commands, or one JSON array)')
+      .option('--wait', 'wait for the result and exit 0 on success, 1 otherwise')
+      .option('--timeout <duration>', 'give up waiting after this', '1h'),
+    keyOf,
+  ).action((id: string, parsed: Record<string, unknown>) =>
+    run(() => runSubmit(id, parsed as SubmitFlags, flagsOf(parsed))),
+  );
+  addWorkerOptions(
+    program
+      .command('drain')
+      .description("move the jobs queued in a retired slot's session (--id) back to the group")
+      .option('--quiet <duration>', 'stop when no job came for this long', '3s'),
+    keyOf,
+  ).action((parsed: Record<string, unknown>) =>
+    run(() => runDrain(parsed.quiet as string | undefined, flagsOf(parsed))),
+  );
   return program;
 }
 

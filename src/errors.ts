@@ -13,6 +13,8 @@ export const ExitCode = {
   BROKER_UNREACHABLE: 3,
   /** The broker refused the connection: bad credentials, not authorised, client id rejected. */
   BROKER_REFUSED: 4,
+  /** `submit`: no worker took the request, or no result came, within `--timeout`. */
+  TIMEOUT: 5,
   /** A bug or an unexpected failure of the worker itself. */
   INTERNAL: 70,
   /** Interrupted by a signal before the job could finish: 128 + the signal number (130 SIGINT, 143 SIGTERM). */

@@ -1,5 +1,5 @@
 import { constants } from 'node:fs';
-import { lstat, mkdir, open, readdir, rm } from 'node:fs/promises';
+import { open, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, toErrorInfo, WorkerError } from './errors.js';
 import {
@@ -11,7 +11,7 @@ import {
   specFromSteps,
 } from './job-spec.js';
 import type { Logger } from './log.js';
-import { type JobPaths, resolveJobPaths } from './paths.js';
+import { ensureResultsDir, type JobPaths, resolveJobPaths } from './paths.js';
 import { type Manifest, type StepRecord, writeManifest } from './report.js';
 import { runStep, type StepOutcome, type StopReason } from './run.js';
 import { createWorkspace, purgeWorkspace, type SkippedEntry, stageJob } from './stage.js';
@@ -53,6 +53,8 @@ export interface JobRun {
   /** Aborting stops the running step; its reason (a StopReason) decides the outcome. */
   readonly signal?: AbortSignal;
   readonly onEvent?: (event: JobEvent) => void;
+  /** The job's folder, when the caller resolved it already (the broker worker does, to claim it first). */
+  readonly paths?: JobPaths;
   /** Clock, for tests. */
   readonly now?: () => number;
 }
@@ -83,24 +85,8 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
   const started = now();
   const { request, log } = run;
   const emit = run.onEvent ?? (() => {});
-  const manifest: Manifest = {
-    schemaVersion: 1,
-    id: request.id,
-    status: 'error',
-    exitCode: 1,
-    error: null,
-    attempt: run.attempt,
-    worker: { id: config.workerId, host: config.hostname, version: config.version },
-    startedAt: new Date(started).toISOString(),
-    endedAt: '',
-    durationMs: 0,
-    phases: { stagingMs: 0, runningMs: 0, syncingMs: 0 },
-    limits: { mode: 'none', cpus: null, memoryBytes: null, pids: null },
-    steps: [],
-    artifacts: [],
-    skipped: [],
-  };
-  let paths: JobPaths | undefined;
+  const manifest = newManifest(config, request.id, run.attempt, started);
+  let paths: JobPaths | undefined = run.paths;
   let resultsReady = false;
   let workspace: string | undefined;
   try {
@@ -182,6 +168,27 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
   return { manifest, manifestWritten };
 }
 
+/** A manifest in its initial state (status `error` until the job ran), also used for jobs that never start. */
+export function newManifest(config: EngineConfig, id: string, attempt: number, startedMs: number): Manifest {
+  return {
+    schemaVersion: 1,
+    id,
+    status: 'error',
+    exitCode: 1,
+    error: null,
+    attempt,
+    worker: { id: config.workerId, host: config.hostname, version: config.version },
+    startedAt: new Date(startedMs).toISOString(),
+    endedAt: new Date(startedMs).toISOString(),
+    durationMs: 0,
+    phases: { stagingMs: 0, runningMs: 0, syncingMs: 0 },
+    limits: { mode: 'none', cpus: null, memoryBytes: null, pids: null },
+    steps: [],
+    artifacts: [],
+    skipped: [],
+  };
+}
+
 async function cleanUp(config: EngineConfig, log: Logger, workspace: string | undefined): Promise<void> {
   if (workspace === undefined) return;
   const failure = await purgeWorkspace(config.workspacesDir, config.workerId);
@@ -190,21 +197,7 @@ async function cleanUp(config: EngineConfig, log: Logger, workspace: string | un
 
 /** Empties `results/` (an earlier attempt's output) but the claim; refuses a results/ that is not a directory. */
 async function resetResults(resultsDir: string): Promise<void> {
-  const stats = await lstat(resultsDir).catch((error: NodeJS.ErrnoException) => {
-    if (error.code === 'ENOENT') return undefined;
-    throw error;
-  });
-  if (!stats) {
-    await mkdir(resultsDir);
-    return;
-  }
-  if (!stats.isDirectory()) {
-    const what = stats.isSymbolicLink() ? 'a symlink' : 'not a directory';
-    throw new WorkerError(
-      ErrorCode.RESULTS_NOT_DIRECTORY,
-      `${resultsDir} is ${what}; the worker writes only into a real results/ folder`,
-    );
-  }
+  await ensureResultsDir(resultsDir);
   for (const name of await readdir(resultsDir)) {
     if (!KEEP_IN_RESULTS.test(name)) await rm(path.join(resultsDir, name), { recursive: true, force: true });
   }

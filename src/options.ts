@@ -8,50 +8,129 @@ export interface Options {
   readonly url: string;
   readonly username: string | undefined;
   readonly password: string | undefined;
+  /** A file holding the password (Docker secrets); read when connecting. */
+  readonly passwordFile: string | undefined;
+  readonly caFile: string | undefined;
+  readonly certFile: string | undefined;
+  readonly keyFile: string | undefined;
+  readonly protocol: '5' | '3.1.1';
   readonly id: string;
   readonly jobsDir: string;
   readonly workspacesDir: string;
   readonly topic: string;
   readonly clean: boolean;
+  readonly keepaliveMs: number;
+  readonly connectTimeoutMs: number;
+  /** Seconds the broker keeps this worker's session (and its queued jobs) while it is away; undefined: never expires. */
+  readonly sessionExpirySeconds: number | undefined;
+  /** Exit 0 when no job came within this time; undefined: wait forever. */
+  readonly idleTimeoutMs: number | undefined;
+  /** A claim whose heartbeat is older than this belongs to a dead worker. */
+  readonly claimLeaseMs: number;
+  readonly resultsTopic: string;
+  readonly statusTopic: string;
+  readonly cancelTopic: string;
+  readonly presenceTopic: string;
+  readonly rejectedTopic: string;
   /** Grace between SIGTERM and SIGKILL when a step is stopped. */
   readonly killGraceMs: number;
   /** Per-step log cap; past it the step keeps running and its log ends with a marker line. */
   readonly maxLogBytes: number;
+  readonly logFormat: 'text' | 'json';
 }
 
-/** What the command line gave (commander's parsed flags): strings and booleans, all optional. */
+/** What the command line gave (commander's parsed flags, by option key): strings and booleans, all optional. */
 export type OptionFlags = Partial<Record<keyof Options, string | boolean>>;
 
-interface OptionDef<K extends keyof Options> {
-  readonly key: K;
+type Kind =
+  | { type: 'text'; fallback: string }
+  | { type: 'optional' }
+  | { type: 'file' }
+  | { type: 'boolean' }
+  | { type: 'duration'; fallback: string; off?: boolean }
+  | { type: 'size'; fallback: string }
+  | { type: 'choice'; fallback: string; choices: readonly string[] }
+  | { type: 'dir'; fallback: string }
+  | { type: 'topic'; fallback: string; filter?: boolean };
+
+export interface OptionDef {
+  readonly key: keyof Options;
   readonly flags: string;
   readonly env: string;
   readonly description: string;
+  readonly kind: Kind;
+  /** Shown in help where the default is not a plain value. */
   readonly defaultText?: string;
-  readonly boolean?: boolean;
 }
 
-/** The option table: commander's help and `resolveOptions` both read it, so names and variables never drift. */
-export const OPTION_DEFS: readonly OptionDef<keyof Options>[] = [
+const text = (fallback: string): Kind => ({ type: 'text', fallback });
+const duration = (fallback: string, off = false): Kind => ({ type: 'duration', fallback, off });
+const topic = (fallback: string, filter = false): Kind => ({ type: 'topic', fallback, filter });
+
+/** The option table: commander's help, the README and `resolveOptions` all follow it. */
+export const OPTION_DEFS: readonly OptionDef[] = [
   {
     key: 'url',
     flags: '-u, --url <url>',
     env: 'MQTT_URL',
     description: 'broker URL (mqtt, mqtts, ws, wss)',
-    defaultText: 'mqtt://localhost:1883',
+    kind: text('mqtt://localhost:1883'),
   },
-  { key: 'username', flags: '-n, --username <user>', env: 'MQTT_USERNAME', description: 'broker user' },
+  {
+    key: 'username',
+    flags: '-n, --username <user>',
+    env: 'MQTT_USERNAME',
+    description: 'broker user',
+    kind: { type: 'optional' },
+  },
   {
     key: 'password',
     flags: '-p, --password <password>',
     env: 'MQTT_PASSWORD',
     description: 'broker password',
+    kind: { type: 'optional' },
+  },
+  {
+    key: 'passwordFile',
+    flags: '--password-file <file>',
+    env: 'MQTT_PASSWORD_FILE',
+    description: 'file holding the broker password (Docker secrets)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'caFile',
+    flags: '--ca <file>',
+    env: 'MQTT_CA_FILE',
+    description: 'CA certificate(s) to trust for mqtts/wss (PEM)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'certFile',
+    flags: '--cert <file>',
+    env: 'MQTT_CERT_FILE',
+    description: 'client certificate (PEM)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'keyFile',
+    flags: '--key <file>',
+    env: 'MQTT_KEY_FILE',
+    description: 'client private key (PEM)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'protocol',
+    flags: '--protocol <version>',
+    env: 'MQTT_PROTOCOL',
+    description: 'MQTT version: 5, or 3.1.1 (the broker must then allow one message in flight)',
+    kind: { type: 'choice', fallback: '5', choices: ['5', '3.1.1'] },
   },
   {
     key: 'id',
     flags: '-i, --id <id>',
     env: 'WORKER_ID',
     description: 'worker id, also the MQTT client id',
+    kind: text(''),
     defaultText: 'the host name',
   },
   {
@@ -59,43 +138,120 @@ export const OPTION_DEFS: readonly OptionDef<keyof Options>[] = [
     flags: '-j, --jobs-dir <dir>',
     env: 'MQTT_JOBS_DIR',
     description: 'root of job folders (shared drive)',
-    defaultText: './jobs',
+    kind: { type: 'dir', fallback: './jobs' },
   },
   {
     key: 'workspacesDir',
     flags: '-w, --workspaces-dir <dir>',
     env: 'MQTT_WORKSPACES_DIR',
     description: 'root of local workspaces',
-    defaultText: './workspaces',
+    kind: { type: 'dir', fallback: './workspaces' },
   },
   {
     key: 'topic',
     flags: '-t, --topic <topic>',
     env: 'MQTT_TOPIC',
     description: 'subscription, e.g. $share/workers/jobs/pending',
-    defaultText: 'jobs/pending',
+    kind: topic('jobs/pending', true),
   },
   {
     key: 'clean',
     flags: '--clean',
     env: 'MQTT_CLEAN',
     description: 'clean MQTT session (loses the jobs queued for this worker)',
+    kind: { type: 'boolean' },
     defaultText: 'false',
-    boolean: true,
+  },
+  {
+    key: 'keepaliveMs',
+    flags: '--keepalive <duration>',
+    env: 'MQTT_KEEPALIVE',
+    description: 'MQTT keepalive',
+    kind: duration('30s'),
+  },
+  {
+    key: 'connectTimeoutMs',
+    flags: '--connect-timeout <duration>',
+    env: 'MQTT_CONNECT_TIMEOUT',
+    description: 'give up connecting to the broker after this',
+    kind: duration('10s'),
+  },
+  {
+    key: 'sessionExpirySeconds',
+    flags: '--session-expiry <duration>',
+    env: 'MQTT_SESSION_EXPIRY',
+    description: 'how long the broker keeps the session of an absent worker ("never" or a duration)',
+    kind: duration('never', true),
+  },
+  {
+    key: 'idleTimeoutMs',
+    flags: '--idle-timeout <duration>',
+    env: 'MQTT_IDLE_TIMEOUT',
+    description: 'exit 0 when no job came within this time ("off" or a duration)',
+    kind: duration('off', true),
+  },
+  {
+    key: 'claimLeaseMs',
+    flags: '--claim-lease <duration>',
+    env: 'MQTT_CLAIM_LEASE',
+    description: "a claim whose heartbeat is older than this is a dead worker's",
+    kind: duration('60s'),
+  },
+  {
+    key: 'resultsTopic',
+    flags: '--results-topic <root>',
+    env: 'MQTT_RESULTS_TOPIC',
+    description: 'results are published to {root}/{id}',
+    kind: topic('jobs/results'),
+  },
+  {
+    key: 'statusTopic',
+    flags: '--status-topic <root>',
+    env: 'MQTT_STATUS_TOPIC',
+    description: 'progress events go to {root}/{id}',
+    kind: topic('jobs/status'),
+  },
+  {
+    key: 'cancelTopic',
+    flags: '--cancel-topic <root>',
+    env: 'MQTT_CANCEL_TOPIC',
+    description: 'a message on {root}/{id} cancels the running job',
+    kind: topic('jobs/cancel'),
+  },
+  {
+    key: 'presenceTopic',
+    flags: '--presence-topic <root>',
+    env: 'MQTT_PRESENCE_TOPIC',
+    description: 'retained presence at {root}/{worker id}',
+    kind: topic('jobs/workers'),
+  },
+  {
+    key: 'rejectedTopic',
+    flags: '--rejected-topic <topic>',
+    env: 'MQTT_REJECTED_TOPIC',
+    description: 'where requests without a usable id are reported',
+    kind: topic('jobs/rejected'),
   },
   {
     key: 'killGraceMs',
     flags: '--kill-grace <duration>',
     env: 'MQTT_KILL_GRACE',
     description: 'time between SIGTERM and SIGKILL when a step is stopped',
-    defaultText: '10s',
+    kind: duration('10s'),
   },
   {
     key: 'maxLogBytes',
     flags: '--max-log-size <size>',
     env: 'MQTT_MAX_LOG_SIZE',
     description: 'per-step log cap; the step keeps running past it',
-    defaultText: '100M',
+    kind: { type: 'size', fallback: '100M' },
+  },
+  {
+    key: 'logFormat',
+    flags: '--log-format <format>',
+    env: 'MQTT_LOG_FORMAT',
+    description: "the worker's own log: text or json",
+    kind: { type: 'choice', fallback: 'text', choices: ['text', 'json'] },
   },
 ];
 
@@ -109,6 +265,7 @@ export interface ResolveContext {
 const TRUE = new Set(['1', 'true', 'yes', 'on']);
 const FALSE = new Set(['0', 'false', 'no', 'off', '']);
 const URL_PROTOCOLS = new Set(['mqtt:', 'mqtts:', 'ws:', 'wss:', 'tcp:', 'ssl:', 'tls:']);
+const OFF = new Set(['off', 'never', 'none', '0']);
 
 /** A worker id from a host name: its safe characters, never empty, within the id length limit. */
 export function defaultWorkerId(hostname: string): string {
@@ -117,6 +274,11 @@ export function defaultWorkerId(hostname: string): string {
     .replace(/^[^A-Za-z0-9]+/, '')
     .slice(0, MAX_ID_LENGTH);
   return safe || 'worker';
+}
+
+/** The long flag of a definition, for messages (`--kill-grace`). */
+export function longFlag(def: OptionDef): string {
+  return def.flags.split(/[ ,]+/).find((part) => part.startsWith('--')) ?? def.flags;
 }
 
 /**
@@ -130,84 +292,101 @@ export function resolveOptions(
   context: ResolveContext,
 ): Options {
   const problems: string[] = [];
-  const raw = (key: keyof Options): { value: string | boolean | undefined; from: string } => {
-    const def = OPTION_DEFS.find((d) => d.key === key);
-    if (!def) throw new Error(`no option ${key}`);
-    const longFlag = def.flags.split(/[ ,]+/).find((part) => part.startsWith('--')) ?? def.flags;
-    if (flags[key] !== undefined) return { value: flags[key], from: longFlag };
-    if (env[def.env] !== undefined) return { value: env[def.env], from: def.env };
-    return { value: undefined, from: longFlag };
-  };
-  const text = (key: keyof Options, fallback: string): string => {
-    const { value } = raw(key);
-    return typeof value === 'string' ? value : fallback;
-  };
-  const optionalText = (key: keyof Options): string | undefined => {
-    const { value } = raw(key);
-    return typeof value === 'string' && value !== '' ? value : undefined;
-  };
-  const bool = (key: keyof Options): boolean => {
-    const { value, from } = raw(key);
-    if (typeof value === 'boolean' || value === undefined) return value ?? false;
-    const lower = value.trim().toLowerCase();
-    if (TRUE.has(lower)) return true;
-    if (!FALSE.has(lower)) problems.push(`${from}: expected true or false, got ${describeValue(value)}`);
-    return false;
-  };
-  const parsed = (
-    key: keyof Options,
-    fallback: string,
-    parse: (v: string) => number | undefined,
-    expected: string,
-  ): number => {
-    const { value, from } = raw(key);
-    const given = typeof value === 'string' ? value : fallback;
-    const result = parse(given);
-    if (result === undefined) {
+  const values: Record<string, unknown> = {};
+  for (const def of OPTION_DEFS) {
+    const fromFlag = flags[def.key];
+    const given = fromFlag ?? env[def.env];
+    const from = fromFlag !== undefined || env[def.env] === undefined ? longFlag(def) : def.env;
+    const problem = (expected: string): void => {
       problems.push(`${from}: expected ${expected}, got ${describeValue(given)}`);
-      return 0;
-    }
-    return result;
-  };
-
-  const url = text('url', 'mqtt://localhost:1883');
-  try {
-    const protocol = new URL(url).protocol;
-    if (!URL_PROTOCOLS.has(protocol))
-      problems.push(`--url: expected an mqtt://, mqtts://, ws:// or wss:// URL, got ${describeValue(url)}`);
-  } catch {
-    problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(url)}`);
+    };
+    values[def.key] = resolveOne(def.kind, given, problem, context);
   }
 
-  const id = text('id', defaultWorkerId(context.hostname));
-  const idIssue = idProblem(id, 'worker id');
+  const options = values as unknown as Options & { id: string };
+  if (options.id === '') (options as { id: string }).id = defaultWorkerId(context.hostname);
+  const idIssue = idProblem(options.id, 'worker id');
   if (idIssue) problems.push(`--id: ${idIssue}`);
-
-  const topic = text('topic', 'jobs/pending');
-  if (topic === '' || topic.includes('\0'))
-    problems.push(`--topic: expected an MQTT topic filter, got ${describeValue(topic)}`);
-
-  const dir = (key: 'jobsDir' | 'workspacesDir', fallback: string): string => {
-    const value = text(key, fallback);
-    if (value === '' || value.includes('\0'))
-      problems.push(`${raw(key).from}: expected a directory path, got ${describeValue(value)}`);
-    return path.resolve(context.cwd, value);
-  };
-
-  const options: Options = {
-    url,
-    username: optionalText('username'),
-    password: optionalText('password'),
-    id,
-    jobsDir: dir('jobsDir', './jobs'),
-    workspacesDir: dir('workspacesDir', './workspaces'),
-    topic,
-    clean: bool('clean'),
-    killGraceMs: parsed('killGraceMs', '10s', parseDuration, 'a duration like "10s"'),
-    maxLogBytes: parsed('maxLogBytes', '100M', parseSizeValue, 'a size like "100M"'),
-  };
+  try {
+    if (!URL_PROTOCOLS.has(new URL(options.url).protocol)) {
+      problems.push(
+        `--url: expected an mqtt://, mqtts://, ws:// or wss:// URL, got ${describeValue(options.url)}`,
+      );
+    }
+  } catch {
+    problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
+  }
+  if (options.sessionExpirySeconds !== undefined) {
+    (options as { sessionExpirySeconds: number }).sessionExpirySeconds = Math.ceil(
+      options.sessionExpirySeconds / 1000,
+    );
+  }
+  if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {
+    problems.push(`--keepalive: expected at least 1s, got ${options.keepaliveMs}ms`);
+  }
+  if ((options.certFile === undefined) !== (options.keyFile === undefined)) {
+    problems.push('--cert and --key: expected both or neither');
+  }
   if (problems.length > 0) {
     throw new WorkerError(ErrorCode.INVALID_OPTION, problems.join('\n'), { problems });
   }
   return Object.freeze(options);
+}
+
+function resolveOne(
+  kind: Kind,
+  given: string | boolean | undefined,
+  problem: (expected: string) => void,
+  context: ResolveContext,
+): unknown {
+  const textValue = typeof given === 'string' ? given : undefined;
+  switch (kind.type) {
+    case 'text':
+      return textValue ?? kind.fallback;
+    case 'optional':
+      return textValue === '' ? undefined : textValue;
+    case 'file':
+      if (textValue === undefined || textValue === '') return undefined;
+      if (textValue.includes('\0')) problem('a file path');
+      return path.resolve(context.cwd, textValue);
+    case 'boolean': {
+      if (typeof given === 'boolean' || given === undefined) return given ?? false;
+      const lower = given.trim().toLowerCase();
+      if (TRUE.has(lower)) return true;
+      if (!FALSE.has(lower)) problem('true or false');
+      return false;
+    }
+    case 'duration': {
+      const value = textValue ?? kind.fallback;
+      if (kind.off && OFF.has(value.trim().toLowerCase())) return undefined;
+      const parsed = parseDuration(value);
+      if (parsed === undefined)
+        problem(
+          `a duration like "${kind.off ? '10m' : kind.fallback}"${kind.off ? ` or "${kind.fallback}"` : ''}`,
+        );
+      return parsed ?? 0;
+    }
+    case 'size': {
+      const parsed = parseSizeValue(textValue ?? kind.fallback);
+      if (parsed === undefined) problem(`a size like "${kind.fallback}"`);
+      return parsed ?? 0;
+    }
+    case 'choice': {
+      const value = textValue ?? kind.fallback;
+      if (!kind.choices.includes(value)) problem(`one of ${kind.choices.join(', ')}`);
+      return value;
+    }
+    case 'dir': {
+      const value = textValue ?? kind.fallback;
+      if (value === '' || value.includes('\0')) problem('a directory path');
+      return path.resolve(context.cwd, value);
+    }
+    case 'topic': {
+      const value = textValue ?? kind.fallback;
+      const bad =
+        value === '' || value.includes('\0') || value.length > 65535 || (!kind.filter && /[+#]/.test(value));
+      if (bad) problem(kind.filter ? 'an MQTT topic filter' : 'an MQTT topic without wildcards');
+      return value;
+    }
+  }
 }

@@ -92,3 +92,24 @@ export async function resolveJobPaths(
   if (!stats.isDirectory()) throw new WorkerError(ErrorCode.JOB_NOT_FOUND, `${candidate} is not a directory`);
   return { root, jobDir, resultsDir: path.join(jobDir, 'results'), existed };
 }
+
+/** Creates `results/` if needed and refuses one that is a symlink or a file (nothing is written through it). */
+export async function ensureResultsDir(resultsDir: string): Promise<void> {
+  const stats = await lstat(resultsDir).catch((error: NodeJS.ErrnoException) => {
+    if (error.code === 'ENOENT') return undefined;
+    throw error;
+  });
+  if (!stats) {
+    await mkdir(resultsDir).catch((error: NodeJS.ErrnoException) => {
+      if (error.code !== 'EEXIST') throw error;
+    });
+    return ensureResultsDir(resultsDir);
+  }
+  if (!stats.isDirectory()) {
+    const what = stats.isSymbolicLink() ? 'a symlink' : 'not a directory';
+    throw new WorkerError(
+      ErrorCode.RESULTS_NOT_DIRECTORY,
+      `${resultsDir} is ${what}; the worker writes only into a real results/ folder`,
+    );
+  }
+}

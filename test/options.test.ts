@@ -28,8 +28,32 @@ describe('resolveOptions', () => {
       clean: false,
       killGraceMs: 10_000,
       maxLogBytes: 100 * 1024 * 1024,
+      protocol: '5',
+      keepaliveMs: 30_000,
+      connectTimeoutMs: 10_000,
+      sessionExpirySeconds: undefined,
+      idleTimeoutMs: undefined,
+      claimLeaseMs: 60_000,
+      resultsTopic: 'jobs/results',
+      statusTopic: 'jobs/status',
+      cancelTopic: 'jobs/cancel',
+      presenceTopic: 'jobs/workers',
+      rejectedTopic: 'jobs/rejected',
+      logFormat: 'text',
     });
     expect(Object.isFrozen(options)).toBe(true);
+  });
+
+  it('reads durations that may be off', () => {
+    const options = resolveOptions({ idleTimeoutMs: '5m', sessionExpirySeconds: '7d' }, {}, context);
+    expect(options.idleTimeoutMs).toBe(300_000);
+    expect(options.sessionExpirySeconds).toBe(7 * 86_400);
+    expect(
+      resolveOptions({}, { MQTT_IDLE_TIMEOUT: 'off', MQTT_SESSION_EXPIRY: 'never' }, context),
+    ).toMatchObject({
+      idleTimeoutMs: undefined,
+      sessionExpirySeconds: undefined,
+    });
   });
 
   it('reads every contract variable from the environment', () => {
@@ -83,7 +107,13 @@ describe('resolveOptions', () => {
     [{ killGraceMs: '10' }, {}, '--kill-grace: expected a duration'],
     [{ maxLogBytes: 'lots' }, {}, '--max-log-size: expected a size like "100M", got "lots" (string)'],
     [{ topic: '' }, {}, '--topic: expected an MQTT topic filter'],
+    [{ passwordFile: 'a\0b' }, {}, '--password-file: expected a file path'],
     [{ jobsDir: '' }, {}, '--jobs-dir: expected a directory path'],
+    [{ resultsTopic: 'jobs/+/results' }, {}, '--results-topic: expected an MQTT topic without wildcards'],
+    [{ protocol: '4' }, {}, '--protocol: expected one of 5, 3.1.1, got "4" (string)'],
+    [{ logFormat: 'xml' }, {}, '--log-format: expected one of text, json'],
+    [{ idleTimeoutMs: 'soonish' }, {}, '--idle-timeout: expected a duration like "10m" or "off"'],
+    [{ certFile: 'c.pem' }, {}, '--cert and --key: expected both or neither'],
   ] as [OptionFlags, Record<string, string>, string][])('rejects %j %j', (flags, env, expected) => {
     const problems = problemsOf(flags, env);
     expect(problems).toHaveLength(1);

@@ -1,0 +1,235 @@
+import { readFile } from 'node:fs/promises';
+import type { IClientOptions, IClientPublishOptions, MqttClient } from 'mqtt';
+import { ErrorCode, WorkerError } from './errors.js';
+import type { Options } from './options.js';
+
+export type BrokerSettings = Pick<
+  Options,
+  | 'url'
+  | 'username'
+  | 'password'
+  | 'passwordFile'
+  | 'caFile'
+  | 'certFile'
+  | 'keyFile'
+  | 'protocol'
+  | 'keepaliveMs'
+  | 'connectTimeoutMs'
+>;
+
+export interface ConnectInput {
+  readonly settings: BrokerSettings;
+  readonly clientId: string;
+  readonly clean: boolean;
+  /** MQTT 5 session expiry in seconds; undefined: never (the maximum). */
+  readonly sessionExpirySeconds?: number | undefined;
+  /** How many unacknowledged QoS 1 messages the broker may send at once (MQTT 5). */
+  readonly receiveMaximum?: number;
+  readonly will?: IClientOptions['will'];
+  readonly customHandleAcks?: IClientOptions['customHandleAcks'];
+  /** Called for each message before the connection is up (persistent sessions deliver right after CONNACK). */
+  readonly onClient?: (client: MqttClient) => void;
+}
+
+const NEVER_EXPIRES = 0xffffffff;
+// CONNACK codes that mean "you may not connect like this" (credentials, authorisation, client id, ban) rather
+// than "the broker is not there": MQTT 5 reason codes and MQTT 3.1.1 return codes.
+const REFUSED_V5 = new Set([0x85, 0x86, 0x87, 0x8a, 0x8c]);
+const REFUSED_V3 = new Set([2, 4, 5]);
+const V3_MESSAGES: Record<number, string> = {
+  1: 'unacceptable protocol version',
+  2: 'client id rejected',
+  3: 'server unavailable',
+  4: 'bad user name or password',
+  5: 'not authorized',
+};
+
+async function readSecretFile(file: string, option: string): Promise<string> {
+  try {
+    return await readFile(file, 'utf8');
+  } catch (error) {
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `${option}: cannot read ${file}: ${(error as NodeJS.ErrnoException).code ?? error}`,
+      {
+        cause: error,
+      },
+    );
+  }
+}
+
+/** MQTT.js options for the settings; files (password, certificates) are read here. */
+export async function clientOptions(input: ConnectInput): Promise<IClientOptions> {
+  const { settings } = input;
+  const v5 = settings.protocol === '5';
+  const password = settings.passwordFile
+    ? (await readSecretFile(settings.passwordFile, '--password-file')).replace(/\r?\n$/, '')
+    : settings.password;
+  const tls = {
+    ...(settings.caFile ? { ca: await readSecretFile(settings.caFile, '--ca') } : {}),
+    ...(settings.certFile ? { cert: await readSecretFile(settings.certFile, '--cert') } : {}),
+    ...(settings.keyFile ? { key: await readSecretFile(settings.keyFile, '--key') } : {}),
+  };
+  return {
+    clientId: input.clientId,
+    clean: input.clean,
+    protocolVersion: v5 ? 5 : 4,
+    keepalive: Math.round(settings.keepaliveMs / 1000),
+    connectTimeout: settings.connectTimeoutMs,
+    // Never reconnect on our own: a reconnect during a job would have the broker deliver the job again into this
+    // process. A lost connection ends the process; the slot's next run picks up where the session stands.
+    reconnectPeriod: 0,
+    resubscribe: false,
+    ...(settings.username !== undefined ? { username: settings.username } : {}),
+    ...(password !== undefined ? { password } : {}),
+    ...tls,
+    ...(v5
+      ? {
+          properties: {
+            sessionExpiryInterval: input.clean ? 0 : (input.sessionExpirySeconds ?? NEVER_EXPIRES),
+            ...(input.receiveMaximum ? { receiveMaximum: input.receiveMaximum } : {}),
+          },
+        }
+      : {}),
+    ...(input.will ? { will: input.will } : {}),
+    ...(input.customHandleAcks ? { customHandleAcks: input.customHandleAcks } : {}),
+  };
+}
+
+function classify(error: Error & { code?: unknown }, settings: BrokerSettings): WorkerError {
+  const where = redactUrl(settings.url);
+  if (typeof error.code === 'number') {
+    const code = error.code;
+    const v5 = settings.protocol === '5';
+    const refused = v5 ? REFUSED_V5.has(code) : REFUSED_V3.has(code);
+    const reason = v5
+      ? error.message.replace(/^Connection refused: /, '')
+      : (V3_MESSAGES[code] ?? `return code ${code}`);
+    return new WorkerError(
+      refused ? ErrorCode.BROKER_REFUSED : ErrorCode.BROKER_UNREACHABLE,
+      `Broker ${where} refused the connection: ${reason} (code ${code})`,
+      { cause: error },
+    );
+  }
+  const detail = typeof error.code === 'string' ? `${error.code}: ${error.message}` : error.message;
+  return new WorkerError(ErrorCode.BROKER_UNREACHABLE, `Cannot reach broker ${where}: ${detail}`, {
+    cause: error,
+  });
+}
+
+/** The URL without a password, for messages. */
+export function redactUrl(url: string): string {
+  try {
+    const parsed = new URL(url);
+    if (parsed.password) parsed.password = '***';
+    return parsed.toString();
+  } catch {
+    return url;
+  }
+}
+
+/**
+ * Connects and resolves once the broker accepted (CONNACK 0), or rejects with BROKER_REFUSED (credentials,
+ * authorisation) or BROKER_UNREACHABLE (network, TLS, timeout) within the connect timeout.
+ */
+export async function connectBroker(input: ConnectInput): Promise<MqttClient> {
+  const options = await clientOptions(input);
+  const { connect } = await import('mqtt');
+  const client = connect(input.settings.url, options);
+  input.onClient?.(client);
+  return new Promise<MqttClient>((resolve, reject) => {
+    const timer = setTimeout(
+      () => fail(new Error(`no answer within ${input.settings.connectTimeoutMs} ms`)),
+      input.settings.connectTimeoutMs,
+    );
+    const cleanup = (): void => {
+      clearTimeout(timer);
+      client.off('connect', onConnect);
+      client.off('error', fail);
+      client.off('close', onClose);
+    };
+    const onConnect = (): void => {
+      cleanup();
+      resolve(client);
+    };
+    const onClose = (): void => fail(new Error('the connection was closed before the broker answered'));
+    function fail(error: Error): void {
+      cleanup();
+      client.end(true);
+      reject(classify(error, input.settings));
+    }
+    client.once('connect', onConnect);
+    client.on('error', fail);
+    client.on('close', onClose);
+  });
+}
+
+// MQTT.js passes the publish packet, not the PUBACK, to a publish callback: PUBACK reason codes (such as 0x10
+// "no matching subscribers", which it counts as success) are read off the incoming packets instead.
+const pubackCodes = new WeakMap<MqttClient, Map<number, number>>();
+
+function trackPubacks(client: MqttClient): Map<number, number> {
+  let codes = pubackCodes.get(client);
+  if (!codes) {
+    const map = new Map<number, number>();
+    client.on('packetreceive', (packet) => {
+      if (packet.cmd === 'puback' && packet.messageId !== undefined)
+        map.set(packet.messageId, packet.reasonCode ?? 0);
+    });
+    pubackCodes.set(client, map);
+    codes = map;
+  }
+  return codes;
+}
+
+/** Publishes and resolves with the PUBACK reason code (0 for success; MQTT 3.1.1 and QoS 0 always give 0). */
+export function publish(
+  client: MqttClient,
+  topic: string,
+  payload: string | Buffer,
+  options: IClientPublishOptions,
+): Promise<number> {
+  const codes = trackPubacks(client);
+  return new Promise((resolve, reject) => {
+    client.publish(topic, payload, options, (error, packet) => {
+      const code = (error as { code?: unknown } | undefined)?.code;
+      if (error && typeof code !== 'number') {
+        reject(error);
+        return;
+      }
+      const id = packet?.messageId;
+      const acked = id !== undefined ? codes.get(id) : undefined;
+      if (id !== undefined) codes.delete(id);
+      resolve(typeof code === 'number' ? code : (acked ?? 0));
+    });
+  });
+}
+
+/** Disconnects, giving the DISCONNECT a moment to leave; never throws. */
+export function disconnect(
+  client: MqttClient,
+  options: { force?: boolean; reasonCode?: number; sessionExpiry?: number } = {},
+): Promise<void> {
+  return new Promise((resolve) => {
+    // end() waits for unacknowledged publishes; never let that keep the process alive.
+    const timer = setTimeout(() => {
+      client.stream?.destroy();
+      resolve();
+    }, 2000);
+    const properties =
+      options.sessionExpiry !== undefined ? { sessionExpiryInterval: options.sessionExpiry } : undefined;
+    try {
+      client.end(
+        options.force ?? false,
+        { reasonCode: options.reasonCode ?? 0, ...(properties ? { properties } : {}) },
+        () => {
+          clearTimeout(timer);
+          resolve();
+        },
+      );
+    } catch {
+      clearTimeout(timer);
+      resolve();
+    }
+  });
+}

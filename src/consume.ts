@@ -1,0 +1,144 @@
+import type { IClientOptions, IPublishPacket, MqttClient } from 'mqtt';
+import { type BrokerSettings, connectBroker, disconnect, publish } from './broker.js';
+import type { Logger } from './log.js';
+
+/** One message as delivered, with the means to acknowledge it (which is what removes it from the session). */
+export interface Delivery {
+  readonly topic: string;
+  readonly payload: Buffer;
+  readonly packet: IPublishPacket;
+  readonly ack: () => void;
+}
+
+export interface ConsumerInput {
+  readonly settings: BrokerSettings;
+  readonly clientId: string;
+  readonly clean: boolean;
+  readonly sessionExpirySeconds: number | undefined;
+  readonly topic: string;
+  readonly will?: IClientOptions['will'];
+  readonly log: Logger;
+}
+
+/**
+ * A connection that takes exactly one message and acknowledges it only when told to. The broker may send at
+ * most one unacknowledged message (receiveMaximum 1); any message after the first is never acknowledged, so it
+ * stays in this client id's session for the slot's next process. While the first message is held, MQTT.js
+ * reads no incoming packet (no PINGRESP either), so `holdOpen` keeps the connection alive by sending pings of
+ * its own and resetting MQTT.js's keepalive clock.
+ */
+export class OneShotConsumer {
+  readonly client: MqttClient;
+  readonly sessionPresent: boolean;
+  readonly #first: Promise<Delivery>;
+  readonly #closed: Promise<void>;
+  #keepalive: NodeJS.Timeout | undefined;
+
+  private constructor(
+    client: MqttClient,
+    sessionPresent: boolean,
+    first: Promise<Delivery>,
+    closed: Promise<void>,
+  ) {
+    this.client = client;
+    this.sessionPresent = sessionPresent;
+    this.#first = first;
+    this.#closed = closed;
+  }
+
+  static async connect(input: ConsumerInput): Promise<OneShotConsumer> {
+    let resolveFirst: (delivery: Delivery) => void = () => {};
+    const first = new Promise<Delivery>((resolve) => {
+      resolveFirst = resolve;
+    });
+    let taken = false;
+    let held = 0;
+    const client = await connectBroker({
+      settings: input.settings,
+      clientId: input.clientId,
+      clean: input.clean,
+      sessionExpirySeconds: input.sessionExpirySeconds,
+      receiveMaximum: 1,
+      ...(input.will ? { will: input.will } : {}),
+      customHandleAcks: (topic, payload, packet, done) => {
+        if (taken) {
+          held++;
+          input.log.info(
+            `another job arrived (message ${packet.messageId}); it stays queued in this slot's session for the next run`,
+            {
+              held,
+            },
+          );
+          return; // never acknowledged: the broker redelivers it to this client id's next connection
+        }
+        taken = true;
+        resolveFirst({ topic, payload: Buffer.from(payload), packet, ack: () => done(0) });
+      },
+    });
+    const closed = new Promise<void>((resolve) => client.once('close', () => resolve()));
+    const sessionPresent = Boolean(
+      (client as unknown as { connackPacket?: { sessionPresent?: boolean } }).connackPacket?.sessionPresent,
+    );
+    const consumer = new OneShotConsumer(client, sessionPresent, first, closed);
+    // A present session still holds the subscription (and may already be delivering): do not wait for a SUBACK
+    // that MQTT.js cannot read while a delivered job is held.
+    const subscribed = new Promise<void>((resolve, reject) => {
+      client.subscribe(input.topic, { qos: 1 }, (error, granted) => {
+        const code = granted?.[0]?.qos;
+        if (error) reject(error);
+        else if (code !== undefined && code >= 0x80)
+          reject(new Error(`the broker refused the subscription to ${input.topic} (code ${code})`));
+        else resolve();
+      });
+    });
+    if (!sessionPresent) await subscribed;
+    else subscribed.catch((error: Error) => input.log.warn(`subscription not confirmed: ${error.message}`));
+    return consumer;
+  }
+
+  get connected(): boolean {
+    return this.client.connected;
+  }
+
+  /** The first delivery; undefined when the connection closed first. */
+  async next(): Promise<Delivery | undefined> {
+    return Promise.race([this.#first, this.#closed.then(() => undefined)]);
+  }
+
+  /** Resolves when the connection is gone (broker restart, network). */
+  get closed(): Promise<void> {
+    return this.#closed;
+  }
+
+  /** Keeps the connection alive while a delivered message is held (see the class comment). */
+  holdOpen(keepaliveMs: number): void {
+    this.#keepalive = setInterval(
+      () => {
+        if (!this.client.connected) return;
+        this.client.sendPing();
+        this.client.reschedulePing(true);
+      },
+      Math.max(500, Math.floor(keepaliveMs / 3)),
+    );
+  }
+
+  release(): void {
+    clearInterval(this.#keepalive);
+  }
+
+  /** Publishes at QoS 0 without waiting (progress events, presence): never blocks on a held delivery. */
+  fireAndForget(topic: string, payload: string, retain = false): void {
+    if (this.client.connected) this.client.publish(topic, payload, { qos: 0, retain }, () => {});
+  }
+
+  /** Publishes at QoS 1; resolves with the PUBACK reason code (only once the held delivery is acknowledged). */
+  publishReliably(topic: string, payload: string, properties?: Record<string, unknown>): Promise<number> {
+    return publish(this.client, topic, payload, { qos: 1, ...(properties ? { properties } : {}) });
+  }
+
+  async close(options: { force?: boolean; withWill?: boolean } = {}): Promise<void> {
+    this.release();
+    // Reason 0x04 "disconnect with will": presence turns offline after the will delay unless the slot is back.
+    await disconnect(this.client, { force: options.force ?? false, reasonCode: options.withWill ? 0x04 : 0 });
+  }
+}

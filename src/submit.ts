@@ -1,0 +1,96 @@
+import { randomBytes } from 'node:crypto';
+import { type BrokerSettings, connectBroker, disconnect, publish } from './broker.js';
+import { ErrorCode, WorkerError } from './errors.js';
+import { parseRequest, type RawStep } from './job-spec.js';
+import type { Logger } from './log.js';
+import type { ResultPayload } from './report.js';
+
+export interface SubmitInput {
+  readonly settings: BrokerSettings;
+  readonly id: string;
+  readonly steps: readonly RawStep[] | undefined;
+  /** The topic workers subscribe to, e.g. `jobs/pending` (a `$share/group/` prefix is dropped). */
+  readonly topic: string;
+  readonly resultsTopic: string;
+  readonly wait: boolean;
+  /** How long to wait: for a subscriber to take the request, and with `wait` for the result. */
+  readonly timeoutMs: number;
+  readonly log: Logger;
+}
+
+export type SubmitOutcome =
+  | { readonly kind: 'published' }
+  | { readonly kind: 'result'; readonly result: ResultPayload }
+  | { readonly kind: 'timeout'; readonly waitedFor: 'subscriber' | 'result' };
+
+const NO_MATCHING_SUBSCRIBERS = 0x10;
+
+/** `$share/group/jobs/pending` → `jobs/pending`: requests are published to the plain topic. */
+export function publishTopic(subscription: string): string {
+  const match = /^\$share\/[^/]+\/(.+)$/.exec(subscription);
+  return match ? (match[1] as string) : subscription;
+}
+
+/**
+ * Publishes a job request, retrying while the broker answers that nobody is subscribed (it would drop the
+ * message), and with `wait` returns the job's result. The result subscription is made before the request is
+ * published, so a fast job's result cannot be missed.
+ */
+export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
+  const body = JSON.stringify(input.steps ? { id: input.id, steps: input.steps } : { id: input.id });
+  const check = parseRequest(body);
+  if (!check.ok)
+    throw new WorkerError(ErrorCode.INVALID_OPTION, `submit: ${check.error.message}`, {
+      problems: check.error.problems,
+    });
+  const deadline = Date.now() + input.timeoutMs;
+  const client = await connectBroker({
+    settings: input.settings,
+    clientId: `submit-${randomBytes(6).toString('hex')}`,
+    clean: true,
+  });
+  try {
+    let resolveResult: (result: ResultPayload) => void = () => {};
+    const result = new Promise<ResultPayload>((resolve) => {
+      resolveResult = resolve;
+    });
+    const resultTopic = `${input.resultsTopic}/${input.id}`;
+    if (input.wait) {
+      client.on('message', (topic, payload) => {
+        if (topic !== resultTopic) return;
+        try {
+          resolveResult(JSON.parse(payload.toString('utf8')) as ResultPayload);
+        } catch {
+          input.log.warn(`ignoring a result message that is not JSON on ${topic}`);
+        }
+      });
+      await new Promise<void>((resolve, reject) =>
+        client.subscribe(resultTopic, { qos: 1 }, (error) => (error ? reject(error) : resolve())),
+      );
+    }
+    const topic = publishTopic(input.topic);
+    for (let delay = 200; ; delay = Math.min(delay * 2, 5000)) {
+      const code = await publish(client, topic, body, { qos: 1 });
+      if (code !== NO_MATCHING_SUBSCRIBERS && code < 0x80) break;
+      if (code >= 0x80)
+        throw new WorkerError(
+          ErrorCode.BROKER_REFUSED,
+          `The broker refused the request on ${topic} (code ${code})`,
+        );
+      if (Date.now() + delay > deadline) return { kind: 'timeout', waitedFor: 'subscriber' };
+      input.log.info(`nobody is subscribed to ${topic} yet; retrying in ${delay} ms`);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+    }
+    input.log.info(`published job ${input.id} to ${topic}`);
+    if (!input.wait) return { kind: 'published' };
+    let timer: NodeJS.Timeout | undefined;
+    const timedOut = new Promise<undefined>((resolve) => {
+      timer = setTimeout(() => resolve(undefined), Math.max(0, deadline - Date.now()));
+    });
+    const received = await Promise.race([result, timedOut]);
+    clearTimeout(timer);
+    return received ? { kind: 'result', result: received } : { kind: 'timeout', waitedFor: 'result' };
+  } finally {
+    await disconnect(client);
+  }
+}

@@ -1,0 +1,188 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { mkdir } from 'node:fs/promises';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import mqtt, { type MqttClient } from 'mqtt';
+import { tempDir } from './tmp.js';
+
+export const BIN = fileURLToPath(new URL('../../bin/mqtt-fs-worker.js', import.meta.url));
+
+export interface Exited {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+export interface Running {
+  child: ChildProcess;
+  exited: Promise<Exited>;
+  /** Resolves when stderr has shown `text`. */
+  sawLog: (text: string | RegExp, timeoutMs?: number) => Promise<void>;
+}
+
+/** Starts the worker (the repo's bin) with `args`; its environment holds only PATH and `env`. */
+export function startWorker(args: string[], env: Record<string, string> = {}, cwd?: string): Running {
+  const child = spawn(process.execPath, [BIN, ...args], {
+    cwd,
+    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  let stdout = '';
+  let stderr = '';
+  const watchers: { test: string | RegExp; resolve: () => void }[] = [];
+  const matches = (test: string | RegExp): boolean =>
+    typeof test === 'string' ? stderr.includes(test) : test.test(stderr);
+  child.stdout?.on('data', (chunk: Buffer) => {
+    stdout += chunk.toString();
+  });
+  child.stderr?.on('data', (chunk: Buffer) => {
+    stderr += chunk.toString();
+    for (const watcher of watchers.filter((w) => matches(w.test))) watcher.resolve();
+  });
+  const exited = new Promise<Exited>((resolve) => {
+    child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr }));
+  });
+  const sawLog = (test: string | RegExp, timeoutMs = 15_000): Promise<void> =>
+    new Promise((resolve, reject) => {
+      if (matches(test)) return resolve();
+      const timer = setTimeout(
+        () => reject(new Error(`worker did not log ${test} within ${timeoutMs} ms; stderr:\n${stderr}`)),
+        timeoutMs,
+      );
+      watchers.push({
+        test,
+        resolve: () => {
+          clearTimeout(timer);
+          resolve();
+        },
+      });
+      void exited.then(() => {
+        clearTimeout(timer);
+        if (matches(test)) resolve();
+        else reject(new Error(`worker exited without logging ${test}; stderr:\n${stderr}`));
+      });
+    });
+  return { child, exited, sawLog };
+}
+
+/** Runs a worker and waits for it to exit. */
+export async function runWorkerOnce(
+  args: string[],
+  env: Record<string, string> = {},
+  cwd?: string,
+): Promise<Exited> {
+  return startWorker(args, env, cwd).exited;
+}
+
+/** A jobs root and a workspaces root, and the worker arguments that point at them and at the broker. */
+export async function fleetDirs(): Promise<{ jobs: string; workspaces: string }> {
+  const base = await tempDir('mfw-fleet-');
+  const jobs = path.join(base, 'jobs');
+  const workspaces = path.join(base, 'workspaces');
+  await mkdir(jobs);
+  await mkdir(workspaces);
+  return { jobs, workspaces };
+}
+
+export function workerArgs(
+  url: string,
+  dirs: { jobs: string; workspaces: string },
+  id: string,
+  extra: string[] = [],
+): string[] {
+  return [
+    '--url',
+    url,
+    '--jobs-dir',
+    dirs.jobs,
+    '--workspaces-dir',
+    dirs.workspaces,
+    '--id',
+    id,
+    '--topic',
+    '$share/workers/jobs/pending',
+    '--kill-grace',
+    '1s',
+    ...extra,
+  ];
+}
+
+/** A plain MQTT client for the test's side: publish requests, watch results and events. */
+export async function testClient(url: string, options: mqtt.IClientOptions = {}): Promise<MqttClient> {
+  const client = await mqtt.connectAsync(url, {
+    protocolVersion: 5,
+    reconnectPeriod: 0,
+    clientId: `test-${Math.random().toString(36).slice(2, 10)}`,
+    ...options,
+  });
+  return client;
+}
+
+/** Collects every message on `filter` into an array (topic, parsed JSON). */
+export async function collect(
+  client: MqttClient,
+  filter: string,
+): Promise<{ topic: string; body: Record<string, unknown>; properties?: unknown }[]> {
+  const seen: { topic: string; body: Record<string, unknown>; properties?: unknown }[] = [];
+  client.on('message', (topic, payload, packet) => {
+    if (!mqttMatch(filter, topic)) return;
+    try {
+      seen.push({ topic, body: JSON.parse(payload.toString()), properties: packet.properties });
+    } catch {
+      seen.push({ topic, body: { raw: payload.toString() } });
+    }
+  });
+  await client.subscribeAsync(filter, { qos: 1 });
+  return seen;
+}
+
+function mqttMatch(filter: string, topic: string): boolean {
+  const f = filter.split('/');
+  const t = topic.split('/');
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === '#') return true;
+    if (f[i] !== '+' && f[i] !== t[i]) return false;
+  }
+  return f.length === t.length;
+}
+
+export async function publishJob(
+  client: MqttClient,
+  body: unknown,
+  properties?: mqtt.IClientPublishOptions['properties'],
+): Promise<void> {
+  await client.publishAsync('jobs/pending', typeof body === 'string' ? body : JSON.stringify(body), {
+    qos: 1,
+    ...(properties ? { properties } : {}),
+  });
+}
+
+/**
+ * Runs a slot the way `restart: always` does: start the worker, and when it exits start it again, until
+ * `stop()` is called. Returns every run's exit.
+ */
+export function slotLoop(
+  args: () => string[],
+  env: Record<string, string> = {},
+): { stop: () => Promise<Exited[]>; runs: Exited[]; current: () => Running | undefined } {
+  const runs: Exited[] = [];
+  let stopped = false;
+  let current: Running | undefined;
+  const loop = (async () => {
+    while (!stopped) {
+      current = startWorker(args(), env);
+      runs.push(await current.exited);
+    }
+  })();
+  return {
+    runs,
+    current: () => current,
+    stop: async () => {
+      stopped = true;
+      current?.child.kill('SIGTERM');
+      await loop;
+      return runs;
+    },
+  };
+}
