@@ -59,7 +59,7 @@ describe('the broker worker', () => {
       },
     });
     expect(responses[0]?.body).toEqual(results[0]?.body);
-    expect((responses[0]?.properties as { correlationData?: Buffer }).correlationData?.toString()).toBe(
+    expect((responses[0]?.properties as { correlationData?: Buffer } | undefined)?.correlationData?.toString()).toBe(
       'corr-1',
     );
     expect(await readFile(path.join(dirs.jobs, 'job_1/results/out.txt'), 'utf8')).toBe('out\n');
