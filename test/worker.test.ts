@@ -59,9 +59,9 @@ describe('the broker worker', () => {
       },
     });
     expect(responses[0]?.body).toEqual(results[0]?.body);
-    expect((responses[0]?.properties as { correlationData?: Buffer } | undefined)?.correlationData?.toString()).toBe(
-      'corr-1',
-    );
+    expect(
+      (responses[0]?.properties as { correlationData?: Buffer } | undefined)?.correlationData?.toString(),
+    ).toBe('corr-1');
     expect(await readFile(path.join(dirs.jobs, 'job_1/results/out.txt'), 'utf8')).toBe('out\n');
     await waitFor(() => events.some((e) => e.body.event === 'done'));
     expect(events.map((e) => e.body.event)).toEqual([
