@@ -34,6 +34,11 @@ function engineConfig(options: Options, env: NodeJS.ProcessEnv): EngineConfig {
     killGraceMs: options.killGraceMs,
     maxLogBytes: options.maxLogBytes,
     baseEnv: stepBaseEnv(env),
+    limits: {
+      policy: options.limits,
+      defaults: { cpus: options.cpus, memoryBytes: options.memoryBytes, pids: options.pids },
+      ceilings: { cpus: options.maxCpus, memoryBytes: options.maxMemoryBytes, pids: options.maxPids },
+    },
   };
 }
 

@@ -10,6 +10,7 @@ import {
   type StepSpec,
   specFromSteps,
 } from './job-spec.js';
+import { type JobLimits, type LimitSettings, openJobLimits } from './limits/index.js';
 import type { Logger } from './log.js';
 import { ensureResultsDir, type JobPaths, resolveJobPaths } from './paths.js';
 import { type Manifest, type StepRecord, writeManifest } from './report.js';
@@ -31,6 +32,8 @@ export interface EngineConfig {
   readonly baseEnv: Readonly<Record<string, string>>;
   /** Create a missing jobs directory (dry runs); a worker treats it as an unmounted shared drive. */
   readonly createJobsDir?: boolean;
+  /** Limit defaults, ceilings and policy; absent: no cgroups at all (limits off). */
+  readonly limits?: LimitSettings;
 }
 
 export type JobEvent =
@@ -65,6 +68,8 @@ export interface JobOutcome {
   readonly manifestWritten: boolean;
 }
 
+const LIMITS_OFF: LimitSettings = { policy: 'off', defaults: {}, ceilings: {} };
+
 /** Names in `results/` that survive the reset at the start of a run (the claim, see claim.ts). */
 const KEEP_IN_RESULTS = /^\.mqtt-fs-worker/;
 
@@ -89,6 +94,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
   let paths: JobPaths | undefined = run.paths;
   let resultsReady = false;
   let workspace: string | undefined;
+  let jobLimits: JobLimits | undefined;
   try {
     paths = await resolveJobPaths(
       config.jobsDir,
@@ -100,6 +106,18 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     resultsReady = true;
     const spec = await loadSpec(paths, request);
     manifest.steps = spec.steps.map(pendingStep);
+    jobLimits = await openJobLimits(
+      spec.limits,
+      config.limits ?? LIMITS_OFF,
+      `mqtt-fs-worker-${config.workerId}`,
+    );
+    manifest.limits = {
+      mode: jobLimits.mode,
+      ...jobLimits.limits,
+      ...(jobLimits.reason ? { reason: jobLimits.reason } : {}),
+    };
+    if (jobLimits.reason && config.limits && config.limits.policy !== 'off')
+      log.warn(`running without cgroups: ${jobLimits.reason}`);
 
     emit({ type: 'staging' });
     const stagingStarted = now();
@@ -111,7 +129,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     );
 
     const runningStarted = now();
-    const ran = await runSteps(config, run, spec, paths, workspace, manifest.steps, now);
+    const ran = await runSteps(config, run, spec, paths, workspace, manifest.steps, now, jobLimits);
     manifest.phases.runningMs = now() - runningStarted;
     manifest.status = ran.status;
     manifest.exitCode = ran.exitCode;
@@ -134,7 +152,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     );
   } catch (error) {
     if (error instanceof JobInterrupted) {
-      await cleanUp(config, log, workspace);
+      await cleanUp(config, log, workspace, jobLimits);
       throw error;
     }
     manifest.status = 'error';
@@ -142,7 +160,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     manifest.error = toErrorInfo(error);
     if (!(error instanceof WorkerError)) log.error('unexpected error', { stack: (error as Error).stack });
   }
-  await cleanUp(config, log, workspace);
+  await cleanUp(config, log, workspace, jobLimits);
 
   const ended = now();
   manifest.endedAt = new Date(ended).toISOString();
@@ -189,7 +207,15 @@ export function newManifest(config: EngineConfig, id: string, attempt: number, s
   };
 }
 
-async function cleanUp(config: EngineConfig, log: Logger, workspace: string | undefined): Promise<void> {
+async function cleanUp(
+  config: EngineConfig,
+  log: Logger,
+  workspace: string | undefined,
+  limits?: JobLimits,
+): Promise<void> {
+  await limits?.cgroups
+    ?.close()
+    .catch((error: Error) => log.warn(`could not remove the job's cgroups: ${error.message}`));
   if (workspace === undefined) return;
   const failure = await purgeWorkspace(config.workspacesDir, config.workerId);
   if (failure) log.warn(`could not remove workspace ${workspace}: ${failure.message}`);
@@ -304,6 +330,7 @@ async function runSteps(
   workspace: string,
   records: StepRecord[],
   now: () => number,
+  limits: JobLimits,
 ): Promise<StepsOutcome> {
   const emit = run.onEvent ?? (() => {});
   const deadline = spec.timeoutMs === undefined ? undefined : now() + spec.timeoutMs;
@@ -328,6 +355,7 @@ async function runSteps(
       timeoutMs,
       killGraceMs: config.killGraceMs,
       ...(run.signal ? { signal: run.signal } : {}),
+      ...(limits.cgroups ? { sandbox: await limits.cgroups.step(step.index) } : {}),
     });
     if (result.stoppedFor === 'interrupted') throw new JobInterrupted();
     const ended = now();

@@ -37,6 +37,14 @@ export interface Options {
   /** Per-step log cap; past it the step keeps running and its log ends with a marker line. */
   readonly maxLogBytes: number;
   readonly logFormat: 'text' | 'json';
+  /** Default limits of every job, and ceilings no job may ask to exceed (undefined: none). */
+  readonly cpus: number | undefined;
+  readonly memoryBytes: number | undefined;
+  readonly pids: number | undefined;
+  readonly maxCpus: number | undefined;
+  readonly maxMemoryBytes: number | undefined;
+  readonly maxPids: number | undefined;
+  readonly limits: 'auto' | 'required' | 'optional' | 'off';
 }
 
 /** What the command line gave (commander's parsed flags, by option key): strings and booleans, all optional. */
@@ -51,7 +59,8 @@ type Kind =
   | { type: 'size'; fallback: string }
   | { type: 'choice'; fallback: string; choices: readonly string[] }
   | { type: 'dir'; fallback: string }
-  | { type: 'topic'; fallback: string; filter?: boolean };
+  | { type: 'topic'; fallback: string; filter?: boolean }
+  | { type: 'limit'; parse: (value: string) => number | undefined; expected: string };
 
 export interface OptionDef {
   readonly key: keyof Options;
@@ -66,6 +75,17 @@ export interface OptionDef {
 const text = (fallback: string): Kind => ({ type: 'text', fallback });
 const duration = (fallback: string, off = false): Kind => ({ type: 'duration', fallback, off });
 const topic = (fallback: string, filter = false): Kind => ({ type: 'topic', fallback, filter });
+const positive = (value: string): number | undefined => {
+  const n = Number(value);
+  return value.trim() !== '' && Number.isFinite(n) && n > 0 ? n : undefined;
+};
+const count = (value: string): number | undefined => {
+  const n = positive(value);
+  return n !== undefined && Number.isSafeInteger(n) ? n : undefined;
+};
+const cpus: Kind = { type: 'limit', parse: positive, expected: 'a number of CPUs like 1.5' };
+const memory: Kind = { type: 'limit', parse: parseSizeValue, expected: 'a size like "2G"' };
+const pids: Kind = { type: 'limit', parse: count, expected: 'a whole number of processes like 512' };
 
 /** The option table: commander's help, the README and `resolveOptions` all follow it. */
 export const OPTION_DEFS: readonly OptionDef[] = [
@@ -247,6 +267,61 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     kind: { type: 'size', fallback: '100M' },
   },
   {
+    key: 'cpus',
+    flags: '--cpus <n>',
+    env: 'MQTT_CPUS',
+    description: "each job's default CPU limit",
+    kind: cpus,
+    defaultText: 'none',
+  },
+  {
+    key: 'memoryBytes',
+    flags: '--memory <size>',
+    env: 'MQTT_MEMORY',
+    description: "each job's default memory limit",
+    kind: memory,
+    defaultText: 'none',
+  },
+  {
+    key: 'pids',
+    flags: '--pids <n>',
+    env: 'MQTT_PIDS',
+    description: "each job's default process limit",
+    kind: pids,
+    defaultText: 'none',
+  },
+  {
+    key: 'maxCpus',
+    flags: '--max-cpus <n>',
+    env: 'MQTT_MAX_CPUS',
+    description: 'the most CPUs a job may ask for',
+    kind: cpus,
+    defaultText: 'none',
+  },
+  {
+    key: 'maxMemoryBytes',
+    flags: '--max-memory <size>',
+    env: 'MQTT_MAX_MEMORY',
+    description: 'the most memory a job may ask for',
+    kind: memory,
+    defaultText: 'none',
+  },
+  {
+    key: 'maxPids',
+    flags: '--max-pids <n>',
+    env: 'MQTT_MAX_PIDS',
+    description: 'the most processes a job may ask for',
+    kind: pids,
+    defaultText: 'none',
+  },
+  {
+    key: 'limits',
+    flags: '--limits <policy>',
+    env: 'MQTT_LIMITS',
+    description: 'required, optional or off; auto: required when any limit is set or asked for',
+    kind: { type: 'choice', fallback: 'auto', choices: ['auto', 'required', 'optional', 'off'] },
+  },
+  {
     key: 'logFormat',
     flags: '--log-format <format>',
     env: 'MQTT_LOG_FORMAT',
@@ -380,6 +455,12 @@ function resolveOne(
       const value = textValue ?? kind.fallback;
       if (value === '' || value.includes('\0')) problem('a directory path');
       return path.resolve(context.cwd, value);
+    }
+    case 'limit': {
+      if (textValue === undefined || textValue === '') return undefined;
+      const parsed = kind.parse(textValue);
+      if (parsed === undefined) problem(kind.expected);
+      return parsed;
     }
     case 'topic': {
       const value = textValue ?? kind.fallback;

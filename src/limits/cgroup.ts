@@ -1,0 +1,327 @@
+import { access, mkdir, readdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { ErrorCode, WorkerError } from '../errors.js';
+import type { StepAccounting, StepSandbox } from '../run.js';
+import type { CgroupLayout } from './detect.js';
+
+export interface EffectiveLimits {
+  readonly cpus: number | null;
+  readonly memoryBytes: number | null;
+  readonly pids: number | null;
+}
+
+/** A job's cgroups: one sandbox per step, all below a folder named after the worker. */
+export interface JobCgroups {
+  readonly mode: 'cgroup1' | 'cgroup2';
+  step(index: number): Promise<StepSandbox>;
+  /** Removes the job's folders of cgroups (each step's sandbox removes its own). */
+  close(): Promise<void>;
+}
+
+const CPU_PERIOD_US = 100_000;
+
+const DOCKER_FIX =
+  'Docker Engine >= 28: --cgroupns=private --security-opt writable-cgroups=true --init (older: --privileged); systemd: Delegate=yes';
+
+/** Why cgroups cannot be used, with the fix, from the error of a first write. */
+export function unavailable(where: string, error: unknown): WorkerError {
+  const code = (error as NodeJS.ErrnoException).code;
+  const why =
+    code === 'EROFS'
+      ? `the cgroup filesystem is read-only at ${where}`
+      : code === 'EACCES' || code === 'EPERM'
+        ? `not allowed to create cgroups at ${where} (the worker must run as root, or own a delegated cgroup)`
+        : `cannot create cgroups at ${where}: ${code ?? (error as Error).message}`;
+  return new WorkerError(ErrorCode.LIMITS_UNAVAILABLE, `${why}. Fix: ${DOCKER_FIX}`, { cause: error });
+}
+
+const exists = (file: string): Promise<boolean> =>
+  access(file).then(
+    () => true,
+    () => false,
+  );
+
+async function readNumber(file: string): Promise<number | null> {
+  const text = await readFile(file, 'utf8').catch(() => undefined);
+  const value = text === undefined ? Number.NaN : Number(text.trim());
+  return Number.isFinite(value) ? value : null;
+}
+
+/** `key value` lines (memory.events, cpu.stat, memory.oom_control). */
+async function readKeyed(file: string, key: string): Promise<number | null> {
+  const text = await readFile(file, 'utf8').catch(() => undefined);
+  const match = text ? new RegExp(`^${key} (\\d+)$`, 'm').exec(text) : null;
+  return match ? Number(match[1]) : null;
+}
+
+async function procsOf(dir: string): Promise<number[]> {
+  const text = await readFile(path.join(dir, 'cgroup.procs'), 'utf8').catch(() => '');
+  return text.split('\n').filter(Boolean).map(Number);
+}
+
+function signalAll(pids: number[], signal: NodeJS.Signals): void {
+  for (const pid of pids) {
+    try {
+      process.kill(pid, signal);
+    } catch {
+      // Gone already.
+    }
+  }
+}
+
+// rmdir of a cgroup fails with EBUSY while a killed process is still exiting; give it a moment.
+async function removeCgroup(dir: string): Promise<void> {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    try {
+      await rmdir(dir);
+      return;
+    } catch (error) {
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') return;
+      if (code !== 'EBUSY' || attempt === 49) throw error;
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+}
+
+/** Removes a folder of cgroups depth first, killing what is left in them (stale cgroups of a crashed run). */
+export async function sweep(
+  dir: string,
+  kill: (leaf: string) => Promise<void>,
+  remove: (dir: string) => Promise<void> = removeCgroup,
+): Promise<void> {
+  const entries = await readdir(dir, { withFileTypes: true }).catch(() => undefined);
+  if (!entries) return;
+  for (const entry of entries) if (entry.isDirectory()) await sweep(path.join(dir, entry.name), kill, remove);
+  await kill(dir);
+  await remove(dir).catch(() => {});
+}
+
+// ---------------------------------------------------------------------------------------------------- v2 ----
+
+/**
+ * cgroup v2: the worker's own cgroup becomes the parent of one leaf per step. The "no internal processes" rule
+ * means the processes already in it (the worker itself) first move to a `supervisor` child, then the cpu, memory
+ * and pids controllers are enabled for the children.
+ */
+export async function openCgroupV2(
+  own: string,
+  name: string,
+  limits: EffectiveLimits,
+  remove: (dir: string) => Promise<void> = removeCgroup,
+): Promise<JobCgroups> {
+  if (/\/user\.slice\/.*\.scope$|\/session-\d+\.scope$/.test(own)) {
+    throw new WorkerError(
+      ErrorCode.LIMITS_UNAVAILABLE,
+      `the worker runs in a login session's cgroup (${own}), which it must not reorganise. Fix: run it as a systemd service with Delegate=yes, or in a container (${DOCKER_FIX})`,
+    );
+  }
+  const wanted = ['cpu', 'memory', 'pids'];
+  const available = (await readFile(path.join(own, 'cgroup.controllers'), 'utf8').catch(() => '')).split(
+    /\s+/,
+  );
+  const missing = wanted.filter((c) => !available.includes(c));
+  const needed = [
+    limits.cpus !== null ? 'cpu' : '',
+    limits.memoryBytes !== null ? 'memory' : '',
+    limits.pids !== null ? 'pids' : '',
+  ];
+  const lacking = needed.filter((c) => c && missing.includes(c));
+  if (lacking.length > 0) {
+    throw new WorkerError(
+      ErrorCode.LIMITS_UNAVAILABLE,
+      `the cgroup v2 controllers ${lacking.join(', ')} are not delegated to ${own}. Fix: ${DOCKER_FIX}`,
+    );
+  }
+  const supervisor = path.join(own, 'supervisor');
+  try {
+    await mkdir(supervisor, { recursive: true });
+    // Move every process of our own cgroup (the worker, an init, siblings of the unit) into supervisor/.
+    for (const pid of await procsOf(own))
+      await writeFile(path.join(supervisor, 'cgroup.procs'), String(pid)).catch(() => {});
+    const enable = wanted.filter((c) => available.includes(c)).map((c) => `+${c}`);
+    if (enable.length > 0) await writeFile(path.join(own, 'cgroup.subtree_control'), enable.join(' '));
+  } catch (error) {
+    throw unavailable(own, error);
+  }
+  const prefix = `${name}-step-`;
+  // Stale step cgroups of this worker's earlier (crashed) run.
+  for (const entry of await readdir(own).catch(() => [] as string[])) {
+    if (entry.startsWith(prefix)) await sweep(path.join(own, entry), killV2, remove);
+  }
+  return {
+    mode: 'cgroup2',
+    step: async (index) => {
+      const dir = path.join(own, `${prefix}${index}`);
+      try {
+        await mkdir(dir, { recursive: true });
+        if (limits.memoryBytes !== null) {
+          await writeFile(path.join(dir, 'memory.max'), String(limits.memoryBytes));
+          if (await exists(path.join(dir, 'memory.swap.max')))
+            await writeFile(path.join(dir, 'memory.swap.max'), '0');
+        }
+        if (limits.cpus !== null)
+          await writeFile(
+            path.join(dir, 'cpu.max'),
+            `${Math.round(limits.cpus * CPU_PERIOD_US)} ${CPU_PERIOD_US}`,
+          );
+        if (limits.pids !== null) await writeFile(path.join(dir, 'pids.max'), String(limits.pids));
+      } catch (error) {
+        throw unavailable(dir, error);
+      }
+      return v2Sandbox(dir, remove);
+    },
+    close: async () => {},
+  };
+}
+
+async function killV2(dir: string): Promise<void> {
+  if (await exists(path.join(dir, 'cgroup.kill'))) {
+    await writeFile(path.join(dir, 'cgroup.kill'), '1').catch(() => {});
+  } else {
+    // Kernels before 5.14: freeze, kill, thaw (a frozen process cannot fork away from the kill).
+    await writeFile(path.join(dir, 'cgroup.freeze'), '1').catch(() => {});
+    signalAll(await procsOf(dir), 'SIGKILL');
+    await writeFile(path.join(dir, 'cgroup.freeze'), '0').catch(() => {});
+  }
+  for (let i = 0; i < 100 && (await procsOf(dir)).length > 0; i++)
+    await new Promise((resolve) => setTimeout(resolve, 10));
+}
+
+function v2Sandbox(dir: string, remove: (dir: string) => Promise<void>): StepSandbox {
+  return {
+    join: async (pid) => writeFile(path.join(dir, 'cgroup.procs'), String(pid)),
+    signal: async (signal) => (signal === 'SIGKILL' ? killV2(dir) : signalAll(await procsOf(dir), signal)),
+    close: async () => {
+      await killV2(dir);
+      const [peak, oomKills, usageUsec] = await Promise.all([
+        readNumber(path.join(dir, 'memory.peak')),
+        readKeyed(path.join(dir, 'memory.events'), 'oom_kill'),
+        readKeyed(path.join(dir, 'cpu.stat'), 'usage_usec'),
+      ]);
+      await remove(dir);
+      return accounting(peak, oomKills, usageUsec === null ? null : usageUsec / 1000);
+    },
+  };
+}
+
+function accounting(peak: number | null, oomKills: number | null, cpuMs: number | null): StepAccounting {
+  return {
+    peakMemoryBytes: peak,
+    cpuMs: cpuMs === null ? null : Math.round(cpuMs),
+    oomKilled: oomKills === null ? null : oomKills > 0,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------------- v1 ----
+
+/** cgroup v1: one child per hierarchy (memory, cpu, cpuacct, pids, freezer), below the worker's own cgroups. */
+export async function openCgroupV1(
+  layout: CgroupLayout,
+  name: string,
+  limits: EffectiveLimits,
+): Promise<JobCgroups> {
+  const { memory, cpu, cpuacct, pids, freezer } = layout.v1;
+  const lacking = [
+    limits.memoryBytes !== null && !memory ? 'memory' : '',
+    limits.cpus !== null && !cpu ? 'cpu' : '',
+    limits.pids !== null && !pids ? 'pids' : '',
+  ].filter(Boolean);
+  if (lacking.length > 0) {
+    throw new WorkerError(
+      ErrorCode.LIMITS_UNAVAILABLE,
+      `the cgroup v1 controllers ${lacking.join(', ')} are not mounted. Fix: ${DOCKER_FIX}`,
+    );
+  }
+  const roots = new Map<string, string>();
+  for (const [controller, dir] of Object.entries({ memory, cpu, cpuacct, pids, freezer })) {
+    if (dir) roots.set(controller, path.join(dir, name));
+  }
+  // Stale cgroups of this worker's earlier (crashed) run, then the job's own folders.
+  const freezerRoot = roots.get('freezer');
+  for (const root of new Set(roots.values())) {
+    await sweep(root, async (leaf) => {
+      if (freezerRoot && leaf.startsWith(freezerRoot)) await killV1(leaf);
+      else signalAll(await procsOf(leaf), 'SIGKILL');
+    });
+  }
+  try {
+    for (const root of new Set(roots.values())) await mkdir(root, { recursive: true });
+  } catch (error) {
+    throw unavailable([...roots.values()][0] ?? 'the cgroup v1 hierarchies', error);
+  }
+  return {
+    mode: 'cgroup1',
+    step: async (index) => {
+      const dirs = new Map<string, string>();
+      for (const [controller, root] of roots) dirs.set(controller, path.join(root, `step-${index}`));
+      try {
+        for (const dir of new Set(dirs.values())) await mkdir(dir, { recursive: true });
+        const memoryDir = dirs.get('memory');
+        if (memoryDir && limits.memoryBytes !== null) {
+          await writeFile(path.join(memoryDir, 'memory.limit_in_bytes'), String(limits.memoryBytes));
+          const memsw = path.join(memoryDir, 'memory.memsw.limit_in_bytes');
+          if (await exists(memsw)) await writeFile(memsw, String(limits.memoryBytes));
+        }
+        const cpuDir = dirs.get('cpu');
+        if (cpuDir && limits.cpus !== null) {
+          await writeFile(path.join(cpuDir, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
+          await writeFile(
+            path.join(cpuDir, 'cpu.cfs_quota_us'),
+            String(Math.round(limits.cpus * CPU_PERIOD_US)),
+          );
+        }
+        const pidsDir = dirs.get('pids');
+        if (pidsDir && limits.pids !== null)
+          await writeFile(path.join(pidsDir, 'pids.max'), String(limits.pids));
+      } catch (error) {
+        throw unavailable([...dirs.values()][0] ?? 'cgroup v1', error);
+      }
+      return v1Sandbox(dirs);
+    },
+    close: async () => {
+      for (const root of new Set(roots.values())) await sweep(root, async () => {});
+    },
+  };
+}
+
+async function killV1(freezerDir: string): Promise<void> {
+  await writeFile(path.join(freezerDir, 'freezer.state'), 'FROZEN').catch(() => {});
+  for (let i = 0; i < 100; i++) {
+    const state = await readFile(path.join(freezerDir, 'freezer.state'), 'utf8').catch(() => 'FROZEN');
+    if (state.trim() === 'FROZEN') break;
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+  signalAll(await procsOf(freezerDir), 'SIGKILL');
+  await writeFile(path.join(freezerDir, 'freezer.state'), 'THAWED').catch(() => {});
+}
+
+function v1Sandbox(dirs: Map<string, string>): StepSandbox {
+  const unique = [...new Set(dirs.values())];
+  const any = dirs.get('freezer') ?? dirs.get('memory') ?? (unique[0] as string);
+  const killAll = async (): Promise<void> => {
+    const freezer = dirs.get('freezer');
+    if (freezer) await killV1(freezer);
+    else signalAll(await procsOf(any), 'SIGKILL');
+    for (let i = 0; i < 100 && (await procsOf(any)).length > 0; i++)
+      await new Promise((resolve) => setTimeout(resolve, 10));
+  };
+  return {
+    join: async (pid) => {
+      for (const dir of unique) await writeFile(path.join(dir, 'cgroup.procs'), String(pid));
+    },
+    signal: async (signal) => (signal === 'SIGKILL' ? killAll() : signalAll(await procsOf(any), signal)),
+    close: async () => {
+      await killAll();
+      const memory = dirs.get('memory');
+      const cpuacct = dirs.get('cpuacct');
+      const [peak, oomKills, usageNs] = await Promise.all([
+        memory ? readNumber(path.join(memory, 'memory.max_usage_in_bytes')) : null,
+        memory ? readKeyed(path.join(memory, 'memory.oom_control'), 'oom_kill') : null,
+        cpuacct ? readNumber(path.join(cpuacct, 'cpuacct.usage')) : null,
+      ]);
+      for (const dir of unique) await removeCgroup(dir);
+      return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6);
+    },
+  };
+}

@@ -1,0 +1,92 @@
+import { readFile } from 'node:fs/promises';
+import path from 'node:path';
+
+/** The v1 controllers the worker uses (cpu and cpuacct may share a mount or not). */
+export const V1_CONTROLLERS = ['memory', 'cpu', 'cpuacct', 'pids', 'freezer'] as const;
+export type V1Controller = (typeof V1_CONTROLLERS)[number];
+
+/** Where this process's cgroups are, per hierarchy. */
+export interface CgroupLayout {
+  /** The cgroup2 directory of this process, when a cgroup2 hierarchy is mounted. */
+  readonly unified: string | undefined;
+  /** The v1 directory of this process for each v1 controller that is mounted. */
+  readonly v1: Partial<Record<V1Controller, string>>;
+}
+
+interface Mount {
+  readonly root: string;
+  readonly mountPoint: string;
+  readonly fsType: string;
+  readonly superOptions: readonly string[];
+}
+
+// /proc/self/mountinfo: "36 35 98:0 /root /mount/point rw,opts [optional fields] - fstype source superopts".
+// Paths escape spaces and the like as octal (\040).
+function parseMountinfo(text: string): Mount[] {
+  const unescape = (value: string): string =>
+    value.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
+  const mounts: Mount[] = [];
+  for (const line of text.split('\n')) {
+    const [before, after] = line.split(' - ');
+    if (!before || !after) continue;
+    const fields = before.split(' ');
+    const [fsType, , superOpts] = after.split(' ');
+    if (fields.length < 5 || !fsType) continue;
+    mounts.push({
+      root: unescape(fields[3] as string),
+      mountPoint: unescape(fields[4] as string),
+      fsType,
+      superOptions: (superOpts ?? '').split(','),
+    });
+  }
+  return mounts;
+}
+
+// /proc/self/cgroup: "4:memory:/path" (v1, controllers comma-separated) and "0::/path" (v2).
+function parseProcCgroup(text: string): { v2: string | undefined; v1: Map<string, string> } {
+  const v1 = new Map<string, string>();
+  let v2: string | undefined;
+  for (const line of text.split('\n')) {
+    const match = /^(\d+):([^:]*):(.*)$/.exec(line.trim());
+    if (!match) continue;
+    const [, id, controllers, cgroupPath] = match as unknown as [string, string, string, string];
+    if (id === '0' && controllers === '') v2 = cgroupPath;
+    else for (const controller of controllers.split(',')) v1.set(controller, cgroupPath);
+  }
+  return { v2, v1 };
+}
+
+// A process's cgroup path is relative to the hierarchy's root; a mount may show only a subtree (containers
+// without a cgroup namespace mount their own cgroup as the root). Map the path onto the mount.
+function directoryIn(mount: Mount, cgroupPath: string): string {
+  const relative =
+    mount.root === '/'
+      ? cgroupPath
+      : cgroupPath.startsWith(mount.root)
+        ? cgroupPath.slice(mount.root.length)
+        : '/';
+  return path.join(mount.mountPoint, relative);
+}
+
+/** Works out the layout from the texts of /proc/self/mountinfo and /proc/self/cgroup (pure, for tests). */
+export function layoutFrom(mountinfo: string, procCgroup: string): CgroupLayout {
+  const mounts = parseMountinfo(mountinfo);
+  const own = parseProcCgroup(procCgroup);
+  const unifiedMount = mounts.find((m) => m.fsType === 'cgroup2');
+  const unified = unifiedMount && own.v2 !== undefined ? directoryIn(unifiedMount, own.v2) : undefined;
+  const v1: Partial<Record<V1Controller, string>> = {};
+  for (const controller of V1_CONTROLLERS) {
+    const mount = mounts.find((m) => m.fsType === 'cgroup' && m.superOptions.includes(controller));
+    const cgroupPath = own.v1.get(controller);
+    if (mount && cgroupPath !== undefined) v1[controller] = directoryIn(mount, cgroupPath);
+  }
+  return { unified, v1 };
+}
+
+export async function detectLayout(procRoot = '/proc'): Promise<CgroupLayout> {
+  const [mountinfo, procCgroup] = await Promise.all([
+    readFile(path.join(procRoot, 'self/mountinfo'), 'utf8').catch(() => ''),
+    readFile(path.join(procRoot, 'self/cgroup'), 'utf8').catch(() => ''),
+  ]);
+  return layoutFrom(mountinfo, procCgroup);
+}

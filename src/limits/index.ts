@@ -1,0 +1,100 @@
+import { readFile } from 'node:fs/promises';
+import { ErrorCode, WorkerError } from '../errors.js';
+import type { RequestedLimits } from '../job-spec.js';
+import { formatBytes } from '../units.js';
+import { type EffectiveLimits, type JobCgroups, openCgroupV1, openCgroupV2 } from './cgroup.js';
+import { type CgroupLayout, detectLayout } from './detect.js';
+
+export type { EffectiveLimits, JobCgroups } from './cgroup.js';
+
+export type LimitsPolicy = 'auto' | 'required' | 'optional' | 'off';
+
+/** The worker's limit settings: defaults for every job and ceilings no job may exceed. */
+export interface LimitSettings {
+  readonly policy: LimitsPolicy;
+  readonly defaults: RequestedLimits;
+  readonly ceilings: RequestedLimits;
+}
+
+/**
+ * The limits a job gets: what it asks for, else the worker's default. A request above a ceiling is refused
+ * (LIMIT_ABOVE_CEILING), never silently lowered.
+ */
+export function effectiveLimits(requested: RequestedLimits, settings: LimitSettings): EffectiveLimits {
+  const problems: string[] = [];
+  const pick = (key: keyof RequestedLimits, show: (n: number) => string): number | null => {
+    const value = requested[key] ?? settings.defaults[key];
+    const ceiling = settings.ceilings[key];
+    if (value !== undefined && ceiling !== undefined && value > ceiling) {
+      const what = requested[key] !== undefined ? 'asks for' : 'defaults to';
+      problems.push(
+        `limits.${key === 'memoryBytes' ? 'memory' : key} ${what} ${show(value)}, above the worker's ceiling of ${show(ceiling)}`,
+      );
+    }
+    return value ?? null;
+  };
+  const limits = {
+    cpus: pick('cpus', String),
+    memoryBytes: pick('memoryBytes', formatBytes),
+    pids: pick('pids', String),
+  };
+  if (problems.length > 0) {
+    throw new WorkerError(
+      ErrorCode.LIMIT_ABOVE_CEILING,
+      `The job's limits are refused: ${problems.join('; ')}`,
+      { problems },
+    );
+  }
+  return limits;
+}
+
+export interface JobLimits {
+  readonly mode: 'cgroup1' | 'cgroup2' | 'none';
+  readonly limits: EffectiveLimits;
+  /** Why no cgroup applies, where none does. */
+  readonly reason?: string;
+  readonly cgroups?: JobCgroups;
+}
+
+const NONE: EffectiveLimits = { cpus: null, memoryBytes: null, pids: null };
+
+/**
+ * Sets up the cgroups of a job: cgroup v2 where the worker's own cgroup is on a unified hierarchy with
+ * controllers, else v1. With policy `required` (or `auto` with any limit in play) a host where cgroups cannot be
+ * used refuses the job (LIMITS_UNAVAILABLE, naming the fix); otherwise the job runs without, and says why.
+ */
+export async function openJobLimits(
+  requested: RequestedLimits,
+  settings: LimitSettings,
+  name: string,
+  layout?: CgroupLayout,
+): Promise<JobLimits> {
+  const limits = effectiveLimits(requested, settings);
+  if (settings.policy === 'off')
+    return { mode: 'none', limits: NONE, reason: 'limits are off (--limits off)' };
+  const anyLimit = limits.cpus !== null || limits.memoryBytes !== null || limits.pids !== null;
+  const required = settings.policy === 'required' || (settings.policy === 'auto' && anyLimit);
+  try {
+    const found = layout ?? (await detectLayout());
+    const cgroups = await open(found, name, limits);
+    return { mode: cgroups.mode, limits, cgroups };
+  } catch (error) {
+    if (required) throw error;
+    const reason = error instanceof WorkerError ? error.message : String(error);
+    return { mode: 'none', limits: NONE, reason };
+  }
+}
+
+async function open(layout: CgroupLayout, name: string, limits: EffectiveLimits): Promise<JobCgroups> {
+  if (layout.unified) {
+    const controllers = await readFile(`${layout.unified}/cgroup.controllers`, 'utf8').catch(() => '');
+    // Hybrid hosts mount a cgroup2 next to v1 with few or no controllers: use it only if it has ours.
+    const usable = /\b(memory|cpu|pids)\b/.test(controllers);
+    if (usable || Object.keys(layout.v1).length === 0) return openCgroupV2(layout.unified, name, limits);
+  }
+  if (Object.keys(layout.v1).length > 0) return openCgroupV1(layout, name, limits);
+  throw new WorkerError(
+    ErrorCode.LIMITS_UNAVAILABLE,
+    'no cgroup hierarchy is mounted (none in /proc/self/mountinfo)',
+  );
+}
