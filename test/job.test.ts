@@ -50,13 +50,13 @@ describe('runJob', () => {
       attempt: 1,
     });
     expect(await manifestOf(jobs, 'j1')).toEqual(manifest);
-    expect(manifest.worker).toEqual({ id: 'test-worker', host: 'test-host', version: '0.0.0-test' });
+    expect(manifest.worker).toEqual({ id: config.workerId, host: 'test-host', version: '0.0.0-test' });
     expect(manifest.steps.map((s) => [s.index, s.name, s.status, s.exitCode, s.log])).toEqual([
       [0, 'step 0', 'success', 0, 'step_0.log'],
       [1, 'env', 'success', 0, 'step_1.log'],
     ]);
     expect(await readFile(path.join(jobs, 'j1/results/step_1.log'), 'utf8')).toBe(
-      'j1 1 test-worker 1 env j s\n',
+      `j1 1 ${config.workerId} 1 env j s\n`,
     );
     expect(manifest.artifacts.map((a) => a.path)).toEqual(['output.txt']);
     expect(manifest.durationMs).toBeGreaterThanOrEqual(0);

@@ -23,7 +23,7 @@ interface Mount {
 // /proc/self/mountinfo: "36 35 98:0 /root /mount/point rw,opts [optional fields] - fstype source superopts".
 // Paths escape spaces and the like as octal (\040).
 function parseMountinfo(text: string): Mount[] {
-  const unescape = (value: string): string =>
+  const decode = (value: string): string =>
     value.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
   const mounts: Mount[] = [];
   for (const line of text.split('\n')) {
@@ -33,8 +33,8 @@ function parseMountinfo(text: string): Mount[] {
     const [fsType, , superOpts] = after.split(' ');
     if (fields.length < 5 || !fsType) continue;
     mounts.push({
-      root: unescape(fields[3] as string),
-      mountPoint: unescape(fields[4] as string),
+      root: decode(fields[3] as string),
+      mountPoint: decode(fields[4] as string),
       fsType,
       superOptions: (superOpts ?? '').split(','),
     });
@@ -65,7 +65,7 @@ function directoryIn(mount: Mount, cgroupPath: string): string {
       : cgroupPath.startsWith(mount.root)
         ? cgroupPath.slice(mount.root.length)
         : '/';
-  return path.join(mount.mountPoint, relative);
+  return path.resolve(mount.mountPoint, `.${relative}`);
 }
 
 /** Works out the layout from the texts of /proc/self/mountinfo and /proc/self/cgroup (pure, for tests). */

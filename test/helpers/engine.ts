@@ -15,7 +15,7 @@ export async function engineFixture(
   const config: EngineConfig = {
     jobsDir: jobs,
     workspacesDir: workspaces,
-    workerId: 'test-worker',
+    workerId: `test-worker-${Math.random().toString(36).slice(2, 8)}`,
     hostname: 'test-host',
     version: '0.0.0-test',
     killGraceMs: 500,
