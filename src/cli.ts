@@ -24,8 +24,12 @@ function stepBaseEnv(env: NodeJS.ProcessEnv): Record<string, string> {
   return out;
 }
 
-function engineConfig(options: Options, env: NodeJS.ProcessEnv): EngineConfig {
+async function engineConfig(options: Options, env: NodeJS.ProcessEnv): Promise<EngineConfig> {
+  const runAs = options.runAs
+    ? await (await import('./run-as.js')).resolveRunAs(options.runAs, process.getuid?.() === 0)
+    : undefined;
   return {
+    ...(runAs ? { runAs } : {}),
     jobsDir: options.jobsDir,
     workspacesDir: options.workspacesDir,
     workerId: options.id,
@@ -97,7 +101,7 @@ async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> 
   try {
     const outcome = await dryRun({
       payloadFile: path.resolve(payloadFile),
-      config: { ...engineConfig(options, process.env), createJobsDir: true },
+      config: { ...(await engineConfig(options, process.env)), createJobsDir: true },
       log,
       signal: interrupt.signal,
     });
@@ -130,7 +134,7 @@ async function runBrokerWorker(flags: OptionFlags): Promise<number> {
   try {
     const outcome = await runWorker({
       options,
-      config: engineConfig(options, process.env),
+      config: await engineConfig(options, process.env),
       identity: selfIdentity(options.id, hostname(), process.pid),
       log,
       signal: interrupt.signal,

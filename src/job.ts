@@ -1,5 +1,5 @@
 import { constants } from 'node:fs';
-import { open, readdir, rm } from 'node:fs/promises';
+import { lchown, open, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, toErrorInfo, WorkerError } from './errors.js';
 import {
@@ -15,6 +15,7 @@ import type { Logger } from './log.js';
 import { ensureResultsDir, type JobPaths, resolveJobPaths } from './paths.js';
 import { type Manifest, type StepRecord, writeManifest } from './report.js';
 import { runStep, type StepOutcome, type StopReason } from './run.js';
+import { type RunAsUser, setprivArgs } from './run-as.js';
 import { createWorkspace, purgeWorkspace, type SkippedEntry, stageJob } from './stage.js';
 import { type Artifact, syncResults } from './sync.js';
 import { formatBytes, formatDuration } from './units.js';
@@ -34,6 +35,8 @@ export interface EngineConfig {
   readonly createJobsDir?: boolean;
   /** Limit defaults, ceilings and policy; absent: no cgroups at all (limits off). */
   readonly limits?: LimitSettings;
+  /** Run steps as this user (the workspace is handed to it); absent: as the worker. */
+  readonly runAs?: RunAsUser;
 }
 
 export type JobEvent =
@@ -123,6 +126,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     const stagingStarted = now();
     workspace = await createWorkspace(config.workspacesDir, config.workerId, request.id);
     const staged = await stageJob(paths.jobDir, workspace);
+    if (config.runAs) await chownTree(workspace, config.runAs);
     manifest.phases.stagingMs = now() - stagingStarted;
     log.info(
       `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${formatDuration(manifest.phases.stagingMs)}`,
@@ -313,7 +317,18 @@ export function stepEnv(
     JOB_WORKER_ID: config.workerId,
     JOB_STEP_INDEX: String(step.index),
     JOB_STEP_NAME: step.name,
+    ...(config.runAs ? { HOME: config.runAs.home, USER: config.runAs.name, LOGNAME: config.runAs.name } : {}),
   };
+}
+
+/** Hands the staged workspace to the user steps run as (links themselves, never their targets). */
+async function chownTree(dir: string, user: RunAsUser): Promise<void> {
+  await lchown(dir, user.uid, user.gid);
+  for (const entry of await readdir(dir, { withFileTypes: true })) {
+    const full = path.join(dir, entry.name);
+    if (entry.isDirectory()) await chownTree(full, user);
+    else await lchown(full, user.uid, user.gid);
+  }
 }
 
 interface StepsOutcome {
@@ -356,6 +371,7 @@ async function runSteps(
       killGraceMs: config.killGraceMs,
       ...(run.signal ? { signal: run.signal } : {}),
       ...(limits.cgroups ? { sandbox: await limits.cgroups.step(step.index) } : {}),
+      ...(config.runAs ? { setpriv: setprivArgs(config.runAs) } : {}),
     });
     if (result.stoppedFor === 'interrupted') throw new JobInterrupted();
     const ended = now();

@@ -45,6 +45,8 @@ export interface Options {
   readonly maxMemoryBytes: number | undefined;
   readonly maxPids: number | undefined;
   readonly limits: 'auto' | 'required' | 'optional' | 'off';
+  /** Run steps as this user (the worker must be root). */
+  readonly runAs: string | undefined;
 }
 
 /** What the command line gave (commander's parsed flags, by option key): strings and booleans, all optional. */
@@ -320,6 +322,13 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     env: 'MQTT_LIMITS',
     description: 'required, optional or off; auto: required when any limit is set or asked for',
     kind: { type: 'choice', fallback: 'auto', choices: ['auto', 'required', 'optional', 'off'] },
+  },
+  {
+    key: 'runAs',
+    flags: '--run-as <user>',
+    env: 'MQTT_RUN_AS',
+    description: 'run steps as this user, with its groups and HOME (the worker must be root)',
+    kind: { type: 'optional' },
   },
   {
     key: 'logFormat',

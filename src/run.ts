@@ -42,8 +42,8 @@ export interface RunStepInput {
   /** Aborting stops the step; the abort reason (a StopReason) becomes the outcome. */
   readonly signal?: AbortSignal;
   readonly sandbox?: StepSandbox;
-  /** Run as this uid/gid (with these supplementary groups); the worker must be root. */
-  readonly user?: { readonly uid: number; readonly gid: number };
+  /** setpriv arguments: the gate drops to this user (after joining the sandbox, which needs root). */
+  readonly setpriv?: readonly string[];
 }
 
 export interface StepOutcome {
@@ -62,6 +62,8 @@ export interface StepOutcome {
 // The gate: wait for one line on stdin (sent once the step is inside its cgroup), then give the step an empty
 // stdin, merge stderr into stdout (one pipe keeps the two in order) and exec the command, keeping the same pid.
 const GATE = 'IFS= read -r _ || exit 125; exec </dev/null 2>&1; exec /bin/sh -c "$1"';
+const GATE_AS =
+  'IFS= read -r _ || exit 125; exec </dev/null 2>&1; cmd=$1; shift; exec setpriv "$@" -- /bin/sh -c "$cmd"';
 // After the step's main process exits and its tree is killed, how long to wait for the output pipe to drain.
 const DRAIN_AFTER_EXIT_MS = 2000;
 
@@ -84,7 +86,10 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
  */
 export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   const sink = await LogSink.create(input.logFile, input.maxLogBytes);
-  const subprocess = execa('/bin/sh', ['-c', GATE, 'mqtt-fs-worker-step', input.command], {
+  const gate = input.setpriv
+    ? ['-c', GATE_AS, 'mqtt-fs-worker-step', input.command, ...input.setpriv]
+    : ['-c', GATE, 'mqtt-fs-worker-step', input.command];
+  const subprocess = execa('/bin/sh', gate, {
     cwd: input.cwd,
     env: input.env,
     extendEnv: false,
@@ -94,7 +99,6 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     reject: false,
     cleanup: true,
     encoding: 'buffer',
-    ...(input.user ? { uid: input.user.uid, gid: input.user.gid } : {}),
   });
   const pid = subprocess.pid;
   const output = subprocess.stdout ? pipeline(subprocess.stdout, sink) : Promise.resolve();

@@ -1,6 +1,6 @@
 import { spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { runJob } from '../src/job.js';
@@ -357,5 +357,48 @@ describe.skipIf(!hasV1)('steps in real cgroup v1', () => {
     await runJob(config, job('j'));
     expect(existsSync(stale)).toBe(false);
     expect(await leftovers(config.workerId)).toEqual([]);
+  });
+});
+
+describe.skipIf(process.getuid?.() !== 0)('--run-as', () => {
+  it('runs steps as another user with its groups and HOME, in a workspace it owns, inside the cgroup', async () => {
+    const { resolveRunAs } = await import('../src/run-as.js');
+    const user = await resolveRunAs('nobody', true);
+    const { jobs, workspaces, config } = await engineFixture({
+      runAs: user,
+      limits: { policy: 'auto', defaults: {}, ceilings: {} },
+    });
+    // The user must be able to reach its workspace: temp folders are 0700.
+    for (let dir = workspaces; dir !== path.dirname(dir) && dir.startsWith('/tmp/'); dir = path.dirname(dir))
+      await chmod(dir, 0o755);
+    await writeTree(jobs, {
+      'j/job.json': JSON.stringify({
+        steps: ['echo "$(id -u):$(id -g):$(id -G):$HOME:$USER" > who.txt; echo more >> input.txt'],
+      }),
+      'j/input.txt': 'in\n',
+    });
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: undefined },
+      attempt: 1,
+      log: silentLogger,
+    });
+    expect(manifest.status, JSON.stringify(manifest.steps)).toBe('success');
+    expect(await readFile(path.join(jobs, 'j/results/who.txt'), 'utf8')).toBe(
+      `${user.uid}:${user.gid}:${user.groups.join(' ')}:${user.home}:nobody\n`,
+    );
+    expect(await readFile(path.join(jobs, 'j/results/input.txt'), 'utf8')).toBe('in\nmore\n');
+    expect(manifest.steps[0]?.peakMemoryBytes).toEqual(hasV1 ? expect.any(Number) : null);
+  });
+
+  it('refuses an unknown user and a worker that is not root', async () => {
+    const { resolveRunAs } = await import('../src/run-as.js');
+    await expect(resolveRunAs('no-such-user-xyz', true)).rejects.toMatchObject({
+      code: 'INVALID_OPTION',
+      message: expect.stringContaining('no user'),
+    });
+    await expect(resolveRunAs('nobody', false)).rejects.toMatchObject({
+      code: 'INVALID_OPTION',
+      message: expect.stringContaining('must run as root'),
+    });
   });
 });
