@@ -134,8 +134,9 @@ export function redactUrl(url: string): string {
  */
 export async function connectBroker(input: ConnectInput): Promise<MqttClient> {
   const options = await clientOptions(input);
-  const { connect } = await import('mqtt');
-  const client = connect(input.settings.url, options);
+  // The default export: mqtt is CommonJS, and a bundled ES module sees only module.exports as `default`.
+  const { default: mqtt } = await import('mqtt');
+  const client = mqtt.connect(input.settings.url, options);
   input.onClient?.(client);
   return new Promise<MqttClient>((resolve, reject) => {
     const timer = setTimeout(

@@ -11,7 +11,12 @@ import { parseDuration } from './units.js';
 // The only module that touches the process: argv, env, stdout/stderr, signals and exit codes. Each command's
 // modules are imported when that command runs, so `--version` and `--help` load almost nothing.
 
-const VERSION: string = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version;
+// The bundle (scripts/bundle.mjs) has the version built in; the plain tsc build reads it from package.json.
+declare const __MFW_VERSION__: string | undefined;
+const VERSION: string =
+  typeof __MFW_VERSION__ === 'string'
+    ? __MFW_VERSION__
+    : JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version;
 
 /** Variables of the worker's own configuration; steps never see them (the broker password among them). */
 const WORKER_ONLY_ENV = /^(MQTT_|WORKER_ID$)/;
