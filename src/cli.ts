@@ -1,10 +1,12 @@
 import { readFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { Command, Option } from 'commander';
 import { ErrorCode, ExitCode, isWorkerError, WorkerError } from './errors.js';
 import type { EngineConfig } from './job.js';
 import { createLogger, type Logger } from './log.js';
+import { maskText } from './mask.js';
 import { OPTION_DEFS, type OptionFlags, type Options, resolveOptions } from './options.js';
 import { parseDuration } from './units.js';
 
@@ -43,6 +45,7 @@ async function engineConfig(options: Options, env: NodeJS.ProcessEnv): Promise<E
     killGraceMs: options.killGraceMs,
     maxLogBytes: options.maxLogBytes,
     baseEnv: stepBaseEnv(env),
+    mask: maskedValues(options),
     limits: {
       policy: options.limits,
       defaults: { cpus: options.cpus, memoryBytes: options.memoryBytes, pids: options.pids },
@@ -51,18 +54,39 @@ async function engineConfig(options: Options, env: NodeJS.ProcessEnv): Promise<E
   };
 }
 
-function resolve(flags: OptionFlags): Options {
-  return resolveOptions(flags, process.env, { cwd: process.cwd(), hostname: hostname() });
+async function resolve(flags: OptionFlags): Promise<Options> {
+  const options = resolveOptions(flags, process.env, { cwd: process.cwd(), hostname: hostname() });
+  return options.secretFile ? Object.freeze({ ...options, secret: await sharedSecret(options) }) : options;
 }
 
-function logger(options: Pick<Options, 'logFormat' | 'password'>): Logger {
-  const secret = options.password;
+/** Values never to print: the broker password, the shared secret, `--mask`. */
+function maskedValues(options: Pick<Options, 'password' | 'secret' | 'mask'>): string[] {
+  return [options.password, options.secret, ...options.mask].filter(
+    (v): v is string => v !== undefined && v !== '',
+  );
+}
+
+function logger(options: Pick<Options, 'logFormat' | 'password' | 'secret' | 'mask'>): Logger {
+  const secrets = maskedValues(options).sort((a, b) => b.length - a.length);
   return createLogger({
     format: options.logFormat,
     level: 'info',
     write: (line) => process.stderr.write(line),
-    ...(secret ? { redact: (line: string) => line.split(secret).join('***') } : {}),
+    ...(secrets.length > 0 ? { redact: (line: string) => maskText(line, secrets) } : {}),
   });
+}
+
+/** The shared secret, from --secret or --secret-file. */
+async function sharedSecret(options: Options): Promise<string | undefined> {
+  if (!options.secretFile) return options.secret;
+  try {
+    return (await readFile(options.secretFile, 'utf8')).replace(/\r?\n$/, '');
+  } catch (error) {
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--secret-file: cannot read ${options.secretFile}: ${(error as NodeJS.ErrnoException).code}`,
+    );
+  }
 }
 
 function signalExitCode(name: NodeJS.Signals, signals: Record<string, number>): number {
@@ -94,7 +118,7 @@ function interruptOnSignals(): {
 }
 
 async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> {
-  const options = resolve(flags);
+  const options = await resolve(flags);
   const [{ dryRun }, { toResultPayload }, { JobInterrupted }, { constants }] = await Promise.all([
     import('./dry-run.js'),
     import('./report.js'),
@@ -128,7 +152,7 @@ async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> 
 }
 
 async function runBrokerWorker(flags: OptionFlags): Promise<number> {
-  const options = resolve(flags);
+  const options = await resolve(flags);
   const [{ runWorker }, { selfIdentity }, { constants }] = await Promise.all([
     import('./worker.js'),
     import('./claim.js'),
@@ -141,6 +165,11 @@ async function runBrokerWorker(flags: OptionFlags): Promise<number> {
       options,
       config: await engineConfig(options, process.env),
       identity: selfIdentity(options.id, hostname(), process.pid),
+      requestPolicy: {
+        ...(options.secret ? { secret: options.secret } : {}),
+        maxAgeMs: options.maxAgeMs,
+        allowSteps: !options.noPayloadSteps,
+      },
       log,
       signal: interrupt.signal,
     });
@@ -202,7 +231,7 @@ function parseStepsFlag(steps: string[] | undefined): unknown[] | undefined {
 }
 
 async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlags): Promise<number> {
-  const options = resolve(flags);
+  const options = await resolve(flags);
   const timeoutMs = parseDuration(submitFlags.timeout ?? '1h');
   if (timeoutMs === undefined) {
     throw new WorkerError(
@@ -214,6 +243,7 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
   const log = logger(options);
   const outcome = await submit({
     settings: options,
+    ...(options.secret ? { secret: options.secret } : {}),
     id,
     steps: parseStepsFlag(submitFlags.steps) as never,
     topic: options.topic,
@@ -236,7 +266,7 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
 }
 
 async function runDrain(quiet: string | undefined, flags: OptionFlags): Promise<number> {
-  const options = resolve(flags);
+  const options = await resolve(flags);
   const quietMs = parseDuration(quiet ?? '3s');
   if (quietMs === undefined)
     throw new WorkerError(
@@ -274,6 +304,11 @@ function buildProgram(run: (action: () => Promise<number>) => void): Command {
   const flagsOf = (parsed: Record<string, unknown>): OptionFlags => {
     const flags: OptionFlags = {};
     for (const [attribute, value] of Object.entries(parsed)) {
+      // commander turns --no-payload-steps into payloadSteps (default true): only an explicit flag counts.
+      if (attribute === 'payloadSteps') {
+        if (value === false) flags.noPayloadSteps = true;
+        continue;
+      }
       const key = keyOf.get(attribute);
       if (key && (typeof value === 'string' || typeof value === 'boolean')) flags[key] = value;
     }

@@ -2,6 +2,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { describeValue, ErrorCode, WorkerError } from './errors.js';
 import { idProblem } from './paths.js';
+import { signatureProblem } from './signing.js';
 import { parseDuration, parseSizeValue } from './units.js';
 
 /** A step as the engine runs it: every default applied. */
@@ -230,11 +231,23 @@ export type RequestParse =
 
 const MAX_PAYLOAD_PROBLEMS = 20;
 
+export interface RequestPolicy {
+  /** Largest accepted request. */
+  readonly maxBytes?: number;
+  /** Shared secret: every request must carry a valid signature (signing.ts). */
+  readonly secret?: string;
+  readonly maxAgeMs?: number;
+  readonly nowMs?: number;
+  /** False: a request may not carry its own steps (only `job.json`'s run). */
+  readonly allowSteps?: boolean;
+}
+
 /**
  * Validates a request message. Never throws: a rejected request still says which id it named when that id is
- * usable, so that an `error` result can be published for it.
+ * usable (and, with a secret, signed), so that an `error` result can be published for it.
  */
-export function parseRequest(payload: Buffer | string, maxBytes = 256 * 1024): RequestParse {
+export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {}): RequestParse {
+  const maxBytes = policy.maxBytes ?? 256 * 1024;
   const reject = (code: ErrorCode, message: string, id?: string, problems?: string[]): RequestParse => ({
     ok: false,
     id,
@@ -258,10 +271,27 @@ export function parseRequest(payload: Buffer | string, maxBytes = 256 * 1024): R
     );
   }
   const record = json as Record<string, unknown>;
+  if (policy.secret !== undefined) {
+    const problem = signatureProblem(
+      record,
+      policy.secret,
+      policy.maxAgeMs ?? 300_000,
+      policy.nowMs ?? Date.now(),
+    );
+    // An unverified id is not used: no result is published for it, so a forger cannot speak for a real job.
+    if (problem) return reject(ErrorCode.INVALID_SIGNATURE, `Request rejected: ${problem}`);
+  }
   const badId = idProblem(record.id);
   if (badId) return reject(ErrorCode.INVALID_ID, `Request rejected: ${badId}`);
   const id = record.id as string;
   if (record.steps === undefined) return { ok: true, request: { id, steps: undefined } };
+  if (policy.allowSteps === false) {
+    return reject(
+      ErrorCode.INVALID_PAYLOAD,
+      'Request rejected: it carries its own steps, and this worker runs only job.json (--no-payload-steps)',
+      id,
+    );
+  }
   const steps = stepList.safeParse(record.steps);
   if (!steps.success) {
     const problems = formatIssues(steps.error, 'steps').slice(0, MAX_PAYLOAD_PROBLEMS);

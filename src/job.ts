@@ -12,6 +12,7 @@ import {
 } from './job-spec.js';
 import { type JobLimits, type LimitSettings, openJobLimits } from './limits/index.js';
 import type { Logger } from './log.js';
+import { secretValues } from './mask.js';
 import { ensureResultsDir, type JobPaths, resolveJobPaths } from './paths.js';
 import { type Manifest, type StepRecord, writeManifest } from './report.js';
 import { runStep, type StepOutcome, type StopReason } from './run.js';
@@ -37,6 +38,8 @@ export interface EngineConfig {
   readonly limits?: LimitSettings;
   /** Run steps as this user (the workspace is handed to it); absent: as the worker. */
   readonly runAs?: RunAsUser;
+  /** Values masked in step logs besides those of secret-looking variables (the broker password, `--mask`). */
+  readonly mask?: readonly string[];
 }
 
 export type JobEvent =
@@ -361,10 +364,12 @@ async function runSteps(
     record.log = logName;
     emit({ type: 'step-started', step: step.index, name: step.name });
     run.log.info(`step ${step.index} started: ${step.name}`);
+    const env = stepEnv(config, run, spec, step, workspace, paths.resultsDir);
     const result: StepOutcome = await runStep({
       command: step.run,
       cwd: workspace,
-      env: stepEnv(config, run, spec, step, workspace, paths.resultsDir),
+      env,
+      secrets: secretValues(env, config.mask),
       logFile: path.join(paths.resultsDir, logName),
       maxLogBytes: config.maxLogBytes,
       timeoutMs,

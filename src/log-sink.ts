@@ -1,6 +1,7 @@
 import { constants } from 'node:fs';
 import { type FileHandle, open, unlink } from 'node:fs/promises';
 import { Writable } from 'node:stream';
+import type { StreamMasker } from './mask.js';
 import { formatBytes } from './units.js';
 
 const CREATE_FLAGS = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
@@ -29,24 +30,35 @@ export class LogSink extends Writable {
   truncated = false;
   readonly #handle: FileHandle;
   readonly #maxBytes: number;
+  readonly #masker: StreamMasker | undefined;
 
-  constructor(handle: FileHandle, maxBytes: number) {
+  constructor(handle: FileHandle, maxBytes: number, masker?: StreamMasker) {
     super({ highWaterMark: 1024 * 1024 });
     this.#handle = handle;
     this.#maxBytes = maxBytes;
+    this.#masker = masker?.active ? masker : undefined;
   }
 
-  static async create(file: string, maxBytes: number): Promise<LogSink> {
-    return new LogSink(await createFresh(file), maxBytes);
+  static async create(file: string, maxBytes: number, masker?: StreamMasker): Promise<LogSink> {
+    return new LogSink(await createFresh(file), maxBytes, masker);
   }
 
   override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
-    const buffers: Buffer[] = [];
-    for (const { chunk } of chunks) {
+    const masked = chunks.map(({ chunk }) => {
       this.received += chunk.length;
+      return this.#masker ? this.#masker.push(chunk) : chunk;
+    });
+    this.#write(masked, callback);
+  }
+
+  /** Writes (masked) chunks up to the cap. */
+  #write(chunks: Buffer[], callback: (error?: Error | null) => void): void {
+    const buffers: Buffer[] = [];
+    for (const chunk of chunks) {
       const room = this.#maxBytes - this.written;
       if (room <= 0) {
-        this.truncated = true;
+        if (!this.truncated && chunk.length > 0) buffers.push(this.#marker());
+        this.truncated ||= chunk.length > 0;
         continue;
       }
       const part = chunk.length > room ? chunk.subarray(0, room) : chunk;
@@ -66,7 +78,12 @@ export class LogSink extends Writable {
   }
 
   override _final(callback: (error?: Error | null) => void): void {
-    this.#handle.close().then(() => callback(), callback);
+    const rest = this.#masker?.end();
+    const close = (error?: Error | null): void => {
+      this.#handle.close().then(() => callback(error), callback);
+    };
+    if (rest && rest.length > 0) this.#write([rest], close);
+    else close();
   }
 
   override _destroy(error: Error | null, callback: (error?: Error | null) => void): void {

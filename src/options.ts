@@ -47,6 +47,15 @@ export interface Options {
   readonly limits: 'auto' | 'required' | 'optional' | 'off';
   /** Run steps as this user (the worker must be root). */
   readonly runAs: string | undefined;
+  /** Values masked as `***` in step logs and the worker's log. */
+  readonly mask: readonly string[];
+  /** Shared secret for signed requests (or a file holding it); undefined: requests are not signed. */
+  readonly secret: string | undefined;
+  readonly secretFile: string | undefined;
+  /** A signed request older than this is refused. */
+  readonly maxAgeMs: number;
+  /** Refuse requests that carry their own steps. */
+  readonly noPayloadSteps: boolean;
 }
 
 /** What the command line gave (commander's parsed flags, by option key): strings and booleans, all optional. */
@@ -62,7 +71,8 @@ type Kind =
   | { type: 'choice'; fallback: string; choices: readonly string[] }
   | { type: 'dir'; fallback: string }
   | { type: 'topic'; fallback: string; filter?: boolean }
-  | { type: 'limit'; parse: (value: string) => number | undefined; expected: string };
+  | { type: 'limit'; parse: (value: string) => number | undefined; expected: string }
+  | { type: 'list' };
 
 export interface OptionDef {
   readonly key: keyof Options;
@@ -331,6 +341,43 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     kind: { type: 'optional' },
   },
   {
+    key: 'mask',
+    flags: '--mask <values>',
+    env: 'MQTT_MASK',
+    description: 'comma-separated values to mask as *** in logs',
+    kind: { type: 'list' },
+    defaultText: 'none',
+  },
+  {
+    key: 'secret',
+    flags: '--secret <secret>',
+    env: 'MQTT_SHARED_SECRET',
+    description: 'accept only requests signed with this shared secret (HMAC-SHA256)',
+    kind: { type: 'optional' },
+  },
+  {
+    key: 'secretFile',
+    flags: '--secret-file <file>',
+    env: 'MQTT_SHARED_SECRET_FILE',
+    description: 'file holding the shared secret',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'maxAgeMs',
+    flags: '--max-age <duration>',
+    env: 'MQTT_MAX_AGE',
+    description: 'refuse signed requests older than this',
+    kind: duration('5m'),
+  },
+  {
+    key: 'noPayloadSteps',
+    flags: '--no-payload-steps',
+    env: 'MQTT_NO_PAYLOAD_STEPS',
+    description: "refuse requests that carry their own steps (run only job.json's)",
+    kind: { type: 'boolean' },
+    defaultText: 'false',
+  },
+  {
     key: 'logFormat',
     flags: '--log-format <format>',
     env: 'MQTT_LOG_FORMAT',
@@ -465,6 +512,8 @@ function resolveOne(
       if (value === '' || value.includes('\0')) problem('a directory path');
       return path.resolve(context.cwd, value);
     }
+    case 'list':
+      return (textValue ?? '').split(',').filter((value) => value !== '');
     case 'limit': {
       if (textValue === undefined || textValue === '') return undefined;
       const parsed = kind.parse(textValue);

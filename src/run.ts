@@ -2,6 +2,7 @@ import { constants as osConstants } from 'node:os';
 import { pipeline } from 'node:stream/promises';
 import { execa } from 'execa';
 import { LogSink } from './log-sink.js';
+import { StreamMasker } from './mask.js';
 
 /** What a step's cgroup measured; all null where no cgroup applied. */
 export interface StepAccounting {
@@ -42,6 +43,8 @@ export interface RunStepInput {
   /** Aborting stops the step; the abort reason (a StopReason) becomes the outcome. */
   readonly signal?: AbortSignal;
   readonly sandbox?: StepSandbox;
+  /** Values replaced by `***` in the log, also when split across writes. */
+  readonly secrets?: readonly string[];
   /** setpriv arguments: the gate drops to this user (after joining the sandbox, which needs root). */
   readonly setpriv?: readonly string[];
 }
@@ -85,7 +88,7 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
  * sends SIGTERM to the whole step, then SIGKILL after the grace period.
  */
 export async function runStep(input: RunStepInput): Promise<StepOutcome> {
-  const sink = await LogSink.create(input.logFile, input.maxLogBytes);
+  const sink = await LogSink.create(input.logFile, input.maxLogBytes, new StreamMasker(input.secrets ?? []));
   const gate = input.setpriv
     ? ['-c', GATE_AS, 'mqtt-fs-worker-step', input.command, ...input.setpriv]
     : ['-c', GATE, 'mqtt-fs-worker-step', input.command];

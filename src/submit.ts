@@ -4,6 +4,7 @@ import { ErrorCode, WorkerError } from './errors.js';
 import { parseRequest, type RawStep } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { ResultPayload } from './report.js';
+import { signRequest } from './signing.js';
 
 export interface SubmitInput {
   readonly settings: BrokerSettings;
@@ -16,6 +17,8 @@ export interface SubmitInput {
   /** How long to wait: for a subscriber to take the request, and with `wait` for the result. */
   readonly timeoutMs: number;
   readonly log: Logger;
+  /** Sign the request with this shared secret (workers started with --secret require it). */
+  readonly secret?: string;
 }
 
 export type SubmitOutcome =
@@ -37,8 +40,11 @@ export function publishTopic(subscription: string): string {
  * published, so a fast job's result cannot be missed.
  */
 export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
-  const body = JSON.stringify(input.steps ? { id: input.id, steps: input.steps } : { id: input.id });
-  const check = parseRequest(body);
+  const request: Record<string, unknown> = input.steps
+    ? { id: input.id, steps: input.steps }
+    : { id: input.id };
+  const body = JSON.stringify(input.secret ? signRequest(request, input.secret, Date.now()) : request);
+  const check = parseRequest(body, input.secret ? { secret: input.secret } : {});
   if (!check.ok)
     throw new WorkerError(ErrorCode.INVALID_OPTION, `submit: ${check.error.message}`, {
       problems: check.error.problems,

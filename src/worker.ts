@@ -4,7 +4,7 @@ import { acquireClaim, type Claim, type ClaimState, type Identity, inspectClaim 
 import { type Delivery, OneShotConsumer } from './consume.js';
 import { type ErrorCode, toErrorInfo } from './errors.js';
 import { type EngineConfig, type JobEvent, JobInterrupted, newManifest, runJob } from './job.js';
-import { parseRequest } from './job-spec.js';
+import { parseRequest, type RequestPolicy } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { Options } from './options.js';
 import { resolveJobPaths } from './paths.js';
@@ -17,6 +17,8 @@ export interface WorkerInput {
   readonly log: Logger;
   /** Aborted (reason 'interrupted') when the process is told to stop. */
   readonly signal: AbortSignal;
+  /** Signature, age and payload-steps rules for requests. */
+  readonly requestPolicy?: Omit<RequestPolicy, 'nowMs'>;
   readonly now?: () => number;
 }
 
@@ -131,7 +133,7 @@ async function handleDelivery(
 ): Promise<WorkerOutcome> {
   const { options, log } = input;
   const now = input.now ?? Date.now;
-  const parsed = parseRequest(delivery.payload);
+  const parsed = parseRequest(delivery.payload, { ...input.requestPolicy, nowMs: now() });
   if (!parsed.ok) {
     const { error, id } = parsed;
     log.error(`rejected a request: ${error.code}: ${error.message}`, { ...(id ? { job: id } : {}) });

@@ -192,3 +192,99 @@ describe('parseRequest', () => {
     expect(parsed.error.message.length).toBeGreaterThan(10);
   });
 });
+
+describe('parsers under generated input (property)', () => {
+  const codes = new Set(['INVALID_PAYLOAD', 'INVALID_ID', 'INVALID_SIGNATURE']);
+
+  it('parseRequest never throws and every rejection carries a known code', async () => {
+    const fc = (await import('fast-check')).default;
+    const requestLike = fc.record(
+      {
+        id: fc.oneof(
+          fc.string(),
+          fc.integer(),
+          fc.constant(null),
+          fc.constantFrom('..', '.', 'a/b', '/etc', 'ok-id', 'x'.repeat(200)),
+        ),
+        steps: fc.oneof(fc.anything(), fc.array(fc.oneof(fc.string(), fc.object(), fc.integer()))),
+      },
+      { requiredKeys: [] },
+    );
+    fc.assert(
+      fc.property(
+        fc.oneof(
+          fc.anything().map((v) => JSON.stringify(v) ?? ''),
+          fc.string(),
+          fc.uint8Array({ maxLength: 64 }).map((b) => Buffer.from(b)),
+          requestLike.map((v) => JSON.stringify(v)),
+        ),
+        (payload) => {
+          const parsed = parseRequest(payload);
+          if (!parsed.ok) {
+            expect(codes.has(parsed.error.code)).toBe(true);
+            expect(parsed.error.message.length).toBeGreaterThan(0);
+          } else {
+            expect(typeof parsed.request.id).toBe('string');
+          }
+        },
+      ),
+      { numRuns: 3000 },
+    );
+  });
+
+  it('parseJobFile either returns a spec or throws INVALID_JOB_FILE with problems, nothing else', async () => {
+    const fc = (await import('fast-check')).default;
+    const step = fc.oneof(
+      fc.string(),
+      fc.record(
+        {
+          run: fc.oneof(fc.string(), fc.anything()),
+          name: fc.anything(),
+          timeout: fc.oneof(fc.string(), fc.double(), fc.constantFrom('10m', '1h', 'soon', '-1s')),
+          env: fc.anything(),
+          continueOnError: fc.anything(),
+        },
+        { requiredKeys: [] },
+      ),
+      fc.anything(),
+    );
+    const jobFile = fc.record(
+      {
+        steps: fc.oneof(fc.array(step, { maxLength: 5 }), fc.anything()),
+        env: fc.oneof(
+          fc.dictionary(fc.string(), fc.oneof(fc.string(), fc.integer(), fc.boolean(), fc.object())),
+          fc.anything(),
+        ),
+        timeout: fc.anything(),
+        limits: fc.oneof(
+          fc.record(
+            { cpus: fc.anything(), memory: fc.oneof(fc.string(), fc.integer()), pids: fc.anything() },
+            { requiredKeys: [] },
+          ),
+          fc.anything(),
+        ),
+        artifacts: fc.anything(),
+        extra: fc.anything(),
+      },
+      { requiredKeys: [] },
+    );
+    fc.assert(
+      fc.property(
+        fc.oneof(
+          jobFile.map((v) => JSON.stringify(v)),
+          fc.string(),
+        ),
+        (text) => {
+          try {
+            const spec = parseJobFile(text);
+            expect(spec.steps.length).toBeGreaterThan(0);
+          } catch (error) {
+            expect(error).toMatchObject({ code: 'INVALID_JOB_FILE' });
+            expect((error as { problems: string[] }).problems.length).toBeGreaterThan(0);
+          }
+        },
+      ),
+      { numRuns: 3000 },
+    );
+  });
+});

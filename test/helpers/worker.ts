@@ -152,7 +152,8 @@ export async function publishJob(
   body: unknown,
   properties?: mqtt.IClientPublishOptions['properties'],
 ): Promise<void> {
-  await client.publishAsync('jobs/pending', typeof body === 'string' ? body : JSON.stringify(body), {
+  const payload = typeof body === 'string' || Buffer.isBuffer(body) ? body : JSON.stringify(body);
+  await client.publishAsync('jobs/pending', payload, {
     qos: 1,
     ...(properties ? { properties } : {}),
   });
