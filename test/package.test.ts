@@ -1,0 +1,128 @@
+import { execFile, execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { cp, readdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, inject, it } from 'vitest';
+import { parse } from 'yaml';
+import { OPTION_DEFS } from '../src/options.js';
+import { tempDir } from './helpers/tmp.js';
+
+const root = fileURLToPath(new URL('..', import.meta.url));
+const bin = inject('installedBin');
+const documentedEnv = new Set([...OPTION_DEFS.map((d) => d.env)]);
+
+function installed(args: string[], cwd?: string): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    execFile(bin, args, { cwd, env: { PATH: process.env.PATH ?? '' } }, (error, stdout, stderr) =>
+      resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+    );
+  });
+}
+
+describe('the npm package', () => {
+  it('ships only the whitelist, with the bundle the bin needs', async () => {
+    const pkg = JSON.parse(await readFile(path.join(root, 'package.json'), 'utf8'));
+    expect(pkg.files).toEqual(['bin', 'dist', 'README.md', 'LICENSE']);
+    expect(pkg.engines.node).toBe('>=20.5.0');
+    expect(pkg.type).toBe('module');
+    const [packed] = JSON.parse(
+      execFileSync('npm', ['pack', '--dry-run', '--json'], {
+        cwd: root,
+        encoding: 'utf8',
+        stdio: ['ignore', 'pipe', 'ignore'],
+      }),
+    );
+    const files: string[] = packed.files.map((f: { path: string }) => f.path);
+    expect(files).toContain('bin/mqtt-fs-worker.js');
+    expect(files).toContain('dist/bundle/cli.js');
+    expect(files).toContain('dist/index.d.ts');
+    expect(
+      files.every((f) => /^(bin|dist)\//.test(f) || ['README.md', 'LICENSE', 'package.json'].includes(f)),
+    ).toBe(true);
+  });
+
+  it('validates every example job and dry-runs the hello example from the installed command', async () => {
+    const jobs = path.join(root, 'examples/jobs');
+    for (const job of await readdir(jobs)) {
+      const run = await installed(['validate', path.join(jobs, job)]);
+      expect(run.code, `${job}: ${run.stdout}`).toBe(0);
+    }
+    const cwd = await tempDir();
+    await cp(path.join(root, 'examples/test-payload.json'), path.join(cwd, 'test-payload.json'));
+    await cp(path.join(jobs, 'hello'), path.join(cwd, 'jobs/hello'), {
+      recursive: true,
+      filter: (src) => !src.includes('/results'),
+    });
+    const run = await installed(['--dry-run'], cwd);
+    expect(run.code, run.stderr).toBe(0);
+    expect(JSON.parse(run.stdout)).toMatchObject({ id: 'hello', status: 'success' });
+    expect(await readFile(path.join(cwd, 'jobs/hello/results/out/words.txt'), 'utf8')).toMatch(/^15 /);
+  });
+});
+
+describe('deployment files', () => {
+  it('docker-compose.yml parses, runs three always-restarting slots on a shared folder, and names only documented variables', async () => {
+    const compose = parse(await readFile(path.join(root, 'examples/docker-compose.yml'), 'utf8'));
+    const { mosquitto, worker } = compose.services;
+    expect(mosquitto.image).toMatch(/^eclipse-mosquitto:2/);
+    expect(mosquitto.volumes).toContain('./mosquitto.conf:/mosquitto/config/mosquitto.conf:ro');
+    expect(existsSync(path.join(root, 'examples/mosquitto.conf'))).toBe(true);
+    expect(worker.restart).toBe('always');
+    expect(worker.deploy.replicas).toBe(3);
+    expect(worker.build).toBe('..');
+    expect(existsSync(path.join(root, 'Dockerfile'))).toBe(true);
+    expect(worker.cgroup).toBe('private');
+    expect(worker.security_opt).toContain('writable-cgroups=true');
+    for (const name of Object.keys(worker.environment)) expect(documentedEnv.has(name), name).toBe(true);
+    // Compose turns $$ into $: the workers share one group subscription.
+    expect(worker.environment.MQTT_TOPIC).toBe('$$share/workers/jobs/pending');
+    expect(worker.volumes).toContain('./jobs:/jobs');
+    expect(worker.environment.MQTT_JOBS_DIR).toBe('/jobs');
+    for (const volume of mosquitto.volumes.filter((v: string) => !v.startsWith('.'))) {
+      expect(Object.keys(compose.volumes)).toContain(volume.split(':')[0]);
+    }
+  });
+
+  it('mosquitto.conf has the settings loss-free delivery needs', async () => {
+    const conf = await readFile(path.join(root, 'examples/mosquitto.conf'), 'utf8');
+    for (const line of ['persistence true', 'autosave_on_changes true', 'max_queued_messages 0'])
+      expect(conf).toContain(line);
+  });
+
+  it('the systemd template runs one slot per instance with the lines that matter', async () => {
+    const file = path.join(root, 'examples/systemd/mqtt-fs-worker@.service');
+    const unit = await readFile(file, 'utf8');
+    const lines = unit.split('\n').map((l) => l.trim());
+    for (const line of [
+      'Environment=WORKER_ID=%i',
+      'Restart=always',
+      'RestartSec=0',
+      'Delegate=yes',
+      'KillMode=mixed',
+      'WantedBy=multi-user.target',
+    ]) {
+      expect(lines, line).toContain(line);
+    }
+    const exec = lines.find((l) => l.startsWith('ExecStart='));
+    expect(exec).toMatch(/^ExecStart=\/\S+/);
+    for (const match of unit.matchAll(/^Environment=(\w+)=/gm))
+      expect(documentedEnv.has(match[1] as string), match[1]).toBe(true);
+    const analyze = ['/usr/bin/systemd-analyze', '/bin/systemd-analyze'].find(existsSync);
+    if (analyze) execFileSync(analyze, ['verify', file], { stdio: 'pipe' });
+  });
+
+  it('the Dockerfile builds on the current Node LTS and copies only what exists', async () => {
+    const dockerfile = await readFile(path.join(root, 'Dockerfile'), 'utf8');
+    expect(dockerfile).toMatch(/^ARG NODE_VERSION=(22|24)$/m);
+    expect(dockerfile).toMatch(/^FROM node:\$\{NODE_VERSION\}-bookworm-slim AS build$/m);
+    expect(dockerfile).toContain('ENTRYPOINT ["tini", "--", "mqtt-fs-worker"]');
+    for (const [, from] of dockerfile.matchAll(/^COPY (?!--from)(.+) \S+$/gm)) {
+      for (const source of (from as string).split(' '))
+        expect(existsSync(path.join(root, source)), source).toBe(true);
+    }
+    for (const [, from] of dockerfile.matchAll(/^COPY --from=build \/src\/(\S+) /gm)) {
+      expect(existsSync(path.join(root, from as string)), from).toBe(true);
+    }
+  });
+});
