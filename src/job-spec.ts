@@ -1,5 +1,5 @@
 import path from 'node:path';
-import { z } from 'zod';
+import * as v from 'valibot';
 import { describeValue, ErrorCode, WorkerError } from './errors.js';
 import { idProblem } from './paths.js';
 import { signatureProblem } from './signing.js';
@@ -42,131 +42,156 @@ export const MAX_JOB_FILE_BYTES = 1024 * 1024;
 
 const ENV_NAME = /^[A-Za-z_][A-Za-z0-9_]*$/;
 
-const duration = z.unknown().transform((value, ctx) => {
-  const parsed = parseDuration(value);
-  if (parsed === undefined) {
-    ctx.addIssue({
-      code: 'custom',
-      message: `Expected a duration like "90s", "10m" or "1h" (or a number of seconds), got ${describeValue(value)}`,
-    });
-    return z.NEVER;
-  }
-  return parsed;
-});
+// Valibot rather than a larger schema library: the worker starts once per job, and this module is on that path.
+// Every problem is collected (no early abort) and reported at its path.
 
-const size = z.unknown().transform((value, ctx) => {
-  const parsed = parseSizeValue(value);
-  if (parsed === undefined) {
-    ctx.addIssue({
-      code: 'custom',
-      message: `Expected a size like "512M" or "2G" (or a number of bytes), got ${describeValue(value)}`,
-    });
-    return z.NEVER;
-  }
-  return parsed;
-});
-
-const nonEmptyCommand = z
-  .string({ error: (issue) => `Expected a command string, got ${describeValue(issue.input)}` })
-  .refine((value) => value.trim().length > 0, 'Expected a non-empty command')
-  .refine((value) => !value.includes('\0'), 'A command cannot contain a NUL character');
-
-const envMap = z
-  .record(
-    z.string().regex(ENV_NAME, 'Expected environment variable names like NODE_ENV'),
-    z.union([z.string(), z.number(), z.boolean()], {
-      error: (issue) => `Expected a string, number or boolean, got ${describeValue(issue.input)}`,
+/** A value parsed by `parse`, or an issue with `message` (the value is described in it). */
+const parsedWith = <T>(parse: (value: unknown) => T | undefined, expected: string) =>
+  v.pipe(
+    v.unknown(),
+    v.rawTransform<unknown, T>(({ dataset, addIssue, NEVER }) => {
+      const parsed = parse(dataset.value);
+      if (parsed !== undefined) return parsed;
+      addIssue({ message: `Expected ${expected}, got ${describeValue(dataset.value)}` });
+      return NEVER;
     }),
-  )
-  .transform((env, ctx) => {
-    const out: Record<string, string> = {};
-    for (const [name, value] of Object.entries(env)) {
-      const text = String(value);
-      if (text.includes('\0'))
-        ctx.addIssue({ code: 'custom', path: [name], message: 'Contains a NUL character' });
-      out[name] = text;
-    }
-    return out;
-  });
+  );
 
-const stepObject = z.strictObject({
-  name: z.string().min(1).max(200).optional(),
-  run: nonEmptyCommand,
-  timeout: duration.optional(),
-  env: envMap.optional(),
-  continueOnError: z.boolean().optional(),
-});
+const duration = parsedWith(parseDuration, 'a duration like "90s", "10m" or "1h" (or a number of seconds)');
+const size = parsedWith(parseSizeValue, 'a size like "512M" or "2G" (or a number of bytes)');
+
+const nonEmptyCommand = v.pipe(
+  v.string((issue) => `Expected a command string, got ${describeValue(issue.input)}`),
+  v.check((value) => value.trim().length > 0, 'Expected a non-empty command'),
+  v.check((value) => !value.includes('\0'), 'A command cannot contain a NUL character'),
+);
+
+const envMap = v.pipe(
+  v.record(
+    v.pipe(v.string(), v.regex(ENV_NAME, 'Expected environment variable names like NODE_ENV')),
+    v.pipe(
+      v.union(
+        [v.string(), v.number(), v.boolean()],
+        (issue) => `Expected a string, number or boolean, got ${describeValue(issue.input)}`,
+      ),
+      v.transform(String),
+      v.check((value) => !value.includes('\0'), 'Contains a NUL character'),
+    ),
+    (issue) => `Expected an object of variables, got ${describeValue(issue.input)}`,
+  ),
+);
+
+// Messages of object schemas: an unknown key, a missing one, or not an object at all.
+const objectIssue = (issue: v.BaseIssue<unknown>): string => {
+  if (issue.expected === 'never') return 'Unknown key';
+  if (issue.input === undefined && issue.path?.length) return 'Required, but missing';
+  return `Expected an object, got ${describeValue(issue.input)}`;
+};
+
+const stepObject = v.strictObject(
+  {
+    name: v.optional(v.pipe(v.string(), v.minLength(1), v.maxLength(200))),
+    run: nonEmptyCommand,
+    timeout: v.optional(duration),
+    env: v.optional(envMap),
+    continueOnError: v.optional(
+      v.boolean((issue) => `Expected true or false, got ${describeValue(issue.input)}`),
+    ),
+  },
+  objectIssue,
+);
 
 // Dispatch on the shape first, so that a step object's own problems are reported at their path
 // (`steps[1].timeout: …`) rather than as one vague "matches neither" union error.
-const rawStep = z.unknown().transform((value, ctx): string | z.output<typeof stepObject> => {
-  const schema =
-    typeof value === 'string'
-      ? nonEmptyCommand
-      : value !== null && typeof value === 'object' && !Array.isArray(value)
-        ? stepObject
-        : undefined;
-  if (!schema) {
-    ctx.addIssue({
-      code: 'custom',
-      message: `Expected a command string or a step object like {"run": "npm test"}, got ${describeValue(value)}`,
-    });
-    return z.NEVER;
-  }
-  const parsed = schema.safeParse(value);
-  if (parsed.success) return parsed.data;
-  for (const issue of parsed.error.issues)
-    ctx.addIssue({ code: 'custom', message: issue.message, path: issue.path });
-  return z.NEVER;
-});
-export type RawStep = string | z.input<typeof stepObject>;
+const rawStep = v.pipe(
+  v.unknown(),
+  v.rawTransform<unknown, string | v.InferOutput<typeof stepObject>>(({ dataset, addIssue, NEVER }) => {
+    const value = dataset.value;
+    const schema =
+      typeof value === 'string'
+        ? nonEmptyCommand
+        : value !== null && typeof value === 'object' && !Array.isArray(value)
+          ? stepObject
+          : undefined;
+    if (!schema) {
+      addIssue({
+        message: `Expected a command string or a step object like {"run": "npm test"}, got ${describeValue(value)}`,
+      });
+      return NEVER;
+    }
+    const parsed = v.safeParse(schema, value);
+    if (parsed.success) return parsed.output;
+    for (const issue of parsed.issues) addIssue({ message: issue.message, path: issue.path as never });
+    return NEVER;
+  }),
+);
+export type RawStep = string | v.InferInput<typeof stepObject>;
 
-const stepList = z
-  .array(rawStep, { error: (issue) => `Expected an array of steps, got ${describeValue(issue.input)}` })
-  .min(1, 'Expected at least one step')
-  .max(MAX_STEPS, `Expected at most ${MAX_STEPS} steps`);
+const stepList = v.pipe(
+  v.array(rawStep, (issue) => `Expected an array of steps, got ${describeValue(issue.input)}`),
+  v.minLength(1, 'Expected at least one step'),
+  v.maxLength(MAX_STEPS, `Expected at most ${MAX_STEPS} steps`),
+);
 
-const globPattern = z
-  .string()
-  .min(1)
-  .refine(
+const globPattern = v.pipe(
+  v.string(),
+  v.minLength(1),
+  v.check(
     (pattern) => !path.isAbsolute(pattern) && !pattern.split('/').includes('..'),
     'Expected a relative glob without ".." segments',
-  );
+  ),
+);
 
-const jobFile = z.strictObject({
-  steps: stepList,
-  env: envMap.optional(),
-  timeout: duration.optional(),
-  limits: z
-    .strictObject({
-      cpus: z
-        .number({ error: (issue) => `Expected a number of CPUs like 1.5, got ${describeValue(issue.input)}` })
-        .positive()
-        .max(4096)
-        .optional(),
-      memory: size.optional(),
-      pids: z.number().int().positive().max(4_194_304).optional(),
-    })
-    .optional(),
-  artifacts: z
-    .strictObject({
-      include: z.array(globPattern).min(1).optional(),
-      exclude: z.array(globPattern).optional(),
-    })
-    .optional(),
-});
+const jobFile = v.strictObject(
+  {
+    steps: stepList,
+    env: v.optional(envMap),
+    timeout: v.optional(duration),
+    limits: v.optional(
+      v.strictObject(
+        {
+          cpus: v.optional(
+            v.pipe(
+              v.number((issue) => `Expected a number of CPUs like 1.5, got ${describeValue(issue.input)}`),
+              v.gtValue(0, 'Expected more than 0 CPUs'),
+              v.maxValue(4096, 'Expected at most 4096 CPUs'),
+            ),
+          ),
+          memory: v.optional(size),
+          pids: v.optional(
+            v.pipe(
+              v.number((issue) => `Expected a whole number of processes, got ${describeValue(issue.input)}`),
+              v.integer('Expected a whole number of processes'),
+              v.minValue(1, 'Expected at least 1 process'),
+              v.maxValue(4_194_304, 'Expected at most 4194304 processes'),
+            ),
+          ),
+        },
+        objectIssue,
+      ),
+    ),
+    artifacts: v.optional(
+      v.strictObject(
+        {
+          include: v.optional(v.pipe(v.array(globPattern), v.minLength(1, 'Expected at least one pattern'))),
+          exclude: v.optional(v.array(globPattern)),
+        },
+        objectIssue,
+      ),
+    ),
+  },
+  objectIssue,
+);
 
-type ParsedStep = z.output<typeof stepObject> | string;
+type ParsedStep = v.InferOutput<typeof stepObject> | string;
 
-/** `steps[1].timeout: Expected …` for every issue; zod's own wording where ours is not set. */
-function formatIssues(error: z.ZodError, prefix = ''): string[] {
-  return error.issues.map((issue) => {
-    const where = issue.path.reduce<string>(
-      (acc, key) =>
-        typeof key === 'number' ? `${acc}[${key}]` : acc ? `${acc}.${String(key)}` : String(key),
-      prefix,
-    );
+/** `steps[1].timeout: Expected …` for every issue. */
+function formatIssues(issues: readonly v.BaseIssue<unknown>[], prefix = ''): string[] {
+  return issues.map((issue) => {
+    const where = (issue.path ?? []).reduce<string>((acc, item) => {
+      const key = item.key;
+      return typeof key === 'number' ? `${acc}[${key}]` : acc ? `${acc}.${String(key)}` : String(key);
+    }, prefix);
     return where ? `${where}: ${issue.message}` : issue.message;
   });
 }
@@ -200,17 +225,21 @@ export function parseJobFile(text: string, source = 'job.json', stepsOverride?: 
       `${source} is not valid JSON: ${(error as Error).message}`,
     );
   }
-  if (stepsOverride && json !== null && typeof json === 'object' && !Array.isArray(json)) {
+  if (json === null || typeof json !== 'object' || Array.isArray(json)) {
+    const message = `${source} must be an object like {"steps": ["npm test"]}, got ${describeValue(json)}`;
+    throw new WorkerError(ErrorCode.INVALID_JOB_FILE, message);
+  }
+  if (stepsOverride) {
     json = { ...json, steps: stepsOverride };
   }
-  const parsed = jobFile.safeParse(json);
+  const parsed = v.safeParse(jobFile, json);
   if (!parsed.success) {
-    const problems = formatIssues(parsed.error);
+    const problems = formatIssues(parsed.issues);
     throw new WorkerError(ErrorCode.INVALID_JOB_FILE, `${source} is invalid: ${problems.join('; ')}`, {
       problems,
     });
   }
-  const spec = parsed.data;
+  const spec = parsed.output;
   return {
     steps: toStepSpecs(spec.steps),
     env: spec.env ?? {},
@@ -292,9 +321,9 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
       id,
     );
   }
-  const steps = stepList.safeParse(record.steps);
+  const steps = v.safeParse(stepList, record.steps);
   if (!steps.success) {
-    const problems = formatIssues(steps.error, 'steps').slice(0, MAX_PAYLOAD_PROBLEMS);
+    const problems = formatIssues(steps.issues, 'steps').slice(0, MAX_PAYLOAD_PROBLEMS);
     return reject(
       ErrorCode.INVALID_PAYLOAD,
       `Request has invalid steps: ${problems.join('; ')}`,

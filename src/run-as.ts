@@ -1,8 +1,5 @@
-import { execFile } from 'node:child_process';
-import { promisify } from 'node:util';
+import { execa } from 'execa';
 import { ErrorCode, WorkerError } from './errors.js';
-
-const run = promisify(execFile);
 
 /** The account steps run as (`--run-as`): ids for setpriv, and the variables a login would set. */
 export interface RunAsUser {
@@ -26,8 +23,8 @@ export async function resolveRunAs(name: string, isRoot: boolean): Promise<RunAs
   let passwd: string;
   let groups: string;
   try {
-    passwd = (await run('getent', ['passwd', name])).stdout.trim();
-    groups = (await run('id', ['-G', name])).stdout.trim();
+    passwd = (await execa('getent', ['passwd', name])).stdout.trim();
+    groups = (await execa('id', ['-G', name])).stdout.trim();
   } catch {
     throw new WorkerError(ErrorCode.INVALID_OPTION, `--run-as: no user ${JSON.stringify(name)} on this host`);
   }

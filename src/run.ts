@@ -1,6 +1,6 @@
+import { spawn } from 'node:child_process';
 import { constants as osConstants } from 'node:os';
 import { pipeline } from 'node:stream/promises';
-import { execa } from 'execa';
 import { LogSink } from './log-sink.js';
 import { StreamMasker } from './mask.js';
 
@@ -92,17 +92,16 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   const gate = input.setpriv
     ? ['-c', GATE_AS, 'mqtt-fs-worker-step', input.command, ...input.setpriv]
     : ['-c', GATE, 'mqtt-fs-worker-step', input.command];
-  const subprocess = execa('/bin/sh', gate, {
+  // node:child_process rather than execa: the gate needs raw control of the child (its own process group, stdin
+  // as the release, output streamed, the bare exit event) and execa's load time would be paid on every job.
+  const subprocess = spawn('/bin/sh', gate, {
     cwd: input.cwd,
     env: input.env,
-    extendEnv: false,
     stdio: ['pipe', 'pipe', 'ignore'],
     detached: true,
-    buffer: false,
-    reject: false,
-    cleanup: true,
-    encoding: 'buffer',
   });
+  const failed = new Promise<Error>((resolve) => subprocess.once('error', resolve));
+  subprocess.stdin?.on('error', () => {}); // EPIPE when the step is gone before its release
   const pid = subprocess.pid;
   const output = subprocess.stdout ? pipeline(subprocess.stdout, sink) : Promise.resolve();
   output.catch(() => {}); // awaited below; avoid an unhandled rejection while the step runs
@@ -128,8 +127,8 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   const onAbort = (): void => stop((input.signal?.reason as StopReason) ?? 'cancelled');
   try {
     if (pid === undefined) {
-      const result = await subprocess;
-      spawnError = result.message ?? 'the step could not be started';
+      const error = (await failed) as NodeJS.ErrnoException;
+      spawnError = `cannot start the step in ${input.cwd}: ${error.code ?? error.message}`;
     } else {
       if (input.sandbox) await input.sandbox.join(pid);
       subprocess.stdin?.end('go\n');
@@ -145,7 +144,6 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     const accounting = input.sandbox ? await input.sandbox.close() : NO_ACCOUNTING;
     clearTimeout(graceTimer);
     await drain(output, sink, subprocess.stdout);
-    await subprocess;
     return {
       exitCode: code ?? (signal ? 128 + signalNumber(signal) : 1),
       signal,

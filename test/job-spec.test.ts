@@ -61,9 +61,9 @@ describe('parseJobFile', () => {
 
   it.each([
     ['not json', '{steps', 'job.json is not valid JSON'],
-    ['an array', '[]', 'Invalid input'],
-    ['null', 'null', 'Invalid input'],
-    ['no steps', '{}', 'steps:'],
+    ['an array', '[]', 'job.json must be an object like {"steps": ["npm test"]}, got an array of 0'],
+    ['null', 'null', 'job.json must be an object like {"steps": ["npm test"]}, got null'],
+    ['no steps', '{}', 'steps: Required, but missing'],
     ['empty steps', '{"steps": []}', 'steps: Expected at least one step'],
     [
       'steps not an array',
@@ -93,7 +93,7 @@ describe('parseJobFile', () => {
       'limits.cpus: Expected a number of CPUs',
     ],
     ['fractional pids', '{"steps": ["x"], "limits": {"pids": 1.5}}', 'limits.pids'],
-    ['an unknown key', '{"steps": ["x"], "timout": "1m"}', 'timout'],
+    ['an unknown key', '{"steps": ["x"], "timout": "1m"}', 'timout: Unknown key'],
     ['a bad env name', '{"steps": ["x"], "env": {"A-B": "1"}}', 'env'],
     [
       'an object env value',

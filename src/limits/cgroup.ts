@@ -79,7 +79,7 @@ async function removeCgroup(dir: string): Promise<void> {
       const code = (error as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return;
       if (code !== 'EBUSY' || attempt === 49) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 20));
+      await new Promise((resolve) => setTimeout(resolve, 2 + attempt));
     }
   }
 }
@@ -176,6 +176,7 @@ export async function openCgroupV2(
 }
 
 async function killV2(dir: string): Promise<void> {
+  if ((await procsOf(dir)).length === 0) return;
   if (await exists(path.join(dir, 'cgroup.kill'))) {
     await writeFile(path.join(dir, 'cgroup.kill'), '1').catch(() => {});
   } else {
@@ -287,10 +288,10 @@ export async function openCgroupV1(
 
 async function killV1(freezerDir: string): Promise<void> {
   await writeFile(path.join(freezerDir, 'freezer.state'), 'FROZEN').catch(() => {});
-  for (let i = 0; i < 100; i++) {
+  for (let i = 0; i < 500; i++) {
     const state = await readFile(path.join(freezerDir, 'freezer.state'), 'utf8').catch(() => 'FROZEN');
     if (state.trim() === 'FROZEN') break;
-    await new Promise((resolve) => setTimeout(resolve, 5));
+    await new Promise((resolve) => setTimeout(resolve, 1));
   }
   signalAll(await procsOf(freezerDir), 'SIGKILL');
   await writeFile(path.join(freezerDir, 'freezer.state'), 'THAWED').catch(() => {});
@@ -300,6 +301,8 @@ function v1Sandbox(dirs: Map<string, string>): StepSandbox {
   const unique = [...new Set(dirs.values())];
   const any = dirs.get('freezer') ?? dirs.get('memory') ?? (unique[0] as string);
   const killAll = async (): Promise<void> => {
+    // The common case: the step left nothing behind.
+    if ((await procsOf(any)).length === 0) return;
     const freezer = dirs.get('freezer');
     if (freezer) await killV1(freezer);
     else signalAll(await procsOf(any), 'SIGKILL');
