@@ -218,7 +218,9 @@ async function handleDelivery(
   const onInterrupt = (): void => stop.abort('interrupted');
   if (input.signal.aborted) onInterrupt();
   else input.signal.addEventListener('abort', onInterrupt, { once: true });
-  const control = await watchCancel(input, request.id, () => {
+  // Listening for cancel requests starts alongside the job, not before it: a job does not wait for a second
+  // connection's round trips.
+  const control = watchCancel(input, request.id, () => {
     jobLog.warn('cancel request received; stopping the job');
     stop.abort('cancelled');
   });
@@ -252,7 +254,8 @@ async function handleDelivery(
     throw error;
   } finally {
     input.signal.removeEventListener('abort', onInterrupt);
-    if (control) await disconnect(control, { force: true });
+    const client = await control;
+    if (client) await disconnect(client, { force: true });
   }
 }
 
