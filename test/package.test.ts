@@ -126,3 +126,21 @@ describe('deployment files', () => {
     }
   });
 });
+
+describe('the README', () => {
+  it('documents every option, variable, error code and exit code the worker has', async () => {
+    const readme = await readFile(path.join(root, 'README.md'), 'utf8');
+    const { ErrorCode, ExitCode } = await import('../src/errors.js');
+    for (const def of OPTION_DEFS) {
+      const long = def.flags.split(/[ ,]+/).find((part) => part.startsWith('--')) as string;
+      expect(readme, long).toMatch(new RegExp(`\`[^\`\n]*${long}\\b[^\`\n]*\``));
+      expect(readme, def.env).toContain(`\`${def.env}\``);
+    }
+    for (const code of Object.values(ErrorCode)) expect(readme, code).toContain(`\`${code}\``);
+    for (const [name, code] of Object.entries(ExitCode)) {
+      if (name === 'SIGNAL_BASE') expect(readme).toContain('128 + n');
+      else expect(readme, name).toMatch(new RegExp(`^\\|\\s*${code}\\s*\\|`, 'm'));
+    }
+    for (const command of ['validate', 'submit', 'drain', '--dry-run']) expect(readme).toContain(`mqtt-fs-worker ${command}`);
+  });
+});
