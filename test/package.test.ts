@@ -141,6 +141,7 @@ describe('the README', () => {
       if (name === 'SIGNAL_BASE') expect(readme).toContain('128 + n');
       else expect(readme, name).toMatch(new RegExp(`^\\|\\s*${code}\\s*\\|`, 'm'));
     }
-    for (const command of ['validate', 'submit', 'drain', '--dry-run']) expect(readme).toContain(`mqtt-fs-worker ${command}`);
+    for (const command of ['validate', 'submit', 'drain', '--dry-run'])
+      expect(readme).toContain(`mqtt-fs-worker ${command}`);
   });
 });
