@@ -88,7 +88,7 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
   }
 
   consumer.holdOpen(options.keepaliveMs);
-  const outcome = await handleDelivery(consumer, waited.delivery, input);
+  const outcome = await handleSafely(consumer, waited.delivery, input);
   // Interrupted: close without a DISCONNECT's ceremony; the job stays unacknowledged in the session.
   await consumer.close(outcome.kind === 'interrupted' ? { force: true } : { withWill: true });
   return outcome;
@@ -123,6 +123,44 @@ async function waitForDelivery(consumer: OneShotConsumer, input: WorkerInput): P
 
 function presence(id: string, state: 'idle' | 'busy' | 'offline', job?: string): string {
   return JSON.stringify({ id, state, ...(job ? { job } : {}), at: new Date().toISOString() });
+}
+
+/**
+ * A failure nobody foresaw (a claim that cannot be written, a shared drive gone read-only) must not leave the
+ * message unacknowledged: it would come back to this slot forever. It becomes an INTERNAL error result.
+ */
+async function handleSafely(
+  consumer: OneShotConsumer,
+  delivery: Delivery,
+  input: WorkerInput,
+): Promise<WorkerOutcome> {
+  try {
+    return await handleDelivery(consumer, delivery, input);
+  } catch (error) {
+    const info = toErrorInfo(error);
+    const parsed = parseRequest(delivery.payload, {
+      ...input.requestPolicy,
+      nowMs: (input.now ?? Date.now)(),
+    });
+    const id = parsed.ok ? parsed.request.id : undefined;
+    input.log.error(`${info.code}: ${info.message}`, {
+      ...(id ? { job: id } : {}),
+      stack: (error as Error).stack,
+    });
+    if (!consumer.connected) return { kind: 'connection-lost', id };
+    if (id) {
+      const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
+      manifest.error = info;
+      await finish(consumer, delivery, input, toResultPayload(manifest));
+    } else {
+      consumer.fireAndForget(
+        input.options.rejectedTopic,
+        rejection(delivery, input.options.id, info.code, info.message),
+      );
+      delivery.ack();
+    }
+    return { kind: 'handled', id, action: 'failed', status: 'error' };
+  }
 }
 
 /** Every delivery ends here: acknowledged with a published outcome, or (interrupted) left for the next run. */

@@ -267,6 +267,31 @@ describe('the broker worker', () => {
     await client.endAsync();
   });
 
+  it('acknowledges a job whose claim cannot be written, with an INTERNAL error result, so it never loops', async () => {
+    const dirs = await fleetDirs();
+    await writeTree(dirs.jobs, {
+      'frozen/job.json': JSON.stringify({ steps: ['true'] }),
+      'frozen/results/': null,
+    });
+    // An immutable results/ (even root cannot write there): the claim file cannot be created.
+    execFileSync('chattr', ['+i', path.join(dirs.jobs, 'frozen/results')]);
+    try {
+      await register(dirs, 'slot-a');
+      const client = await testClient(broker.url);
+      const results = await collect(client, 'jobs/results/+');
+      await publishJob(client, { id: 'frozen' });
+      const run = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'));
+      expect(run.code, run.stderr).toBe(0);
+      await waitFor(() => results.length === 1);
+      expect(results[0]?.body).toMatchObject({ id: 'frozen', status: 'error', error: { code: 'INTERNAL' } });
+      const next = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
+      expect(next.stderr).toContain('no job within the idle timeout');
+      await client.endAsync();
+    } finally {
+      execFileSync('chattr', ['-i', path.join(dirs.jobs, 'frozen/results')]);
+    }
+  });
+
   it('warns that --clean loses queued jobs', async () => {
     const dirs = await fleetDirs();
     const run = await runWorkerOnce(
