@@ -1,7 +1,7 @@
 import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { Mosquitto } from './helpers/mosquitto.js';
+import { describe, expect, it } from 'vitest';
+import { freshBrokerPerTest } from './helpers/mosquitto.js';
 import { sleep, tempDir, waitFor } from './helpers/tmp.js';
 import {
   collect,
@@ -15,19 +15,13 @@ import {
 
 // Fleets of one-shot workers in restart loops (as `restart: always` runs them) against a real Mosquitto.
 
-let broker: Mosquitto;
-beforeEach(async () => {
-  broker = await Mosquitto.start();
-});
-afterEach(async () => {
-  await broker.dispose();
-});
+const { broker } = freshBrokerPerTest();
 
 async function fleet(slots: string[]) {
   const dirs = await fleetDirs();
   const ledger = await tempDir('mfw-ledger-');
   for (const slot of slots) {
-    const run = await runWorkerOnce(workerArgs(broker.url, dirs, slot, ['--idle-timeout', '100ms']));
+    const run = await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '100ms']));
     expect(run.code, run.stderr).toBe(0);
   }
   return { dirs, ledger };
@@ -37,13 +31,13 @@ describe('a fleet of slots', () => {
   it('runs 3 slots x 30 jobs, each job exactly once', { timeout: 180_000 }, async () => {
     const slots = ['slot-1', 'slot-2', 'slot-3'];
     const { dirs, ledger } = await fleet(slots);
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     const ids = Array.from({ length: 90 }, (_, i) => `job-${i}`);
     for (const id of ids) await mkdir(path.join(dirs.jobs, id));
     for (const id of ids)
       await publishJob(client, { id, steps: [`echo "$JOB_WORKER_ID" >> ${ledger}/${id}`] });
-    const loops = slots.map((slot) => slotLoop(() => workerArgs(broker.url, dirs, slot)));
+    const loops = slots.map((slot) => slotLoop(() => workerArgs(broker().url, dirs, slot)));
     await waitFor(() => new Set(results.map((r) => r.body.id)).size === ids.length, 150_000, 200);
     const runs = (await Promise.all(loops.map((loop) => loop.stop()))).flat();
     // Every run exits 0 after its job; the last run of each slot is stopped by SIGTERM while waiting (0), or
@@ -71,7 +65,7 @@ describe('a fleet of slots', () => {
   }, async () => {
     const slots = ['chaos-1', 'chaos-2', 'chaos-3'];
     const { dirs, ledger } = await fleet(slots);
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     const ids = Array.from({ length: 36 }, (_, i) => `chaos-${i}`);
     for (const id of ids) await mkdir(path.join(dirs.jobs, id));
@@ -81,7 +75,7 @@ describe('a fleet of slots', () => {
         steps: [`echo "$JOB_ATTEMPT" >> ${ledger}/${id}; sleep 0.$((RANDOM % 6 + 2))`],
       });
     }
-    const loops = slots.map((slot) => slotLoop(() => workerArgs(broker.url, dirs, slot)));
+    const loops = slots.map((slot) => slotLoop(() => workerArgs(broker().url, dirs, slot)));
     // A seeded sequence of kills: reproducible, and it hits every phase (connecting, staging, running, publishing).
     let seed = 42;
     const random = (): number => {

@@ -1,8 +1,8 @@
 import { readdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { signRequest } from '../src/signing.js';
-import { Mosquitto } from './helpers/mosquitto.js';
+import { freshBrokerPerTest } from './helpers/mosquitto.js';
 import { tempDir, waitFor, writeTree } from './helpers/tmp.js';
 import { collect, fleetDirs, publishJob, runWorkerOnce, testClient, workerArgs } from './helpers/worker.js';
 
@@ -10,13 +10,7 @@ import { collect, fleetDirs, publishJob, runWorkerOnce, testClient, workerArgs }
 // acknowledged (it must not come back), writes nothing outside the job folder and workspace, and the slot then
 // still runs a good job.
 
-let broker: Mosquitto;
-beforeEach(async () => {
-  broker = await Mosquitto.start();
-});
-afterEach(async () => {
-  await broker.dispose();
-});
+const { broker } = freshBrokerPerTest();
 
 type Expect = { rejected: string } | { result: string; id: string };
 
@@ -40,11 +34,11 @@ describe('hostile input', () => {
     });
     await symlink(outside, path.join(dirs.jobs, 'escape'));
     const slot = 'slot-h';
-    const args = workerArgs(broker.url, dirs, slot, ['--idle-timeout', '3s']);
-    expect((await runWorkerOnce(workerArgs(broker.url, dirs, slot, ['--idle-timeout', '100ms']))).code).toBe(
-      0,
-    );
-    const client = await testClient(broker.url);
+    const args = workerArgs(broker().url, dirs, slot, ['--idle-timeout', '3s']);
+    expect(
+      (await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '100ms']))).code,
+    ).toBe(0);
+    const client = await testClient(broker().url);
     const rejected = await collect(client, 'jobs/rejected');
     const results = await collect(client, 'jobs/results/+');
 
@@ -132,7 +126,7 @@ describe('hostile input', () => {
     expect(await readdir(outside)).toEqual(['sentinel']);
     expect(await readFile(path.join(outside, 'sentinel'), 'utf8')).toBe('untouched');
     expect(await readdir(dirs.workspaces)).toEqual([]);
-    const idle = await runWorkerOnce(workerArgs(broker.url, dirs, slot, ['--idle-timeout', '1s']));
+    const idle = await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '1s']));
     expect(idle.stderr).toContain('no job within the idle timeout');
     await publishJob(client, { id: 'good-after', steps: ['echo fine'] });
     expect((await runWorkerOnce(args)).code).toBe(0);
@@ -147,9 +141,9 @@ describe('hostile input', () => {
     const dirs = await fleetDirs();
     const ledger = path.join(await tempDir(), 'runs');
     const secret = 's3cret-shared-key';
-    const args = workerArgs(broker.url, dirs, 'slot-s', ['--idle-timeout', '3s', '--secret', secret]);
-    await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-s', ['--idle-timeout', '100ms']));
-    const client = await testClient(broker.url);
+    const args = workerArgs(broker().url, dirs, 'slot-s', ['--idle-timeout', '3s', '--secret', secret]);
+    await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-s', ['--idle-timeout', '100ms']));
+    const client = await testClient(broker().url);
     const rejected = await collect(client, 'jobs/rejected');
     const results = await collect(client, 'jobs/results/+');
     const job = { id: 'signed-1', steps: [`echo run >> ${ledger}`] };
@@ -186,7 +180,7 @@ describe('hostile input', () => {
       'submit',
       'signed-2',
       '--url',
-      broker.url,
+      broker().url,
       '--secret',
       secret,
       '--steps',
@@ -204,12 +198,12 @@ describe('hostile input', () => {
   it('with --no-payload-steps refuses a request that carries steps, with an error result', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { 'has-steps': null });
-    await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-n', ['--idle-timeout', '100ms']));
-    const client = await testClient(broker.url);
+    await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-n', ['--idle-timeout', '100ms']));
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     await publishJob(client, { id: 'has-steps', steps: ['touch pwned'] });
     const run = await runWorkerOnce(
-      workerArgs(broker.url, dirs, 'slot-n', ['--idle-timeout', '3s', '--no-payload-steps']),
+      workerArgs(broker().url, dirs, 'slot-n', ['--idle-timeout', '3s', '--no-payload-steps']),
     );
     expect(run.code).toBe(0);
     await waitFor(() => results.length === 1);
@@ -225,12 +219,12 @@ describe('hostile input', () => {
   it('never prints the broker password or --mask values in the worker log, and masks them in step logs', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { m: null });
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-m', ['--idle-timeout', '100ms']));
+    await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-m', ['--idle-timeout', '100ms']));
     await publishJob(client, { id: 'm', steps: ['echo "token=tok-12345 and $API_TOKEN"'] });
     const run = await runWorkerOnce(
-      workerArgs(broker.url, dirs, 'slot-m', [
+      workerArgs(broker().url, dirs, 'slot-m', [
         '--idle-timeout',
         '3s',
         '--mask',

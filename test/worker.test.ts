@@ -1,8 +1,8 @@
 import { execFileSync } from 'node:child_process';
 import { readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
-import { Mosquitto } from './helpers/mosquitto.js';
+import { describe, expect, it } from 'vitest';
+import { freshBrokerPerTest } from './helpers/mosquitto.js';
 import { sleep, tempDir, waitFor, writeTree } from './helpers/tmp.js';
 import {
   collect,
@@ -14,17 +14,11 @@ import {
   workerArgs,
 } from './helpers/worker.js';
 
-let broker: Mosquitto;
-beforeEach(async () => {
-  broker = await Mosquitto.start();
-});
-afterEach(async () => {
-  await broker.dispose();
-});
+const { broker, replace } = freshBrokerPerTest();
 
 /** Connects a slot once so that its persistent session (and shared subscription) exists, then lets it go. */
 async function register(dirs: { jobs: string; workspaces: string }, id: string): Promise<void> {
-  const run = await runWorkerOnce(workerArgs(broker.url, dirs, id, ['--idle-timeout', '200ms']));
+  const run = await runWorkerOnce(workerArgs(broker().url, dirs, id, ['--idle-timeout', '200ms']));
   expect(run.code, run.stderr).toBe(0);
 }
 
@@ -32,12 +26,12 @@ describe('the broker worker', () => {
   it('takes one job from a shared subscription, runs it, publishes the result and exits 0', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { 'job_1/job.json': JSON.stringify({ steps: ['echo out > out.txt'] }) });
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     const events = await collect(client, 'jobs/status/job_1');
     const presence = await collect(client, 'jobs/workers/+');
     const responses = await collect(client, 'replies/mine');
-    const worker = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     await worker.sawLog('waiting for one job');
     await publishJob(
       client,
@@ -84,16 +78,16 @@ describe('the broker worker', () => {
       'second/job.json': JSON.stringify({ steps: ['true'] }),
     });
     await register(dirs, 'slot-a');
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     // Both are dealt to the only member's session while it is offline.
     await publishJob(client, { id: 'first' });
     await publishJob(client, { id: 'second' });
-    const one = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'));
+    const one = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
     expect(one.code, one.stderr).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results.map((r) => r.body.id)).toEqual(['first']);
-    const two = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '5s']));
+    const two = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '5s']));
     expect(two.code, two.stderr).toBe(0);
     await waitFor(() => results.length === 2);
     expect(results.map((r) => r.body.id)).toEqual(['first', 'second']);
@@ -106,14 +100,14 @@ describe('the broker worker', () => {
       'k/job.json': JSON.stringify({ steps: ['echo "attempt $JOB_ATTEMPT" > attempt.txt; sleep 2'] }),
     });
     await register(dirs, 'slot-a');
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     await publishJob(client, { id: 'k' });
-    const first = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const first = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     await first.sawLog('step 0 started');
     first.child.kill('SIGKILL');
     await first.exited;
-    const second = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '10s']));
+    const second = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '10s']));
     expect(second.code, second.stderr).toBe(0);
     expect(second.stderr).toContain('taking over');
     await waitFor(() => results.length === 1);
@@ -133,12 +127,12 @@ describe('the broker worker', () => {
       'f/job.json': JSON.stringify({ steps: ['echo ran >> "$JOB_RESULTS_DIR/../runs.txt"'] }),
     });
     await register(dirs, 'slot-a');
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     await publishJob(client, { id: 'f' });
-    expect((await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'))).code).toBe(0);
+    expect((await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'))).code).toBe(0);
     await publishJob(client, { id: 'f' });
-    const again = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'));
+    const again = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
     expect(again.code).toBe(0);
     expect(again.stderr).toContain('already finished');
     await waitFor(() => results.length === 2);
@@ -153,21 +147,21 @@ describe('the broker worker', () => {
       'r/job.json': JSON.stringify({ steps: ['sleep 2; echo done > done.txt'] }),
     });
     await register(dirs, 'slot-a');
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     await publishJob(client, { id: 'r' });
     await client.endAsync();
-    const worker = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     await worker.sawLog('step 0 started');
-    await broker.restart();
+    await broker().restart();
     const first = await worker.exited;
     // The job finished and wrote result.json, but its result could not be published: exit 3.
     expect(first.code, first.stderr).toBe(3);
     expect(JSON.parse(await readFile(path.join(dirs.jobs, 'r/results/result.json'), 'utf8')).status).toBe(
       'success',
     );
-    const watcher = await testClient(broker.url);
+    const watcher = await testClient(broker().url);
     const results = await collect(watcher, 'jobs/results/+');
-    const second = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '10s']));
+    const second = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '10s']));
     expect(second.code, second.stderr).toBe(0);
     expect(second.stderr).toContain('already finished');
     await waitFor(() => results.length === 1);
@@ -178,9 +172,9 @@ describe('the broker worker', () => {
   it('cancels the running job on jobs/cancel/{id}', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { 'c/job.json': JSON.stringify({ steps: ['sleep 30', 'true'] }) });
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    const worker = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     await worker.sawLog('waiting for one job');
     await publishJob(client, { id: 'c' });
     await worker.sawLog('step 0 started');
@@ -195,9 +189,9 @@ describe('the broker worker', () => {
   it('on SIGTERM during a job stops it, exits 143 and leaves the job for the slot next run', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { 's/job.json': JSON.stringify({ steps: ['sleep 30'] }) });
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    const worker = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     await worker.sawLog('waiting for one job');
     await publishJob(client, { id: 's' });
     await worker.sawLog('step 0 started');
@@ -206,7 +200,7 @@ describe('the broker worker', () => {
     expect(exit.code, exit.stderr).toBe(143);
     expect(results).toEqual([]);
     await writeFile(path.join(dirs.jobs, 's/job.json'), JSON.stringify({ steps: ['true'] }));
-    const next = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '10s']));
+    const next = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '10s']));
     expect(next.code, next.stderr).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results[0]?.body).toMatchObject({ id: 's', status: 'success', attempt: 2 });
@@ -215,12 +209,12 @@ describe('the broker worker', () => {
 
   it('exits 0 on SIGTERM while waiting, and 0 after --idle-timeout', async () => {
     const dirs = await fleetDirs();
-    const worker = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     await worker.sawLog('waiting for one job');
     worker.child.kill('SIGTERM');
     expect((await worker.exited).code).toBe(0);
     const started = Date.now();
-    const idle = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
+    const idle = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
     expect(idle.code).toBe(0);
     expect(idle.stderr).toContain('no job within the idle timeout');
     expect(Date.now() - started).toBeLessThan(5000);
@@ -229,10 +223,10 @@ describe('the broker worker', () => {
   it('publishes an error result for a job folder that does not exist, and acks it', async () => {
     const dirs = await fleetDirs();
     await register(dirs, 'slot-a');
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     await publishJob(client, { id: 'ghost' });
-    const run = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'));
+    const run = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
     expect(run.code).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results[0]?.body).toMatchObject({
@@ -241,7 +235,7 @@ describe('the broker worker', () => {
       error: { code: 'JOB_NOT_FOUND' },
     });
     // Acked: the slot's next run gets nothing.
-    const next = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
+    const next = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
     expect(next.stderr).toContain('no job within the idle timeout');
     await client.endAsync();
   });
@@ -250,18 +244,18 @@ describe('the broker worker', () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { good: null });
     await register(dirs, 'slot-a');
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const rejected = await collect(client, 'jobs/rejected');
     const results = await collect(client, 'jobs/results/+');
     await publishJob(client, 'not json at all');
-    const bad = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'));
+    const bad = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
     expect(bad.code).toBe(0);
     expect(bad.stderr).toContain('INVALID_PAYLOAD');
     expect(bad.stderr).not.toMatch(/\n\s+at /);
     await waitFor(() => rejected.length === 1);
     expect(rejected[0]?.body).toMatchObject({ workerId: 'slot-a', error: { code: 'INVALID_PAYLOAD' } });
     await publishJob(client, { id: 'good', steps: ['true'] });
-    expect((await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'))).code).toBe(0);
+    expect((await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'))).code).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results[0]?.body).toMatchObject({ id: 'good', status: 'success' });
     await client.endAsync();
@@ -277,14 +271,14 @@ describe('the broker worker', () => {
     execFileSync('chattr', ['+i', path.join(dirs.jobs, 'frozen/results')]);
     try {
       await register(dirs, 'slot-a');
-      const client = await testClient(broker.url);
+      const client = await testClient(broker().url);
       const results = await collect(client, 'jobs/results/+');
       await publishJob(client, { id: 'frozen' });
-      const run = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a'));
+      const run = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
       expect(run.code, run.stderr).toBe(0);
       await waitFor(() => results.length === 1);
       expect(results[0]?.body).toMatchObject({ id: 'frozen', status: 'error', error: { code: 'INTERNAL' } });
-      const next = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
+      const next = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
       expect(next.stderr).toContain('no job within the idle timeout');
       await client.endAsync();
     } finally {
@@ -295,7 +289,7 @@ describe('the broker worker', () => {
   it('warns that --clean loses queued jobs', async () => {
     const dirs = await fleetDirs();
     const run = await runWorkerOnce(
-      workerArgs(broker.url, dirs, 'slot-c', ['--clean', '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, 'slot-c', ['--clean', '--idle-timeout', '200ms']),
     );
     expect(run.code).toBe(0);
     expect(run.stderr).toContain('--clean');
@@ -305,9 +299,9 @@ describe('the broker worker', () => {
   it('runs through a job that outlives several keepalive periods without losing the connection', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { long: null });
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    const worker = startWorker(workerArgs(broker.url, dirs, 'slot-a', ['--keepalive', '1s']));
+    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a', ['--keepalive', '1s']));
     await worker.sawLog('waiting for one job');
     await publishJob(client, { id: 'long', steps: ['sleep 4'] });
     const exit = await worker.exited;
@@ -321,8 +315,8 @@ describe('the broker worker', () => {
 describe('connection failures', () => {
   it('exits 3 with a clear message when the broker cannot be reached', async () => {
     const dirs = await fleetDirs();
-    const port = broker.port;
-    await broker.stop();
+    const port = broker().port;
+    await broker().stop();
     const started = Date.now();
     const run = await runWorkerOnce(
       workerArgs(`mqtt://127.0.0.1:${port}`, dirs, 'slot-a', ['--connect-timeout', '2s']),
@@ -334,30 +328,28 @@ describe('connection failures', () => {
   });
 
   it('exits 4 when the broker refuses the credentials from a password file, and never prints the password', async () => {
-    await broker.dispose();
     const dir = await tempDir();
     const passwd = path.join(dir, 'passwd');
     execFileSync('mosquitto_passwd', ['-b', '-c', passwd, 'worker', 'right-password']);
-    broker = await Mosquitto.start({ listenerLines: ['allow_anonymous false', `password_file ${passwd}`] });
+    await replace({ listenerLines: ['allow_anonymous false', `password_file ${passwd}`] });
     const dirs = await fleetDirs();
     await writeFile(path.join(dir, 'wrong'), 'wrong-password\n');
     await writeFile(path.join(dir, 'right'), 'right-password\n');
     const refused = await runWorkerOnce(
-      workerArgs(broker.url, dirs, 'slot-a', ['--username', 'worker', '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, 'slot-a', ['--username', 'worker', '--idle-timeout', '200ms']),
       { MQTT_PASSWORD_FILE: path.join(dir, 'wrong') },
     );
     expect(refused.code).toBe(4);
     expect(refused.stderr).toContain('BROKER_REFUSED');
     expect(refused.stderr).not.toContain('wrong-password');
     const accepted = await runWorkerOnce(
-      workerArgs(broker.url, dirs, 'slot-a', ['--username', 'worker', '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, 'slot-a', ['--username', 'worker', '--idle-timeout', '200ms']),
       { MQTT_PASSWORD_FILE: path.join(dir, 'right') },
     );
     expect(accepted.code, accepted.stderr).toBe(0);
   });
 
   it('connects over TLS with certificates the test makes, and refuses an untrusted server', async () => {
-    await broker.dispose();
     const dir = await tempDir();
     const ssl = (args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'ignore' });
     ssl([
@@ -432,7 +424,7 @@ describe('connection failures', () => {
       '-out',
       'client.crt',
     ]);
-    broker = await Mosquitto.start({
+    await replace({
       tls: true,
       listenerLines: [
         'allow_anonymous true',
@@ -445,12 +437,12 @@ describe('connection failures', () => {
     const dirs = await fleetDirs();
     const tls = ['--ca', `${dir}/ca.crt`, '--cert', `${dir}/client.crt`, '--key', `${dir}/client.key`];
     const ok = await runWorkerOnce(
-      workerArgs(broker.url, dirs, 'slot-a', [...tls, '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, 'slot-a', [...tls, '--idle-timeout', '200ms']),
     );
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stderr).toContain('connected to the broker');
     const untrusted = await runWorkerOnce(
-      workerArgs(broker.url, dirs, 'slot-a', ['--idle-timeout', '200ms', '--connect-timeout', '3s']),
+      workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '200ms', '--connect-timeout', '3s']),
     );
     expect(untrusted.code).toBe(3);
     expect(untrusted.stderr).toMatch(/BROKER_UNREACHABLE.*(certificate|CERT)/i);
@@ -462,12 +454,12 @@ describe('submit and drain', () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { ok: null, bad: null });
     await register(dirs, 'slot-a');
-    const slot = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const slot = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     const ok = await runWorkerOnce([
       'submit',
       'ok',
       '--url',
-      broker.url,
+      broker().url,
       '--steps',
       'echo hi',
       '--wait',
@@ -477,12 +469,12 @@ describe('submit and drain', () => {
     expect(ok.code, ok.stderr).toBe(0);
     expect(JSON.parse(ok.stdout)).toMatchObject({ id: 'ok', status: 'success' });
     await slot.exited;
-    const slot2 = startWorker(workerArgs(broker.url, dirs, 'slot-a'));
+    const slot2 = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     const bad = await runWorkerOnce([
       'submit',
       'bad',
       '--url',
-      broker.url,
+      broker().url,
       '--steps',
       '["exit 3"]',
       '--wait',
@@ -496,7 +488,7 @@ describe('submit and drain', () => {
 
   it('submit retries while nobody is subscribed and times out with exit 5', async () => {
     const started = Date.now();
-    const run = await runWorkerOnce(['submit', 'lonely', '--url', broker.url, '--timeout', '1500ms']);
+    const run = await runWorkerOnce(['submit', 'lonely', '--url', broker().url, '--timeout', '1500ms']);
     expect(run.code).toBe(5);
     expect(run.stderr).toContain('nobody is subscribed');
     expect(Date.now() - started).toBeLessThan(8000);
@@ -507,14 +499,14 @@ describe('submit and drain', () => {
     await writeTree(dirs.jobs, { d1: null, d2: null, d3: null, d4: null });
     await register(dirs, 'slot-retired');
     await register(dirs, 'slot-live');
-    const client = await testClient(broker.url);
+    const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     for (const id of ['d1', 'd2', 'd3', 'd4']) await publishJob(client, { id, steps: ['true'] });
     // Round robin: two of the four sit in the retired slot's session.
     const drained = await runWorkerOnce([
       'drain',
       '--url',
-      broker.url,
+      broker().url,
       '--id',
       'slot-retired',
       '--topic',
@@ -525,7 +517,7 @@ describe('submit and drain', () => {
     expect(drained.code, drained.stderr).toBe(0);
     expect(JSON.parse(drained.stdout)).toEqual({ slot: 'slot-retired', moved: 2 });
     for (let i = 0; i < 4; i++) {
-      const run = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-live', ['--idle-timeout', '3s']));
+      const run = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-live', ['--idle-timeout', '3s']));
       expect(run.code, run.stderr).toBe(0);
     }
     await waitFor(() => results.length === 4);
@@ -533,7 +525,7 @@ describe('submit and drain', () => {
     // The retired slot is no longer a member: new jobs all go to the live slot.
     await publishJob(client, { id: 'd1', steps: ['true'] });
     await sleep(200);
-    const after = await runWorkerOnce(workerArgs(broker.url, dirs, 'slot-live', ['--idle-timeout', '3s']));
+    const after = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-live', ['--idle-timeout', '3s']));
     expect(after.stderr).toContain('already finished');
     await client.endAsync();
   });

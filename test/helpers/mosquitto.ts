@@ -4,6 +4,7 @@ import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { createConnection, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { afterEach, beforeEach } from 'vitest';
 
 /** The mosquitto binary: on PATH, or where Debian puts it (/usr/sbin is not on every PATH). */
 export function mosquittoBinary(): string {
@@ -140,4 +141,32 @@ export class Mosquitto {
     await this.stop();
     await rm(this.dir, { recursive: true, force: true });
   }
+}
+
+/**
+ * A fresh broker for every test of the calling file (slots' persistent sessions must not leak between tests).
+ * `broker()` is the current one; `replace(options)` swaps it for one configured differently.
+ */
+export function freshBrokerPerTest(): {
+  broker: () => Mosquitto;
+  replace: (options: MosquittoOptions) => Promise<Mosquitto>;
+} {
+  let current: Mosquitto | undefined;
+  beforeEach(async () => {
+    current = await Mosquitto.start();
+  });
+  afterEach(async () => {
+    await current?.dispose();
+  });
+  return {
+    broker: () => {
+      if (!current) throw new Error('no broker outside a test');
+      return current;
+    },
+    replace: async (options) => {
+      await current?.dispose();
+      current = await Mosquitto.start(options);
+      return current;
+    },
+  };
 }
