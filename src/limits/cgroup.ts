@@ -97,6 +97,15 @@ export async function sweep(
   await remove(dir).catch(() => {});
 }
 
+/**
+ * The first move of a process into a cgroup waits for an RCU grace period in the kernel (~20-30 ms here); moves
+ * soon after it are fast. Moving the worker into the cgroup it is already in, while the job is staged, pays
+ * that wait off the step's path. Never fails.
+ */
+function primeMigration(ownProcs: string): Promise<void> {
+  return writeFile(ownProcs, String(process.pid)).catch(() => {});
+}
+
 // ---------------------------------------------------------------------------------------------------- v2 ----
 
 /**
@@ -144,6 +153,7 @@ export async function openCgroupV2(
   } catch (error) {
     throw unavailable(own, error);
   }
+  // Moving the worker into supervisor/ above already paid the kernel's first-migration wait (see primeMigration).
   const prefix = `${name}-step-`;
   // Stale step cgroups of this worker's earlier (crashed) run.
   for (const entry of await readdir(own).catch(() => [] as string[])) {
@@ -251,9 +261,11 @@ export async function openCgroupV1(
   } catch (error) {
     throw unavailable([...roots.values()][0] ?? 'the cgroup v1 hierarchies', error);
   }
+  const primed = memory ? primeMigration(path.join(memory, 'cgroup.procs')) : Promise.resolve();
   return {
     mode: 'cgroup1',
     step: async (index) => {
+      await primed;
       const dirs = new Map<string, string>();
       for (const [controller, root] of roots) dirs.set(controller, path.join(root, `step-${index}`));
       try {
