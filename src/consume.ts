@@ -15,7 +15,8 @@ export interface ConsumerInput {
   readonly clientId: string;
   readonly clean: boolean;
   readonly sessionExpirySeconds: number | undefined;
-  readonly topic: string;
+  /** The subscription to make; undefined: take only what the session already holds (drain). */
+  readonly topic: string | undefined;
   readonly will?: IClientOptions['will'];
   readonly log: Logger;
 }
@@ -80,14 +81,16 @@ export class OneShotConsumer {
       (client as unknown as { connackPacket?: { sessionPresent?: boolean } }).connackPacket?.sessionPresent,
     );
     const consumer = new OneShotConsumer(client, sessionPresent, first, closed);
+    const topic = input.topic;
+    if (topic === undefined) return consumer;
     // A present session still holds the subscription (and may already be delivering): do not wait for a SUBACK
     // that MQTT.js cannot read while a delivered job is held.
     const subscribed = new Promise<void>((resolve, reject) => {
-      client.subscribe(input.topic, { qos: 1 }, (error, granted) => {
+      client.subscribe(topic, { qos: 1 }, (error, granted) => {
         const code = granted?.[0]?.qos;
         if (error) reject(error);
         else if (code !== undefined && code >= 0x80)
-          reject(new Error(`the broker refused the subscription to ${input.topic} (code ${code})`));
+          reject(new Error(`the broker refused the subscription to ${topic} (code ${code})`));
         else resolve();
       });
     });

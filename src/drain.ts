@@ -37,12 +37,14 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
     for (;;) {
       // One connection per message: a held message blocks MQTT.js's reading, and the next one is delivered
       // only to the session's next connection.
+      // No subscription of its own: drain takes only what the session holds, and removes the slot's
+      // subscription on its first connection so that the broker deals it no new jobs meanwhile.
       const consumer = await OneShotConsumer.connect({
         settings: input.settings,
         clientId: input.slot,
         clean: false,
         sessionExpirySeconds: undefined,
-        topic: input.topic,
+        topic: undefined,
         log: input.log,
       });
       if (moved === 0) consumer.client.unsubscribe(input.topic);

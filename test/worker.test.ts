@@ -494,6 +494,38 @@ describe('submit and drain', () => {
     expect(Date.now() - started).toBeLessThan(8000);
   });
 
+  it('loses no job published while a drain runs', { timeout: 60_000 }, async () => {
+    const dirs = await fleetDirs();
+    await register(dirs, 'slot-old');
+    await register(dirs, 'slot-new');
+    const client = await testClient(broker().url);
+    const results = await collect(client, 'jobs/results/+');
+    const ids = Array.from({ length: 10 }, (_, i) => `live-${i}`);
+    for (const id of ids.slice(0, 4)) await publishJob(client, { id, steps: ['true'] });
+    const draining = runWorkerOnce([
+      'drain',
+      '--url',
+      broker().url,
+      '--id',
+      'slot-old',
+      '--topic',
+      '$share/workers/jobs/pending',
+      '--quiet',
+      '1500ms',
+    ]);
+    for (const id of ids.slice(4)) {
+      await sleep(150);
+      await publishJob(client, { id, steps: ['true'] });
+    }
+    const drained = await draining;
+    expect(drained.code, drained.stderr).toBe(0);
+    for (let i = 0; i < 20 && results.length < ids.length; i++) {
+      await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-new', ['--idle-timeout', '1s']));
+    }
+    expect(results.map((r) => r.body.id).sort()).toEqual([...ids].sort());
+    await client.endAsync();
+  });
+
   it('drain moves the jobs stranded in a retired slot session to a live slot', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { d1: null, d2: null, d3: null, d4: null });
