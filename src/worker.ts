@@ -8,7 +8,7 @@ import { parseRequest, type RequestPolicy } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { Options } from './options.js';
 import { resolveJobPaths } from './paths.js';
-import { type Manifest, type ResultPayload, toResultPayload } from './report.js';
+import { type ResultPayload, toResultPayload } from './report.js';
 
 export interface WorkerInput {
   readonly options: Options;
@@ -148,18 +148,32 @@ async function handleSafely(
       stack: (error as Error).stack,
     });
     if (!consumer.connected) return { kind: 'connection-lost', id };
-    if (id) {
-      const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
-      manifest.error = info;
-      await finish(consumer, delivery, input, toResultPayload(manifest));
-    } else {
-      consumer.fireAndForget(
-        input.options.rejectedTopic,
-        rejection(delivery, input.options.id, info.code, info.message),
-      );
-      delivery.ack();
-    }
+    await answerFailure(consumer, delivery, input, id, info);
     return { kind: 'handled', id, action: 'failed', status: 'error' };
+  }
+}
+
+/**
+ * Answers a delivery that cannot run, and acknowledges it: an `error` result for a usable id, otherwise a
+ * rejection on the rejected topic.
+ */
+async function answerFailure(
+  consumer: OneShotConsumer,
+  delivery: Delivery,
+  input: WorkerInput,
+  id: string | undefined,
+  info: { code: ErrorCode; message: string },
+): Promise<void> {
+  if (id) {
+    const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
+    manifest.error = info;
+    await finish(consumer, delivery, input, toResultPayload(manifest));
+  } else {
+    consumer.fireAndForget(
+      input.options.rejectedTopic,
+      rejection(delivery, input.options.id, info.code, info.message),
+    );
+    delivery.ack();
   }
 }
 
@@ -175,17 +189,7 @@ async function handleDelivery(
   if (!parsed.ok) {
     const { error, id } = parsed;
     log.error(`rejected a request: ${error.code}: ${error.message}`, { ...(id ? { job: id } : {}) });
-    if (id) {
-      const manifest = newManifest(input.config, id, 1, now());
-      manifest.error = { code: error.code, message: error.message };
-      await finish(consumer, delivery, input, toResultPayload(manifest));
-    } else {
-      consumer.fireAndForget(
-        options.rejectedTopic,
-        rejection(delivery, options.id, error.code, error.message),
-      );
-      delivery.ack();
-    }
+    await answerFailure(consumer, delivery, input, id, { code: error.code, message: error.message });
     return { kind: 'handled', id, action: 'rejected', status: 'error' };
   }
 
@@ -211,9 +215,7 @@ async function handleDelivery(
   } catch (error) {
     const info = toErrorInfo(error);
     jobLog.error(`${info.code}: ${info.message}`);
-    const manifest = newManifest(input.config, request.id, 1, now());
-    manifest.error = info;
-    await finish(consumer, delivery, input, toResultPayload(manifest));
+    await answerFailure(consumer, delivery, input, request.id, info);
     return { kind: 'handled', id: request.id, action: 'error', status: 'error' };
   }
 
@@ -284,7 +286,7 @@ async function handleDelivery(
       );
       return { kind: 'connection-lost', id: request.id };
     }
-    await finish(consumer, delivery, input, toResultPayload(manifest as Manifest));
+    await finish(consumer, delivery, input, toResultPayload(manifest));
     return { kind: 'handled', id: request.id, action: 'ran', status: manifest.status };
   } catch (error) {
     claim.stopHeartbeat();

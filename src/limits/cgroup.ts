@@ -59,6 +59,13 @@ async function procsOf(dir: string): Promise<number[]> {
   return text.split('\n').filter(Boolean).map(Number);
 }
 
+/** Waits (up to a second) until the killed processes of a cgroup have left it. */
+async function waitEmpty(dir: string): Promise<void> {
+  for (let i = 0; i < 100 && (await procsOf(dir)).length > 0; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 10));
+  }
+}
+
 function signalAll(pids: number[], signal: NodeJS.Signals): void {
   for (const pid of pids) {
     try {
@@ -195,8 +202,7 @@ async function killV2(dir: string): Promise<void> {
     signalAll(await procsOf(dir), 'SIGKILL');
     await writeFile(path.join(dir, 'cgroup.freeze'), '0').catch(() => {});
   }
-  for (let i = 0; i < 100 && (await procsOf(dir)).length > 0; i++)
-    await new Promise((resolve) => setTimeout(resolve, 10));
+  await waitEmpty(dir);
 }
 
 function v2Sandbox(dir: string, remove: (dir: string) => Promise<void>): StepSandbox {
@@ -318,8 +324,7 @@ function v1Sandbox(dirs: Map<string, string>): StepSandbox {
     const freezer = dirs.get('freezer');
     if (freezer) await killV1(freezer);
     else signalAll(await procsOf(any), 'SIGKILL');
-    for (let i = 0; i < 100 && (await procsOf(any)).length > 0; i++)
-      await new Promise((resolve) => setTimeout(resolve, 10));
+    await waitEmpty(any);
   };
   return {
     join: async (pid) => {
