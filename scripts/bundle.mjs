@@ -4,6 +4,24 @@
 import { readFileSync, rmSync } from 'node:fs';
 import { build } from 'esbuild';
 
+// MQTT.js and its packet library are written for browsers too. On Node, two of their dependencies are dead
+// weight that every job would compile and initialise: readable-stream is a copy of node:stream (the real one is
+// used instead), and worker-timers only serves browsers' background tabs (MQTT.js picks native timers on Node).
+const nodeOnly = {
+  name: 'node-only',
+  setup(bundle) {
+    bundle.onResolve({ filter: /^readable-stream$/ }, () => ({ path: 'node:stream', external: true }));
+    bundle.onResolve({ filter: /^worker-timers$/ }, () => ({
+      path: 'worker-timers',
+      namespace: 'node-only',
+    }));
+    bundle.onLoad({ filter: /.*/, namespace: 'node-only' }, () => ({
+      contents: 'module.exports = { setInterval, clearInterval, setTimeout, clearTimeout };',
+      loader: 'js',
+    }));
+  },
+};
+
 const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
 
 rmSync(new URL('../dist/bundle', import.meta.url), { recursive: true, force: true });
@@ -22,5 +40,6 @@ await build({
   banner: {
     js: "import { createRequire as __mfwRequire } from 'node:module'; const require = __mfwRequire(import.meta.url);",
   },
+  plugins: [nodeOnly],
   logLevel: 'warning',
 });

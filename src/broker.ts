@@ -80,6 +80,9 @@ export async function clientOptions(input: ConnectInput): Promise<IClientOptions
     // process. A lost connection ends the process; the slot's next run picks up where the session stands.
     reconnectPeriod: 0,
     resubscribe: false,
+    // MQTT.js otherwise fills a table of 65,536 two-byte buffers before its first packet (~50 ms and a GC storm
+    // at every start); a worker sends a handful of packets in its life.
+    writeCache: false,
     ...(settings.username !== undefined ? { username: settings.username } : {}),
     ...(password !== undefined ? { password } : {}),
     ...tls,

@@ -1,4 +1,3 @@
-import { execa } from 'execa';
 import { ErrorCode, WorkerError } from './errors.js';
 
 /** The account steps run as (`--run-as`): ids for setpriv, and the variables a login would set. */
@@ -22,6 +21,8 @@ export async function resolveRunAs(name: string, isRoot: boolean): Promise<RunAs
     );
   let passwd: string;
   let groups: string;
+  // Loaded here, not at the top: execa is a large module and most workers never switch users.
+  const { execa } = await import('execa');
   try {
     passwd = (await execa('getent', ['passwd', name])).stdout.trim();
     groups = (await execa('id', ['-G', name])).stdout.trim();
