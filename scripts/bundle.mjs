@@ -1,6 +1,8 @@
 // Bundles the CLI for start-up speed: the worker starts once per job, and resolving and compiling hundreds of
-// small module files cost more than the job itself for short jobs. Each command's code stays in its own chunk,
-// loaded only when that command runs. `tsc` still builds dist/*.js and the types for the library API.
+// small module files cost more than the job itself for short jobs. The CLI becomes one CommonJS file, which the
+// binary loads through a V8 code cache (src/launch.ts): code that is never called (other commands, rare
+// transports) is never compiled, and what a run did compile is reused by the next. `tsc` still builds dist/*.js
+// and the types for the library API.
 import { readFileSync, rmSync } from 'node:fs';
 import { build } from 'esbuild';
 
@@ -25,21 +27,24 @@ const nodeOnly = {
 const { version } = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
 
 rmSync(new URL('../dist/bundle', import.meta.url), { recursive: true, force: true });
-await build({
-  entryPoints: { cli: 'src/cli.ts' },
+const common = {
   outdir: 'dist/bundle',
+  outExtension: { '.js': '.cjs' },
   bundle: true,
-  splitting: true,
-  format: 'esm',
+  format: 'cjs',
   platform: 'node',
   target: 'node20',
   minify: true,
   legalComments: 'linked',
-  define: { __MFW_VERSION__: JSON.stringify(version) },
-  // CommonJS dependencies call require() for Node's own modules; give the ES module bundle one.
-  banner: {
-    js: "import { createRequire as __mfwRequire } from 'node:module'; const require = __mfwRequire(import.meta.url);",
-  },
-  plugins: [nodeOnly],
   logLevel: 'warning',
+};
+await build({
+  ...common,
+  entryPoints: { cli: 'src/cli.ts' },
+  define: { __MFW_VERSION__: JSON.stringify(version) },
+  // The launcher compiles the bundle as a plain script, which has no loader for import(): dynamic imports
+  // become lazy require()s (they still run only when reached).
+  supported: { 'dynamic-import': false },
+  plugins: [nodeOnly],
 });
+await build({ ...common, entryPoints: { launch: 'src/launch.ts' } });

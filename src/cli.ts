@@ -1,4 +1,3 @@
-import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import path from 'node:path';
@@ -11,14 +10,11 @@ import { OPTION_DEFS, type OptionFlags, type Options, resolveOptions } from './o
 import { parseDuration } from './units.js';
 
 // The only module that touches the process: argv, env, stdout/stderr, signals and exit codes. Each command's
-// modules are imported when that command runs, so `--version` and `--help` load almost nothing.
+// modules are imported when that command runs, so `--version` and `--help` initialise almost nothing.
 
-// The bundle (scripts/bundle.mjs) has the version built in; the plain tsc build reads it from package.json.
-declare const __MFW_VERSION__: string | undefined;
-const VERSION: string =
-  typeof __MFW_VERSION__ === 'string'
-    ? __MFW_VERSION__
-    : JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')).version;
+// Built in by scripts/bundle.mjs: the CLI runs from the bundle only (bin/ → dist/bundle/cli.cjs).
+declare const __MFW_VERSION__: string;
+const VERSION = __MFW_VERSION__;
 
 /** Variables of the worker's own configuration; steps never see them (the broker password among them). */
 const WORKER_ONLY_ENV = /^(MQTT_|WORKER_ID$)/;
@@ -117,7 +113,7 @@ function interruptOnSignals(): {
   };
 }
 
-async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> {
+async function runDry(payloadFile: string, flags: OptionFlags, hooks: MainHooks): Promise<number> {
   const options = await resolve(flags);
   const [{ dryRun }, { toResultPayload }, { JobInterrupted }, { constants }] = await Promise.all([
     import('./dry-run.js'),
@@ -138,6 +134,7 @@ async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> 
     if (manifest.error) log.error(`${manifest.error.code}: ${manifest.error.message}`);
     log.info(`job ${manifest.id} ${manifest.status} (exit code ${manifest.exitCode})`);
     process.stdout.write(`${JSON.stringify(toResultPayload(manifest))}\n`);
+    hooks.jobDone?.();
     return manifest.status === 'success' ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
   } catch (error) {
     if (error instanceof JobInterrupted) {
@@ -151,7 +148,7 @@ async function runDry(payloadFile: string, flags: OptionFlags): Promise<number> 
   }
 }
 
-async function runBrokerWorker(flags: OptionFlags): Promise<number> {
+async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<number> {
   const options = await resolve(flags);
   const [{ runWorker }, { selfIdentity }, { constants }] = await Promise.all([
     import('./worker.js'),
@@ -173,6 +170,7 @@ async function runBrokerWorker(flags: OptionFlags): Promise<number> {
       log,
       signal: interrupt.signal,
     });
+    if (outcome.kind === 'handled' && outcome.action === 'ran') hooks.jobDone?.();
     switch (outcome.kind) {
       case 'no-job':
       case 'handled':
@@ -298,7 +296,7 @@ function addWorkerOptions(command: Command, keyOf: Map<string, keyof Options>): 
   return command;
 }
 
-function buildProgram(run: (action: () => Promise<number>) => void): Command {
+function buildProgram(run: (action: () => Promise<number>) => void, hooks: MainHooks): Command {
   // commander names attributes after the flags (--kill-grace → killGrace); map them onto the option keys.
   const keyOf = new Map<string, keyof Options>();
   const flagsOf = (parsed: Record<string, unknown>): OptionFlags => {
@@ -331,8 +329,8 @@ function buildProgram(run: (action: () => Promise<number>) => void): Command {
     .action((parsed: Record<string, unknown>) => {
       const dryRun = parsed.dryRun as string | boolean | undefined;
       if (dryRun !== undefined)
-        run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', flagsOf(parsed)));
-      else run(() => runBrokerWorker(flagsOf(parsed)));
+        run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', flagsOf(parsed), hooks));
+      else run(() => runBrokerWorker(flagsOf(parsed), hooks));
     });
   program
     .command('validate')
@@ -364,11 +362,16 @@ function buildProgram(run: (action: () => Promise<number>) => void): Command {
 }
 
 /** Runs the CLI with `argv` (as process.argv) and resolves to the process exit code; never throws. */
-export async function main(argv: readonly string[] = process.argv): Promise<number> {
+export interface MainHooks {
+  /** A job ran to its end: the code a job needs has run (the launcher caches it then, see launch.ts). */
+  readonly jobDone?: () => void;
+}
+
+export async function main(argv: readonly string[] = process.argv, hooks: MainHooks = {}): Promise<number> {
   let pending: Promise<number> | undefined;
   const program = buildProgram((action) => {
     pending = action();
-  });
+  }, hooks);
   try {
     await program.parseAsync([...argv]);
     return pending ? await pending : ExitCode.OK;

@@ -69,6 +69,25 @@ describe('the installed command', () => {
     expect(await readdir(path.join(cwd, 'workspaces'))).toEqual([]);
   });
 
+  it('keeps its compiled code in MQTT_CODE_CACHE after a job, runs the same from it, and keeps none when off', async () => {
+    const cwd = await tempDir();
+    const cache = path.join(cwd, 'cache');
+    await writeFile(path.join(cwd, 'test-payload.json'), '{"id": "cached", "steps": ["echo $JOB_ATTEMPT"]}');
+    for (let run = 0; run < 2; run++) {
+      const result = await cli(['--dry-run', '--limits', 'off'], { cwd, env: { MQTT_CODE_CACHE: cache } });
+      expect(result.code, result.stderr).toBe(0);
+      expect(JSON.parse(result.stdout)).toMatchObject({ id: 'cached', status: 'success' });
+      expect(await readFile(path.join(cwd, 'jobs/cached/results/step_0.log'), 'utf8')).toBe('1\n');
+    }
+    expect(await readdir(cache)).toEqual([expect.stringMatching(/^cli\.cjs\.\w+\.dry-run\..*\.warm\.bin$/)]);
+    expect(await cli(['--version'], { env: { MQTT_CODE_CACHE: cache } })).toMatchObject({ code: 0 });
+    expect(await readdir(cache)).toHaveLength(2);
+
+    const off = path.join(cwd, 'off');
+    await cli(['--dry-run', '--limits', 'off'], { cwd, env: { MQTT_CODE_CACHE: 'off', TMPDIR: off } });
+    await expect(lstat(off)).rejects.toThrow('ENOENT');
+  });
+
   it('exits 1 for a failing dry-run job and names the payload file given', async () => {
     const cwd = await tempDir();
     await writeFile(path.join(cwd, 'fail.json'), '{"id": "f", "steps": ["exit 7"]}');

@@ -35,7 +35,9 @@ describe('the npm package', () => {
     );
     const files: string[] = packed.files.map((f: { path: string }) => f.path);
     expect(files).toContain('bin/mqtt-fs-worker.js');
-    expect(files).toContain('dist/bundle/cli.js');
+    expect(files).toContain('bin/package.json'); // makes the bin CommonJS
+    expect(files).toContain('dist/bundle/cli.cjs');
+    expect(files).toContain('dist/bundle/launch.cjs');
     expect(files).toContain('dist/index.d.ts');
     expect(
       files.every((f) => /^(bin|dist)\//.test(f) || ['README.md', 'LICENSE', 'package.json'].includes(f)),
