@@ -105,12 +105,13 @@ export async function sweep(
 }
 
 /**
- * The first move of a process into a cgroup waits for an RCU grace period in the kernel (~20-30 ms here); moves
- * soon after it are fast. Moving the worker into the cgroup it is already in, while the job is staged, pays
- * that wait off the step's path. Never fails.
+ * A move into a cgroup after a quiet spell (~40 ms here) waits for an RCU grace period (~10-15 ms here), holding
+ * the lock that creating or configuring any cgroup needs; moves soon after it are fast. Moving the worker into the
+ * cgroup it is already in lets that wait pass while the job is staged and its first step spawned: the step's own
+ * move then finds it over, or waits only for the rest of it. Never fails; nothing waits for it.
  */
-function primeMigration(ownProcs: string): Promise<void> {
-  return writeFile(ownProcs, String(process.pid)).catch(() => {});
+function primeMigration(ownProcs: string): void {
+  writeFile(ownProcs, String(process.pid)).catch(() => {});
 }
 
 // ---------------------------------------------------------------------------------------------------- v2 ----
@@ -160,7 +161,7 @@ export async function openCgroupV2(
   } catch (error) {
     throw unavailable(own, error);
   }
-  // Moving the worker into supervisor/ above already paid the kernel's first-migration wait (see primeMigration).
+  // Moving the worker into supervisor/ above already waited out the kernel's grace period (see primeMigration).
   const prefix = `${name}-step-`;
   // Stale step cgroups of this worker's earlier (crashed) run.
   for (const entry of await readdir(own).catch(() => [] as string[])) {
@@ -263,45 +264,54 @@ export async function openCgroupV1(
     });
   }
   try {
-    for (const root of new Set(roots.values())) await mkdir(root, { recursive: true });
+    await Promise.all([...new Set(roots.values())].map((root) => mkdir(root, { recursive: true })));
   } catch (error) {
     throw unavailable([...roots.values()][0] ?? 'the cgroup v1 hierarchies', error);
   }
-  const primed = memory ? primeMigration(path.join(memory, 'cgroup.procs')) : Promise.resolve();
+  const makeStep = async (index: number): Promise<StepSandbox> => {
+    const dirs = new Map<string, string>();
+    for (const [controller, root] of roots) dirs.set(controller, path.join(root, `step-${index}`));
+    try {
+      // The hierarchies are independent: create and configure them all at once.
+      await Promise.all([...new Set(dirs.values())].map((dir) => mkdir(dir, { recursive: true })));
+      const memoryDir = dirs.get('memory');
+      const cpuDir = dirs.get('cpu');
+      const pidsDir = dirs.get('pids');
+      await Promise.all([
+        memoryDir && limits.memoryBytes !== null && limitMemoryV1(memoryDir, limits.memoryBytes),
+        cpuDir && limits.cpus !== null && limitCpuV1(cpuDir, limits.cpus),
+        pidsDir && limits.pids !== null && writeFile(path.join(pidsDir, 'pids.max'), String(limits.pids)),
+      ]);
+    } catch (error) {
+      throw unavailable([...dirs.values()][0] ?? 'cgroup v1', error);
+    }
+    return v1Sandbox(dirs);
+  };
+  // The first step's cgroups are made now, then the kernel's wait for the step's move is started (see
+  // primeMigration): that wait holds the lock that creating or configuring a cgroup needs.
+  const first = await makeStep(0).catch(async (error) => {
+    await Promise.all([...new Set(roots.values())].map((root) => sweep(root, async () => {})));
+    throw error;
+  });
+  if (memory) primeMigration(path.join(memory, 'cgroup.procs'));
   return {
     mode: 'cgroup1',
-    step: async (index) => {
-      await primed;
-      const dirs = new Map<string, string>();
-      for (const [controller, root] of roots) dirs.set(controller, path.join(root, `step-${index}`));
-      try {
-        for (const dir of new Set(dirs.values())) await mkdir(dir, { recursive: true });
-        const memoryDir = dirs.get('memory');
-        if (memoryDir && limits.memoryBytes !== null) {
-          await writeFile(path.join(memoryDir, 'memory.limit_in_bytes'), String(limits.memoryBytes));
-          const memsw = path.join(memoryDir, 'memory.memsw.limit_in_bytes');
-          if (await exists(memsw)) await writeFile(memsw, String(limits.memoryBytes));
-        }
-        const cpuDir = dirs.get('cpu');
-        if (cpuDir && limits.cpus !== null) {
-          await writeFile(path.join(cpuDir, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
-          await writeFile(
-            path.join(cpuDir, 'cpu.cfs_quota_us'),
-            String(Math.round(limits.cpus * CPU_PERIOD_US)),
-          );
-        }
-        const pidsDir = dirs.get('pids');
-        if (pidsDir && limits.pids !== null)
-          await writeFile(path.join(pidsDir, 'pids.max'), String(limits.pids));
-      } catch (error) {
-        throw unavailable([...dirs.values()][0] ?? 'cgroup v1', error);
-      }
-      return v1Sandbox(dirs);
-    },
+    step: async (index) => (index === 0 ? first : makeStep(index)),
     close: async () => {
-      for (const root of new Set(roots.values())) await sweep(root, async () => {});
+      await Promise.all([...new Set(roots.values())].map((root) => sweep(root, async () => {})));
     },
   };
+}
+
+async function limitMemoryV1(dir: string, bytes: number): Promise<void> {
+  await writeFile(path.join(dir, 'memory.limit_in_bytes'), String(bytes));
+  const memsw = path.join(dir, 'memory.memsw.limit_in_bytes');
+  if (await exists(memsw)) await writeFile(memsw, String(bytes));
+}
+
+async function limitCpuV1(dir: string, cpus: number): Promise<void> {
+  await writeFile(path.join(dir, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
+  await writeFile(path.join(dir, 'cpu.cfs_quota_us'), String(Math.round(cpus * CPU_PERIOD_US)));
 }
 
 async function killV1(freezerDir: string): Promise<void> {
@@ -328,7 +338,7 @@ function v1Sandbox(dirs: Map<string, string>): StepSandbox {
   };
   return {
     join: async (pid) => {
-      for (const dir of unique) await writeFile(path.join(dir, 'cgroup.procs'), String(pid));
+      await Promise.all(unique.map((dir) => writeFile(path.join(dir, 'cgroup.procs'), String(pid))));
     },
     signal: async (signal) => (signal === 'SIGKILL' ? killAll() : signalAll(await procsOf(any), signal)),
     close: async () => {
@@ -340,7 +350,7 @@ function v1Sandbox(dirs: Map<string, string>): StepSandbox {
         memory ? readKeyed(path.join(memory, 'memory.oom_control'), 'oom_kill') : null,
         cpuacct ? readNumber(path.join(cpuacct, 'cpuacct.usage')) : null,
       ]);
-      for (const dir of unique) await removeCgroup(dir);
+      await Promise.all(unique.map(removeCgroup));
       return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6);
     },
   };
