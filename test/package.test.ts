@@ -24,7 +24,7 @@ describe('the npm package', () => {
   it('ships only the whitelist, with the bundle the bin needs', async () => {
     const pkg = JSON.parse(await readFile(path.join(root, 'package.json'), 'utf8'));
     expect(pkg.files).toEqual(['bin', 'dist', 'README.md', 'LICENSE']);
-    expect(pkg.engines.node).toBe('>=20.5.0');
+    expect(pkg.engines.node).toBe('>=20.16.0');
     expect(pkg.type).toBe('module');
     const [packed] = JSON.parse(
       execFileSync('npm', ['pack', '--dry-run', '--json'], {
