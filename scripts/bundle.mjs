@@ -4,6 +4,7 @@
 // transports) is never compiled, and what a run did compile is reused by the next. `tsc` still builds dist/*.js
 // and the types for the library API.
 import { readFileSync, rmSync } from 'node:fs';
+import path from 'node:path';
 import { build } from 'esbuild';
 
 // MQTT.js and its packet library are written for browsers too. On Node, two of their dependencies are dead
@@ -19,6 +20,23 @@ const nodeOnly = {
     }));
     bundle.onLoad({ filter: /.*/, namespace: 'node-only' }, () => ({
       contents: 'module.exports = { setInterval, clearInterval, setTimeout, clearTimeout };',
+      loader: 'js',
+    }));
+  },
+};
+
+// commander loads node:child_process when it loads (~4 ms), for subcommands run as separate executables, which this
+// CLI has none of. Commands that run steps load it anyway; `--version`, `--help` and `validate` need not.
+const lazyChildProcess = {
+  name: 'lazy-child-process',
+  setup(bundle) {
+    bundle.onResolve({ filter: /^node:child_process$/ }, (args) =>
+      args.importer.includes(`${path.sep}commander${path.sep}`)
+        ? { path: 'child_process', namespace: 'lazy-child-process' }
+        : undefined,
+    );
+    bundle.onLoad({ filter: /.*/, namespace: 'lazy-child-process' }, () => ({
+      contents: "module.exports = new Proxy({}, { get: (_, key) => require('node:child_process')[key] });",
       loader: 'js',
     }));
   },
@@ -45,6 +63,6 @@ await build({
   // The launcher compiles the bundle as a plain script, which has no loader for import(): dynamic imports
   // become lazy require()s (they still run only when reached).
   supported: { 'dynamic-import': false },
-  plugins: [nodeOnly],
+  plugins: [nodeOnly, lazyChildProcess],
 });
 await build({ ...common, entryPoints: { launch: 'src/launch.ts' } });
