@@ -64,6 +64,11 @@ export interface JobRun {
   readonly onEvent?: (event: JobEvent) => void;
   /** The job's folder, when the caller resolved it already (the broker worker does, to claim it first). */
   readonly paths?: JobPaths;
+  /**
+   * Called once the job's outcome is final and result.json written, before its workspace and cgroups are removed:
+   * the broker worker publishes the result here, so that removing a large workspace does not delay it.
+   */
+  readonly onResult?: (manifest: Manifest) => Promise<void>;
   /** Clock, for tests. */
   readonly now?: () => number;
 }
@@ -167,7 +172,6 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     manifest.error = toErrorInfo(error);
     if (!(error instanceof WorkerError)) log.error('unexpected error', { stack: (error as Error).stack });
   }
-  await cleanUp(config, log, workspace, jobLimits);
 
   const ended = now();
   manifest.endedAt = new Date(ended).toISOString();
@@ -190,6 +194,11 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     }
   }
   emit({ type: 'done', status: manifest.status, exitCode: manifest.exitCode });
+  try {
+    await run.onResult?.(manifest);
+  } finally {
+    await cleanUp(config, log, workspace, jobLimits);
+  }
   return { manifest, manifestWritten };
 }
 

@@ -265,6 +265,7 @@ async function handleDelivery(
     stop.abort('cancelled');
   });
   try {
+    let published = false;
     const outcome = await runJob(input.config, {
       request,
       attempt: claim.attempt,
@@ -273,21 +274,25 @@ async function handleDelivery(
       signal: stop.signal,
       onEvent: (e: JobEvent) => event(e.type, eventFields(e)),
       now,
+      // The result goes out as soon as result.json is written; the workspace is removed after.
+      onResult: async (manifest) => {
+        claim.stopHeartbeat();
+        jobLog.info(`job ${manifest.status} (exit code ${manifest.exitCode}) in ${manifest.durationMs} ms`, {
+          attempt: manifest.attempt,
+        });
+        if (manifest.error) jobLog.error(`${manifest.error.code}: ${manifest.error.message}`);
+        if (!consumer.connected) {
+          jobLog.warn(
+            'the connection to the broker was lost during the job; result.json is written and the next delivery publishes it',
+          );
+          return;
+        }
+        await finish(consumer, delivery, input, toResultPayload(manifest));
+        published = true;
+      },
     });
-    claim.stopHeartbeat();
-    const { manifest } = outcome;
-    jobLog.info(`job ${manifest.status} (exit code ${manifest.exitCode}) in ${manifest.durationMs} ms`, {
-      attempt: manifest.attempt,
-    });
-    if (manifest.error) jobLog.error(`${manifest.error.code}: ${manifest.error.message}`);
-    if (!consumer.connected) {
-      jobLog.warn(
-        'the connection to the broker was lost during the job; result.json is written and the next delivery publishes it',
-      );
-      return { kind: 'connection-lost', id: request.id };
-    }
-    await finish(consumer, delivery, input, toResultPayload(manifest));
-    return { kind: 'handled', id: request.id, action: 'ran', status: manifest.status };
+    if (!published) return { kind: 'connection-lost', id: request.id };
+    return { kind: 'handled', id: request.id, action: 'ran', status: outcome.manifest.status };
   } catch (error) {
     claim.stopHeartbeat();
     if (error instanceof JobInterrupted) return { kind: 'interrupted', id: request.id };

@@ -74,6 +74,29 @@ describe('runJob', () => {
     expect(await readdir(workspaces)).toEqual([]);
   });
 
+  it('hands over the result once result.json is written, and removes the workspace only after', async () => {
+    const { jobs, workspaces, config } = await engineFixture();
+    const seen: string[] = [];
+    const { manifest } = await runJob(
+      config,
+      run('early', ['echo made > made.txt'], {
+        onResult: async (handed) => {
+          seen.push(handed.status, (await manifestOf(jobs, 'early')).status);
+          seen.push(...(await readdir(path.join(workspaces, config.workerId))));
+        },
+      }),
+    );
+    expect(manifest.status).toBe('success');
+    expect(seen).toEqual(['success', 'success', 'early']);
+    expect(await readdir(workspaces)).toEqual([]);
+
+    // A failing hand-over (a broker gone) still leaves nothing behind.
+    await expect(
+      runJob(config, run('fails', ['true'], { onResult: async () => Promise.reject(new Error('gone')) })),
+    ).rejects.toThrow('gone');
+    expect(await readdir(workspaces)).toEqual([]);
+  });
+
   it('stops at the first failing step and records the rest as skipped', async () => {
     const { jobs, config } = await engineFixture();
     await writeTree(jobs, {
