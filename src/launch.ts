@@ -8,7 +8,7 @@ import {
   readFileSync,
   renameSync,
   rmSync,
-  statSync,
+  type Stats,
   writeFileSync,
 } from 'node:fs';
 import Module, { createRequire } from 'node:module';
@@ -29,19 +29,18 @@ export interface CacheSettings {
   readonly profile: 'worker' | 'dry-run' | 'other';
 }
 
+const INFO_FLAGS = new Set(['--version', '-V', '--help', '-h']);
+
 /** `MQTT_CODE_CACHE`: unset → a private folder under the temp dir; `off` → none; else the folder to use. */
 export function cacheSettings(argv: readonly string[], env: NodeJS.ProcessEnv, uid: number): CacheSettings {
   const setting = env.MQTT_CODE_CACHE;
   const dir =
     setting === 'off' ? undefined : setting || path.join(tmpdir(), `mqtt-fs-worker-code-cache-${uid}`);
   const args = argv.slice(2);
-  const profile = args.includes('--dry-run')
-    ? 'dry-run'
-    : args.length > 0 && !args[0]?.startsWith('-')
-      ? 'other' // a subcommand: validate, submit, drain, help
-      : args.some((arg) => ['--version', '-V', '--help', '-h'].includes(arg))
-        ? 'other'
-        : 'worker';
+  // A subcommand (validate, submit, drain, help) or an information flag: short runs of their own.
+  const other =
+    (args[0] !== undefined && !args[0].startsWith('-')) || args.some((arg) => INFO_FLAGS.has(arg));
+  const profile = args.includes('--dry-run') ? 'dry-run' : other ? 'other' : 'worker';
   return { dir, profile };
 }
 
@@ -64,17 +63,19 @@ export interface LoadedModule {
  * code); otherwise no cache is read or written.
  */
 export function loadWithCache(file: string, settings: CacheSettings, uid: number): LoadedModule {
-  const source = readFileSync(file, 'utf8');
+  // The text and its identity through one descriptor: a bundle replaced in between cannot give new text an old key.
+  const bundle = readRegular(file);
+  if (!bundle) throw new Error(`${file} is not a regular file`);
+  const { data, stats } = bundle;
+  const source = data.toString('utf8');
   const dir = settings.dir !== undefined && privateDir(settings.dir, uid) ? settings.dir : undefined;
-  const stat = statSync(file);
   const prefix = `${path.basename(file)}.${fnv1a(file)}.${settings.profile}.`;
-  const key = `${prefix}${process.version}-${process.arch}-${stat.size}-${stat.ino}-${Math.trunc(stat.ctimeMs)}`;
-  const fileOf = (kind: 'warm' | 'cold') =>
-    dir === undefined ? undefined : path.join(dir, `${key}.${kind}.bin`);
+  const key = `${prefix}${process.version}-${process.arch}-${stats.size}-${stats.ino}-${Math.trunc(stats.ctimeMs)}`;
+  const cacheFile = (cacheDir: string, kind: 'warm' | 'cold') => path.join(cacheDir, `${key}.${kind}.bin`);
   let found: 'warm' | 'cold' | 'none' = 'none';
   let cachedData: Buffer | undefined;
   for (const kind of ['warm', 'cold'] as const) {
-    cachedData = readIfPresent(fileOf(kind));
+    cachedData = dir === undefined ? undefined : readIfPresent(cacheFile(dir, kind));
     if (cachedData) {
       found = kind;
       break;
@@ -87,7 +88,8 @@ export function loadWithCache(file: string, settings: CacheSettings, uid: number
   init.call(module.exports, module.exports, createRequire(file), module, file, path.dirname(file));
 
   // A refused cache (another Node build's flags, a damaged file) would be refused again: drop it.
-  if (script.cachedDataRejected && found !== 'none') rmSync(fileOf(found) as string, { force: true });
+  if (script.cachedDataRejected && dir !== undefined && found !== 'none')
+    rmSync(cacheFile(dir, found), { force: true });
   const cache = script.cachedDataRejected ? 'none' : found;
   return {
     exports: module.exports,
@@ -96,7 +98,7 @@ export function loadWithCache(file: string, settings: CacheSettings, uid: number
       const kind = warm && cache !== 'warm' ? 'warm' : cache === 'none' ? 'cold' : undefined;
       if (dir === undefined || kind === undefined) return;
       try {
-        writeAtomically(fileOf(kind) as string, script.createCachedData());
+        writeAtomically(cacheFile(dir, kind), script.createCachedData());
         removeStale(dir, prefix, key, kind);
       } catch {
         // A full or read-only temp dir: the next run compiles again, nothing else changes.
@@ -123,15 +125,20 @@ function privateDir(dir: string, uid: number): boolean {
   }
 }
 
-function readIfPresent(file: string | undefined): Buffer | undefined {
-  if (file === undefined) return undefined;
+/** A regular file's content and stats, through one descriptor; undefined for anything else. */
+function readRegular(file: string): { data: Buffer; stats: Stats } | undefined {
+  const fd = openSync(file, 'r');
   try {
-    const fd = openSync(file, 'r');
-    try {
-      return fstatSync(fd).isFile() ? readFileSync(fd) : undefined;
-    } finally {
-      closeSync(fd);
-    }
+    const stats = fstatSync(fd);
+    return stats.isFile() ? { stats, data: readFileSync(fd) } : undefined;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function readIfPresent(file: string): Buffer | undefined {
+  try {
+    return readRegular(file)?.data;
   } catch {
     return undefined;
   }
@@ -143,8 +150,9 @@ function writeAtomically(file: string, data: Buffer): void {
   try {
     writeFileSync(temp, data, { mode: 0o600, flag: 'wx' });
     renameSync(temp, file);
-  } finally {
+  } catch (error) {
     rmSync(temp, { force: true });
+    throw error;
   }
 }
 
