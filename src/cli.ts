@@ -361,12 +361,12 @@ function buildProgram(run: (action: () => Promise<number>) => void, hooks: MainH
   return program;
 }
 
-/** Runs the CLI with `argv` (as process.argv) and resolves to the process exit code; never throws. */
 export interface MainHooks {
   /** A job ran to its end: the code a job needs has run (the launcher caches it then, see launch.ts). */
   readonly jobDone?: () => void;
 }
 
+/** Runs the CLI with `argv` (as process.argv) and resolves to the process exit code; never throws. */
 export async function main(argv: readonly string[] = process.argv, hooks: MainHooks = {}): Promise<number> {
   let pending: Promise<number> | undefined;
   const program = buildProgram((action) => {

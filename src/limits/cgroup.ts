@@ -255,18 +255,20 @@ export async function openCgroupV1(
   for (const [controller, dir] of Object.entries({ memory, cpu, cpuacct, pids, freezer })) {
     if (dir) roots.set(controller, path.join(dir, name));
   }
+  const rootDirs = [...new Set(roots.values())];
+  const removeRoots = () => Promise.all(rootDirs.map((root) => sweep(root, async () => {})));
   // Stale cgroups of this worker's earlier (crashed) run, then the job's own folders.
   const freezerRoot = roots.get('freezer');
-  for (const root of new Set(roots.values())) {
+  for (const root of rootDirs) {
     await sweep(root, async (leaf) => {
       if (freezerRoot && leaf.startsWith(freezerRoot)) await killV1(leaf);
       else signalAll(await procsOf(leaf), 'SIGKILL');
     });
   }
   try {
-    await Promise.all([...new Set(roots.values())].map((root) => mkdir(root, { recursive: true })));
+    await Promise.all(rootDirs.map((root) => mkdir(root, { recursive: true })));
   } catch (error) {
-    throw unavailable([...roots.values()][0] ?? 'the cgroup v1 hierarchies', error);
+    throw unavailable(rootDirs[0] ?? 'the cgroup v1 hierarchies', error);
   }
   const makeStep = async (index: number): Promise<StepSandbox> => {
     const dirs = new Map<string, string>();
@@ -290,7 +292,7 @@ export async function openCgroupV1(
   // The first step's cgroups are made now, then the kernel's wait for the step's move is started (see
   // primeMigration): that wait holds the lock that creating or configuring a cgroup needs.
   const first = await makeStep(0).catch(async (error) => {
-    await Promise.all([...new Set(roots.values())].map((root) => sweep(root, async () => {})));
+    await removeRoots();
     throw error;
   });
   if (memory) primeMigration(path.join(memory, 'cgroup.procs'));
@@ -298,7 +300,7 @@ export async function openCgroupV1(
     mode: 'cgroup1',
     step: async (index) => (index === 0 ? first : makeStep(index)),
     close: async () => {
-      await Promise.all([...new Set(roots.values())].map((root) => sweep(root, async () => {})));
+      await removeRoots();
     },
   };
 }
