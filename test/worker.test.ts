@@ -3,7 +3,7 @@ import { readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { freshBrokerPerTest } from './helpers/mosquitto.js';
-import { sleep, tempDir, waitFor, writeTree } from './helpers/tmp.js';
+import { sleep, type Tree, tempDir, waitFor, writeTree } from './helpers/tmp.js';
 import {
   collect,
   fleetDirs,
@@ -20,6 +20,16 @@ const { broker, replace } = freshBrokerPerTest();
 async function register(dirs: { jobs: string; workspaces: string }, id: string): Promise<void> {
   const run = await runWorkerOnce(workerArgs(broker().url, dirs, id, ['--idle-timeout', '200ms']));
   expect(run.code, run.stderr).toBe(0);
+}
+
+/** Job folders written, slot-a's session registered, and a client collecting every result. */
+async function registeredSlot(jobs: Tree = {}) {
+  const dirs = await fleetDirs();
+  await writeTree(dirs.jobs, jobs);
+  await register(dirs, 'slot-a');
+  const client = await testClient(broker().url);
+  const results = await collect(client, 'jobs/results/+');
+  return { dirs, client, results };
 }
 
 describe('the broker worker', () => {
@@ -72,14 +82,10 @@ describe('the broker worker', () => {
   });
 
   it('leaves a second delivered job in the slot session for the next run, never acking it', async () => {
-    const dirs = await fleetDirs();
-    await writeTree(dirs.jobs, {
+    const { dirs, client, results } = await registeredSlot({
       'first/job.json': JSON.stringify({ steps: ['sleep 1'] }),
       'second/job.json': JSON.stringify({ steps: ['true'] }),
     });
-    await register(dirs, 'slot-a');
-    const client = await testClient(broker().url);
-    const results = await collect(client, 'jobs/results/+');
     // Both are dealt to the only member's session while it is offline.
     await publishJob(client, { id: 'first' });
     await publishJob(client, { id: 'second' });
@@ -95,13 +101,9 @@ describe('the broker worker', () => {
   });
 
   it('finishes a job on the slot next run with attempt 2 after the worker was SIGKILLed mid-job', async () => {
-    const dirs = await fleetDirs();
-    await writeTree(dirs.jobs, {
+    const { dirs, client, results } = await registeredSlot({
       'k/job.json': JSON.stringify({ steps: ['echo "attempt $JOB_ATTEMPT" > attempt.txt; sleep 2'] }),
     });
-    await register(dirs, 'slot-a');
-    const client = await testClient(broker().url);
-    const results = await collect(client, 'jobs/results/+');
     await publishJob(client, { id: 'k' });
     const first = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
     await first.sawLog('step 0 started');
@@ -122,13 +124,9 @@ describe('the broker worker', () => {
   });
 
   it('does not run a finished job again when it is delivered again, but publishes its stored result', async () => {
-    const dirs = await fleetDirs();
-    await writeTree(dirs.jobs, {
+    const { dirs, client, results } = await registeredSlot({
       'f/job.json': JSON.stringify({ steps: ['echo ran >> "$JOB_RESULTS_DIR/../runs.txt"'] }),
     });
-    await register(dirs, 'slot-a');
-    const client = await testClient(broker().url);
-    const results = await collect(client, 'jobs/results/+');
     await publishJob(client, { id: 'f' });
     expect((await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'))).code).toBe(0);
     await publishJob(client, { id: 'f' });
@@ -221,10 +219,7 @@ describe('the broker worker', () => {
   });
 
   it('publishes an error result for a job folder that does not exist, and acks it', async () => {
-    const dirs = await fleetDirs();
-    await register(dirs, 'slot-a');
-    const client = await testClient(broker().url);
-    const results = await collect(client, 'jobs/results/+');
+    const { dirs, client, results } = await registeredSlot();
     await publishJob(client, { id: 'ghost' });
     const run = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
     expect(run.code).toBe(0);
