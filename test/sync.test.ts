@@ -15,12 +15,15 @@ async function staged(tree: Parameters<typeof writeTree>[1]) {
   await writeTree(job, tree);
   await mkdir(results, { recursive: true });
   const { snapshot } = await stageJob(job, ws);
-  return { job, ws, results, snapshot };
+  /** Syncs everything back, as a job without `artifacts` rules does. */
+  const syncAll = () =>
+    syncResults({ workspace: ws, resultsDir: results, snapshot, include: ['**'], exclude: [] });
+  return { job, ws, results, snapshot, syncAll };
 }
 
 describe('syncResults', () => {
   it('copies new and modified files back, not unchanged inputs', async () => {
-    const { ws, results, snapshot } = await staged({
+    const { ws, results, syncAll } = await staged({
       'job.json': '{}',
       'in/keep.txt': 'same',
       'in/edit.txt': 'v1',
@@ -28,13 +31,7 @@ describe('syncResults', () => {
     await appendFile(path.join(ws, 'in/edit.txt'), '+v2');
     await writeTree(ws, { 'out/new.txt': 'new', 'out/deep/er.bin': Buffer.alloc(3_000_000, 1) });
 
-    const synced = await syncResults({
-      workspace: ws,
-      resultsDir: results,
-      snapshot,
-      include: ['**'],
-      exclude: [],
-    });
+    const synced = await syncAll();
 
     expect(synced.artifacts).toEqual([
       { path: 'in/edit.txt', bytes: 5, sha256: sha('v1+v2') },
@@ -50,34 +47,22 @@ describe('syncResults', () => {
   });
 
   it('sees a rewrite with the same size and content length', async () => {
-    const { ws, results, snapshot } = await staged({ 'a.txt': 'aaaa' });
+    const { ws, syncAll } = await staged({ 'a.txt': 'aaaa' });
     await writeFile(path.join(ws, 'a.txt'), 'bbbb');
-    const synced = await syncResults({
-      workspace: ws,
-      resultsDir: results,
-      snapshot,
-      include: ['**'],
-      exclude: [],
-    });
+    const synced = await syncAll();
     expect(synced.artifacts.map((a) => a.path)).toEqual(['a.txt']);
   });
 
   it('never follows a symlink, and records new ones as skipped', async () => {
     const outside = await tempDir();
     await writeTree(outside, { 'secret.txt': 'secret', 'dir/file': 'x' });
-    const { ws, results, snapshot } = await staged({
+    const { ws, results, syncAll } = await staged({
       'old-link': { link: path.join(outside, 'secret.txt') },
     });
     await symlink(path.join(outside, 'secret.txt'), path.join(ws, 'new-link'));
     await symlink(path.join(outside, 'dir'), path.join(ws, 'dir-link'));
 
-    const synced = await syncResults({
-      workspace: ws,
-      resultsDir: results,
-      snapshot,
-      include: ['**'],
-      exclude: [],
-    });
+    const synced = await syncAll();
 
     expect(synced.artifacts).toEqual([]);
     expect(synced.skipped).toEqual([
@@ -106,16 +91,10 @@ describe('syncResults', () => {
   });
 
   it('never lets an artifact replace result.json or a step log', async () => {
-    const { ws, results, snapshot } = await staged({});
+    const { ws, results, syncAll } = await staged({});
     await writeFile(path.join(results, 'step_0.log'), 'the real log');
     await writeTree(ws, { 'result.json': 'fake', 'step_0.log': 'fake', 'sub/result.json': 'fine' });
-    const synced = await syncResults({
-      workspace: ws,
-      resultsDir: results,
-      snapshot,
-      include: ['**'],
-      exclude: [],
-    });
+    const synced = await syncAll();
     expect(synced.artifacts.map((a) => a.path)).toEqual(['sub/result.json']);
     expect(synced.skipped).toEqual([
       { path: 'result.json', reason: 'reserved-name' },
@@ -126,17 +105,11 @@ describe('syncResults', () => {
 
   it('does not write through a directory in results/ that a step replaced with a symlink', async () => {
     const outside = await tempDir();
-    const { ws, results, snapshot } = await staged({});
+    const { ws, results, syncAll } = await staged({});
     // A step wrote a link into results/ (it may: $JOB_RESULTS_DIR), hoping the sync writes through it.
     await symlink(outside, path.join(results, 'dist'));
     await writeTree(ws, { 'dist/app.js': 'payload' });
-    const synced = await syncResults({
-      workspace: ws,
-      resultsDir: results,
-      snapshot,
-      include: ['**'],
-      exclude: [],
-    });
+    const synced = await syncAll();
     expect(synced.artifacts).toEqual([]);
     expect(synced.skipped).toEqual([{ path: 'dist/app.js', reason: 'not-a-directory' }]);
     expect(await readdir(outside)).toEqual([]);
