@@ -1,4 +1,3 @@
-import { readFile } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import path from 'node:path';
 import { Command, Option } from 'commander';
@@ -8,6 +7,7 @@ import { createLogger, type Logger } from './log.js';
 import { maskText } from './mask.js';
 import { OPTION_DEFS, type OptionFlags, type Options, resolveOptions } from './options.js';
 import { parseDuration } from './units.js';
+import { writeStdio } from './util/stdio.js';
 
 // The only module that touches the process: argv, env, stdout/stderr, signals and exit codes. Each command's
 // modules are imported when that command runs, so `--version` and `--help` initialise almost nothing.
@@ -67,7 +67,7 @@ function logger(options: Pick<Options, 'logFormat' | 'password' | 'secret' | 'ma
   return createLogger({
     format: options.logFormat,
     level: 'info',
-    write: (line) => process.stderr.write(line),
+    write: (line) => writeStdio(2, line),
     ...(secrets.length > 0 ? { redact: (line: string) => maskText(line, secrets) } : {}),
   });
 }
@@ -76,6 +76,7 @@ function logger(options: Pick<Options, 'logFormat' | 'password' | 'secret' | 'ma
 async function sharedSecret(options: Options): Promise<string | undefined> {
   if (!options.secretFile) return options.secret;
   try {
+    const { readFile } = await import('node:fs/promises');
     return (await readFile(options.secretFile, 'utf8')).replace(/\r?\n$/, '');
   } catch (error) {
     throw new WorkerError(
@@ -133,7 +134,7 @@ async function runDry(payloadFile: string, flags: OptionFlags, hooks: MainHooks)
     const { manifest } = outcome;
     if (manifest.error) log.error(`${manifest.error.code}: ${manifest.error.message}`);
     log.info(`job ${manifest.id} ${manifest.status} (exit code ${manifest.exitCode})`);
-    process.stdout.write(`${JSON.stringify(toResultPayload(manifest))}\n`);
+    writeStdio(1, `${JSON.stringify(toResultPayload(manifest))}\n`);
     hooks.jobDone?.();
     return manifest.status === 'success' ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
   } catch (error) {
@@ -194,15 +195,17 @@ async function runValidate(target: string): Promise<number> {
   const { validateJobDefinition } = await import('./validate.js');
   const report = await validateJobDefinition(path.resolve(target));
   if (report.ok) {
-    process.stdout.write(
+    writeStdio(
+      1,
       `${report.file}: valid (${report.spec.steps.length} step${report.spec.steps.length === 1 ? '' : 's'})\n`,
     );
     return ExitCode.OK;
   }
-  process.stdout.write(
+  writeStdio(
+    1,
     `${report.file}: ${report.problems.length} problem${report.problems.length === 1 ? '' : 's'}\n`,
   );
-  for (const problem of report.problems) process.stdout.write(`  - ${problem}\n`);
+  for (const problem of report.problems) writeStdio(1, `  - ${problem}\n`);
   return ExitCode.JOB_NOT_SUCCESSFUL;
 }
 
@@ -259,7 +262,7 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
     return ExitCode.TIMEOUT;
   }
   if (outcome.kind === 'published') return ExitCode.OK;
-  process.stdout.write(`${JSON.stringify(outcome.result)}\n`);
+  writeStdio(1, `${JSON.stringify(outcome.result)}\n`);
   return outcome.result.status === 'success' ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
 }
 
@@ -279,7 +282,7 @@ async function runDrain(quiet: string | undefined, flags: OptionFlags): Promise<
     quietMs,
     log: logger(options),
   });
-  process.stdout.write(`${JSON.stringify({ slot: options.id, moved: outcome.moved })}\n`);
+  writeStdio(1, `${JSON.stringify({ slot: options.id, moved: outcome.moved })}\n`);
   return ExitCode.OK;
 }
 
@@ -296,7 +299,11 @@ function addWorkerOptions(command: Command, keyOf: Map<string, keyof Options>): 
   return command;
 }
 
-function buildProgram(run: (action: () => Promise<number>) => void, hooks: MainHooks): Command {
+function buildProgram(
+  argv: readonly string[],
+  run: (action: () => Promise<number>) => void,
+  hooks: MainHooks,
+): Command {
   // commander names attributes after the flags (--kill-grace → killGrace); map them onto the option keys.
   const keyOf = new Map<string, keyof Options>();
   const flagsOf = (parsed: Record<string, unknown>): OptionFlags => {
@@ -318,7 +325,7 @@ function buildProgram(run: (action: () => Promise<number>) => void, hooks: MainH
     )
     .version(VERSION, '-V, --version')
     .showHelpAfterError('(run with --help for usage)')
-    .configureOutput({ writeErr: (text) => process.stderr.write(text) })
+    .configureOutput({ writeOut: (text) => writeStdio(1, text), writeErr: (text) => writeStdio(2, text) })
     .enablePositionalOptions()
     .exitOverride();
   addWorkerOptions(program, keyOf)
@@ -337,7 +344,11 @@ function buildProgram(run: (action: () => Promise<number>) => void, hooks: MainH
     .description('check a job definition (a job folder or a job.json) and print every problem found')
     .argument('<path>', 'job folder or job.json')
     .action((target: string) => run(() => runValidate(target)));
-  addWorkerOptions(
+  // Each subcommand repeats the ~40 worker options; building them costs a job ~1 ms, so a subcommand gets them only
+  // when the command line names it (to run it or to show its help).
+  const withWorkerOptions = (command: Command): Command =>
+    argv.includes(command.name()) ? addWorkerOptions(command, keyOf) : command;
+  withWorkerOptions(
     program
       .command('submit')
       .description('publish a job request; with --wait, print its result and exit with its outcome')
@@ -345,16 +356,14 @@ function buildProgram(run: (action: () => Promise<number>) => void, hooks: MainH
       .option('--steps <steps...>', 'steps to run instead of job.json (commands, or one JSON array)')
       .option('--wait', 'wait for the result and exit 0 on success, 1 otherwise')
       .option('--timeout <duration>', 'give up waiting after this', '1h'),
-    keyOf,
   ).action((id: string, parsed: Record<string, unknown>) =>
     run(() => runSubmit(id, parsed as SubmitFlags, flagsOf(parsed))),
   );
-  addWorkerOptions(
+  withWorkerOptions(
     program
       .command('drain')
       .description("move the jobs queued in a retired slot's session (--id) back to the group")
       .option('--quiet <duration>', 'stop when no job came for this long', '3s'),
-    keyOf,
   ).action((parsed: Record<string, unknown>) =>
     run(() => runDrain(parsed.quiet as string | undefined, flagsOf(parsed))),
   );
@@ -369,9 +378,13 @@ export interface MainHooks {
 /** Runs the CLI with `argv` (as process.argv) and resolves to the process exit code; never throws. */
 export async function main(argv: readonly string[] = process.argv, hooks: MainHooks = {}): Promise<number> {
   let pending: Promise<number> | undefined;
-  const program = buildProgram((action) => {
-    pending = action();
-  }, hooks);
+  const program = buildProgram(
+    argv,
+    (action) => {
+      pending = action();
+    },
+    hooks,
+  );
   try {
     await program.parseAsync([...argv]);
     return pending ? await pending : ExitCode.OK;
@@ -388,11 +401,9 @@ function reportError(error: unknown): number {
     return exitCode === 0 ? ExitCode.OK : ExitCode.USAGE;
   }
   if (isWorkerError(error)) {
-    for (const problem of error.problems) process.stderr.write(`mqtt-fs-worker: ${error.code}: ${problem}\n`);
+    for (const problem of error.problems) writeStdio(2, `mqtt-fs-worker: ${error.code}: ${problem}\n`);
     return error.exitCode;
   }
-  process.stderr.write(
-    `mqtt-fs-worker: INTERNAL: unexpected error\n${(error as Error)?.stack ?? String(error)}\n`,
-  );
+  writeStdio(2, `mqtt-fs-worker: INTERNAL: unexpected error\n${(error as Error)?.stack ?? String(error)}\n`);
   return ExitCode.INTERNAL;
 }

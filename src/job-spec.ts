@@ -1,7 +1,7 @@
 import path from 'node:path';
 import * as v from 'valibot';
 import { describeValue, ErrorCode, WorkerError } from './errors.js';
-import { idProblem } from './paths.js';
+import { idProblem } from './ids.js';
 import { signatureProblem } from './signing.js';
 import { parseDuration, parseSizeValue } from './units.js';
 

@@ -1,6 +1,6 @@
 import path from 'node:path';
 import { describeValue, ErrorCode, WorkerError } from './errors.js';
-import { idProblem, MAX_ID_LENGTH } from './paths.js';
+import { idProblem, MAX_ID_LENGTH } from './ids.js';
 import { parseDuration, parseSizeValue } from './units.js';
 
 /** Everything the worker can be told, after defaults and validation. Frozen. */

@@ -1,7 +1,8 @@
 import { mkdir, symlink } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { idProblem, isInside, resolveJobPaths } from '../src/paths.js';
+import { idProblem } from '../src/ids.js';
+import { isInside, resolveJobPaths } from '../src/paths.js';
 import { tempDir } from './helpers/tmp.js';
 
 describe('idProblem', () => {
