@@ -10,7 +10,7 @@ import {
   type StepSpec,
   specFromSteps,
 } from './job-spec.js';
-import { type JobLimits, type LimitSettings, openJobLimits } from './limits/index.js';
+import { effectiveLimits, type JobLimits, type LimitSettings, openJobLimits } from './limits/index.js';
 import type { Logger } from './log.js';
 import { secretValues } from './mask.js';
 import { ensureResultsDir, type JobPaths, resolveJobPaths } from './paths.js';
@@ -113,35 +113,52 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
       request.steps !== undefined,
       config.createJobsDir,
     );
-    await resetResults(paths.resultsDir);
+    // The definition is read while results/ is reset; a results/ that cannot be used is reported first.
+    const [reset, loaded] = await Promise.allSettled([
+      resetResults(paths.resultsDir),
+      loadSpec(paths, request),
+    ]);
+    if (reset.status === 'rejected') throw reset.reason;
     resultsReady = true;
-    const spec = await loadSpec(paths, request);
+    if (loaded.status === 'rejected') throw loaded.reason;
+    const spec = loaded.value;
     manifest.steps = spec.steps.map(pendingStep);
-    jobLimits = await openJobLimits(
-      spec.limits,
-      config.limits ?? LIMITS_OFF,
-      `mqtt-fs-worker-${config.workerId}`,
+    const settings = config.limits ?? LIMITS_OFF;
+    // Limits above a ceiling refuse the job before anything is copied.
+    const limits = effectiveLimits(spec.limits, settings);
+    // The cgroups and the workspace do not depend on each other, and cgroup writes mostly wait on the kernel:
+    // set up both at once. Both settle before either failure is handled, so cleanUp knows all there is to undo.
+    const opening = openJobLimits(limits, settings.policy, `mqtt-fs-worker-${config.workerId}`).then(
+      (opened) => (jobLimits = opened),
     );
-    manifest.limits = {
-      mode: jobLimits.mode,
-      ...jobLimits.limits,
-      ...(jobLimits.reason ? { reason: jobLimits.reason } : {}),
-    };
-    if (jobLimits.reason && config.limits && config.limits.policy !== 'off')
-      log.warn(`running without cgroups: ${jobLimits.reason}`);
-
     emit({ type: 'staging' });
     const stagingStarted = now();
-    workspace = await createWorkspace(config.workspacesDir, config.workerId, request.id);
-    const staged = await stageJob(paths.jobDir, workspace);
-    if (config.runAs) await chownTree(workspace, config.runAs);
-    manifest.phases.stagingMs = now() - stagingStarted;
+    const jobDir = paths.jobDir;
+    const staging = (async () => {
+      const dir = await createWorkspace(config.workspacesDir, config.workerId, request.id);
+      workspace = dir; // for cleanUp, whatever happens next
+      const staged = await stageJob(jobDir, dir);
+      if (config.runAs) await chownTree(dir, config.runAs);
+      manifest.phases.stagingMs = now() - stagingStarted;
+      return { dir, staged };
+    })();
+    const [opened, stagedOutcome] = await Promise.allSettled([opening, staging]);
+    if (opened.status === 'rejected') throw opened.reason;
+    if (stagedOutcome.status === 'rejected') throw stagedOutcome.reason;
+    const { dir: workDir, staged } = stagedOutcome.value;
+    manifest.limits = {
+      mode: opened.value.mode,
+      ...opened.value.limits,
+      ...(opened.value.reason ? { reason: opened.value.reason } : {}),
+    };
+    if (opened.value.reason && settings.policy !== 'off')
+      log.warn(`running without cgroups: ${opened.value.reason}`);
     log.info(
       `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${formatDuration(manifest.phases.stagingMs)}`,
     );
 
     const runningStarted = now();
-    const ran = await runSteps(config, run, spec, paths, workspace, manifest.steps, now, jobLimits);
+    const ran = await runSteps(config, run, spec, paths, workDir, manifest.steps, now, opened.value);
     manifest.phases.runningMs = now() - runningStarted;
     manifest.status = ran.status;
     manifest.exitCode = ran.exitCode;
@@ -150,7 +167,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     emit({ type: 'syncing' });
     const syncStarted = now();
     const synced = await syncResults({
-      workspace,
+      workspace: workDir,
       resultsDir: paths.resultsDir,
       snapshot: staged.snapshot,
       include: spec.artifacts.include,
@@ -229,20 +246,23 @@ async function cleanUp(
   workspace: string | undefined,
   limits?: JobLimits,
 ): Promise<void> {
-  await limits?.cgroups
-    ?.close()
-    .catch((error: Error) => log.warn(`could not remove the job's cgroups: ${error.message}`));
-  if (workspace === undefined) return;
-  const failure = await purgeWorkspace(config.workspacesDir, config.workerId);
-  if (failure) log.warn(`could not remove workspace ${workspace}: ${failure.message}`);
+  // Independent of each other: both at once.
+  await Promise.all([
+    limits?.cgroups
+      ?.close()
+      .catch((error: Error) => log.warn(`could not remove the job's cgroups: ${error.message}`)),
+    workspace !== undefined &&
+      purgeWorkspace(config.workspacesDir, config.workerId).then((failure) => {
+        if (failure) log.warn(`could not remove workspace ${workspace}: ${failure.message}`);
+      }),
+  ]);
 }
 
 /** Empties `results/` (an earlier attempt's output) but the claim; refuses a results/ that is not a directory. */
 async function resetResults(resultsDir: string): Promise<void> {
   await ensureResultsDir(resultsDir);
-  for (const name of await readdir(resultsDir)) {
-    if (!KEEP_IN_RESULTS.test(name)) await rm(path.join(resultsDir, name), { recursive: true, force: true });
-  }
+  const stale = (await readdir(resultsDir)).filter((name) => !KEEP_IN_RESULTS.test(name));
+  await Promise.all(stale.map((name) => rm(path.join(resultsDir, name), { recursive: true, force: true })));
 }
 
 /** The job's definition: `job.json` (its steps replaced by the request's, if any), or the request's steps alone. */

@@ -166,6 +166,8 @@ describe('cgroup v2 against a v2-shaped tree', () => {
     await exited;
     await writeFile(path.join(leaf, 'cgroup.procs'), '');
     expect(await closing).toEqual({ peakMemoryBytes: 123 * MiB, cpuMs: 2500, oomKilled: true });
+    // The leaf's removal runs on after the step's close; the job's close waits for it.
+    await cgroups.close();
     expect(existsSync(leaf)).toBe(false);
     expect(await readFile(path.join(own, 'cgroup.freeze'), 'utf8').catch(() => 'none')).toBe('none');
   });
@@ -179,6 +181,18 @@ describe('cgroup v2 against a v2-shaped tree', () => {
     const sandbox = await cgroups.step(3);
     expect(await readdir(leaf)).toEqual(['cgroup.kill']);
     expect(await sandbox.close()).toEqual({ peakMemoryBytes: null, cpuMs: null, oomKilled: null });
+  });
+
+  it("reports a step cgroup that could not be removed when the job's cgroups close", async () => {
+    const own = await tree();
+    const stuck = Object.assign(new Error('EBUSY: resource busy, rmdir'), { code: 'EBUSY' });
+    const cgroups = await openCgroupV2(own, 'w', { cpus: null, memoryBytes: null, pids: null }, () =>
+      Promise.reject(stuck),
+    );
+    const sandbox = await cgroups.step(0);
+    // The step's outcome does not wait for the removal; the job's close reports it.
+    expect(await sandbox.close()).toEqual({ peakMemoryBytes: null, cpuMs: null, oomKilled: null });
+    await expect(cgroups.close()).rejects.toBe(stuck);
   });
 
   it('refuses controllers that are not delegated, and a login session scope, naming the fix', async () => {

@@ -1,4 +1,5 @@
-import { access, mkdir, readdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import { close, openSync, write } from 'node:fs';
+import { access, mkdir, readdir, readFile, rmdir } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../errors.js';
 import type { StepAccounting, StepSandbox } from '../run.js';
@@ -14,8 +15,31 @@ export interface EffectiveLimits {
 export interface JobCgroups {
   readonly mode: 'cgroup1' | 'cgroup2';
   step(index: number): Promise<StepSandbox>;
-  /** Removes the job's folders of cgroups (each step's sandbox removes its own). */
+  /** Removes the job's cgroups, the steps' included (a step's sandbox starts removing its own when closed). */
   close(): Promise<void>;
+}
+
+/**
+ * Removals of closed steps' cgroups. They wait on the kernel and nothing of the step's outcome depends on them, so
+ * they run while the job goes on; the job's close waits for them and reports the first failure.
+ */
+class Removals {
+  readonly #pending: Promise<unknown>[] = [];
+
+  start(removal: Promise<unknown>): void {
+    // Turned into a value at once: a failure waits for `done`, it must not surface as an unhandled rejection.
+    this.#pending.push(
+      removal.then(
+        () => undefined,
+        (error: unknown) => error ?? new Error('removal failed'),
+      ),
+    );
+  }
+
+  /** Waits for every removal; the first failure, if any. */
+  async done(): Promise<unknown> {
+    return (await Promise.all(this.#pending)).find((failure) => failure !== undefined);
+  }
 }
 
 const CPU_PERIOD_US = 100_000;
@@ -40,6 +64,23 @@ const exists = (file: string): Promise<boolean> =>
     () => true,
     () => false,
   );
+
+/**
+ * Writes a cgroup interface file in one trip to the thread pool. `fs.promises.writeFile` takes three (open, write,
+ * close), each waiting for the main thread in between: behind a spawn or a garbage collection, a move into a
+ * cgroup reached the kernel ~15 ms after it was asked for. Opening an interface file never blocks; the write may
+ * (a move into cgroup.procs can wait for an RCU grace period), so only the write leaves the main thread.
+ */
+async function writeControl(file: string, value: string): Promise<void> {
+  const fd = openSync(file, 'w');
+  await new Promise<void>((resolve, reject) => {
+    write(fd, value, (error) => {
+      close(fd, () => {}); // nothing waits for it
+      if (error) reject(error);
+      else resolve();
+    });
+  });
+}
 
 async function readNumber(file: string): Promise<number | null> {
   const text = await readFile(file, 'utf8').catch(() => undefined);
@@ -111,7 +152,7 @@ export async function sweep(
  * move then finds it over, or waits only for the rest of it. Never fails; nothing waits for it.
  */
 function primeMigration(ownProcs: string): void {
-  writeFile(ownProcs, String(process.pid)).catch(() => {});
+  writeControl(ownProcs, String(process.pid)).catch(() => {});
 }
 
 // ---------------------------------------------------------------------------------------------------- v2 ----
@@ -155,14 +196,15 @@ export async function openCgroupV2(
     await mkdir(supervisor, { recursive: true });
     // Move every process of our own cgroup (the worker, an init, siblings of the unit) into supervisor/.
     for (const pid of await procsOf(own))
-      await writeFile(path.join(supervisor, 'cgroup.procs'), String(pid)).catch(() => {});
+      await writeControl(path.join(supervisor, 'cgroup.procs'), String(pid)).catch(() => {});
     const enable = wanted.filter((c) => available.includes(c)).map((c) => `+${c}`);
-    if (enable.length > 0) await writeFile(path.join(own, 'cgroup.subtree_control'), enable.join(' '));
+    if (enable.length > 0) await writeControl(path.join(own, 'cgroup.subtree_control'), enable.join(' '));
   } catch (error) {
     throw unavailable(own, error);
   }
   // Moving the worker into supervisor/ above already waited out the kernel's grace period (see primeMigration).
   const prefix = `${name}-step-`;
+  const removals = new Removals();
   // Stale step cgroups of this worker's earlier (crashed) run.
   for (const entry of await readdir(own).catch(() => [] as string[])) {
     if (entry.startsWith(prefix)) await sweep(path.join(own, entry), killV2, remove);
@@ -174,41 +216,44 @@ export async function openCgroupV2(
       try {
         await mkdir(dir, { recursive: true });
         if (limits.memoryBytes !== null) {
-          await writeFile(path.join(dir, 'memory.max'), String(limits.memoryBytes));
+          await writeControl(path.join(dir, 'memory.max'), String(limits.memoryBytes));
           if (await exists(path.join(dir, 'memory.swap.max')))
-            await writeFile(path.join(dir, 'memory.swap.max'), '0');
+            await writeControl(path.join(dir, 'memory.swap.max'), '0');
         }
         if (limits.cpus !== null)
-          await writeFile(
+          await writeControl(
             path.join(dir, 'cpu.max'),
             `${Math.round(limits.cpus * CPU_PERIOD_US)} ${CPU_PERIOD_US}`,
           );
-        if (limits.pids !== null) await writeFile(path.join(dir, 'pids.max'), String(limits.pids));
+        if (limits.pids !== null) await writeControl(path.join(dir, 'pids.max'), String(limits.pids));
       } catch (error) {
         throw unavailable(dir, error);
       }
-      return v2Sandbox(dir, remove);
+      return v2Sandbox(dir, () => removals.start(remove(dir)));
     },
-    close: async () => {},
+    close: async () => {
+      const failure = await removals.done();
+      if (failure !== undefined) throw failure;
+    },
   };
 }
 
 async function killV2(dir: string): Promise<void> {
   if ((await procsOf(dir)).length === 0) return;
   if (await exists(path.join(dir, 'cgroup.kill'))) {
-    await writeFile(path.join(dir, 'cgroup.kill'), '1').catch(() => {});
+    await writeControl(path.join(dir, 'cgroup.kill'), '1').catch(() => {});
   } else {
     // Kernels before 5.14: freeze, kill, thaw (a frozen process cannot fork away from the kill).
-    await writeFile(path.join(dir, 'cgroup.freeze'), '1').catch(() => {});
+    await writeControl(path.join(dir, 'cgroup.freeze'), '1').catch(() => {});
     signalAll(await procsOf(dir), 'SIGKILL');
-    await writeFile(path.join(dir, 'cgroup.freeze'), '0').catch(() => {});
+    await writeControl(path.join(dir, 'cgroup.freeze'), '0').catch(() => {});
   }
   await waitEmpty(dir);
 }
 
-function v2Sandbox(dir: string, remove: (dir: string) => Promise<void>): StepSandbox {
+function v2Sandbox(dir: string, remove: () => void): StepSandbox {
   return {
-    join: async (pid) => writeFile(path.join(dir, 'cgroup.procs'), String(pid)),
+    join: async (pid) => writeControl(path.join(dir, 'cgroup.procs'), String(pid)),
     signal: async (signal) => (signal === 'SIGKILL' ? killV2(dir) : signalAll(await procsOf(dir), signal)),
     close: async () => {
       await killV2(dir);
@@ -217,7 +262,7 @@ function v2Sandbox(dir: string, remove: (dir: string) => Promise<void>): StepSan
         readKeyed(path.join(dir, 'memory.events'), 'oom_kill'),
         readKeyed(path.join(dir, 'cpu.stat'), 'usage_usec'),
       ]);
-      await remove(dir);
+      remove();
       return accounting(peak, oomKills, usageUsec === null ? null : usageUsec / 1000);
     },
   };
@@ -257,14 +302,17 @@ export async function openCgroupV1(
   }
   const rootDirs = [...new Set(roots.values())];
   const removeRoots = () => Promise.all(rootDirs.map((root) => sweep(root, async () => {})));
+  const removals = new Removals();
   // Stale cgroups of this worker's earlier (crashed) run, then the job's own folders.
   const freezerRoot = roots.get('freezer');
-  for (const root of rootDirs) {
-    await sweep(root, async (leaf) => {
-      if (freezerRoot && leaf.startsWith(freezerRoot)) await killV1(leaf);
-      else signalAll(await procsOf(leaf), 'SIGKILL');
-    });
-  }
+  await Promise.all(
+    rootDirs.map((root) =>
+      sweep(root, async (leaf) => {
+        if (freezerRoot && leaf.startsWith(freezerRoot)) await killV1(leaf);
+        else signalAll(await procsOf(leaf), 'SIGKILL');
+      }),
+    ),
+  );
   try {
     await Promise.all(rootDirs.map((root) => mkdir(root, { recursive: true })));
   } catch (error) {
@@ -282,12 +330,12 @@ export async function openCgroupV1(
       await Promise.all([
         memoryDir && limits.memoryBytes !== null && limitMemoryV1(memoryDir, limits.memoryBytes),
         cpuDir && limits.cpus !== null && limitCpuV1(cpuDir, limits.cpus),
-        pidsDir && limits.pids !== null && writeFile(path.join(pidsDir, 'pids.max'), String(limits.pids)),
+        pidsDir && limits.pids !== null && writeControl(path.join(pidsDir, 'pids.max'), String(limits.pids)),
       ]);
     } catch (error) {
       throw unavailable([...dirs.values()][0] ?? 'cgroup v1', error);
     }
-    return v1Sandbox(dirs);
+    return v1Sandbox(dirs, (unique) => removals.start(Promise.all(unique.map(removeCgroup))));
   };
   // The first step's cgroups are made now, then the kernel's wait for the step's move is started (see
   // primeMigration): that wait holds the lock that creating or configuring a cgroup needs.
@@ -300,34 +348,37 @@ export async function openCgroupV1(
     mode: 'cgroup1',
     step: async (index) => (index === 0 ? first : makeStep(index)),
     close: async () => {
+      // The roots are removed even after a step's removal failed (their sweep retries it); it is still reported.
+      const failure = await removals.done();
       await removeRoots();
+      if (failure !== undefined) throw failure;
     },
   };
 }
 
 async function limitMemoryV1(dir: string, bytes: number): Promise<void> {
-  await writeFile(path.join(dir, 'memory.limit_in_bytes'), String(bytes));
+  await writeControl(path.join(dir, 'memory.limit_in_bytes'), String(bytes));
   const memsw = path.join(dir, 'memory.memsw.limit_in_bytes');
-  if (await exists(memsw)) await writeFile(memsw, String(bytes));
+  if (await exists(memsw)) await writeControl(memsw, String(bytes));
 }
 
 async function limitCpuV1(dir: string, cpus: number): Promise<void> {
-  await writeFile(path.join(dir, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
-  await writeFile(path.join(dir, 'cpu.cfs_quota_us'), String(Math.round(cpus * CPU_PERIOD_US)));
+  await writeControl(path.join(dir, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
+  await writeControl(path.join(dir, 'cpu.cfs_quota_us'), String(Math.round(cpus * CPU_PERIOD_US)));
 }
 
 async function killV1(freezerDir: string): Promise<void> {
-  await writeFile(path.join(freezerDir, 'freezer.state'), 'FROZEN').catch(() => {});
+  await writeControl(path.join(freezerDir, 'freezer.state'), 'FROZEN').catch(() => {});
   for (let i = 0; i < 500; i++) {
     const state = await readFile(path.join(freezerDir, 'freezer.state'), 'utf8').catch(() => 'FROZEN');
     if (state.trim() === 'FROZEN') break;
     await new Promise((resolve) => setTimeout(resolve, 1));
   }
   signalAll(await procsOf(freezerDir), 'SIGKILL');
-  await writeFile(path.join(freezerDir, 'freezer.state'), 'THAWED').catch(() => {});
+  await writeControl(path.join(freezerDir, 'freezer.state'), 'THAWED').catch(() => {});
 }
 
-function v1Sandbox(dirs: Map<string, string>): StepSandbox {
+function v1Sandbox(dirs: Map<string, string>, remove: (unique: string[]) => void): StepSandbox {
   const unique = [...new Set(dirs.values())];
   const any = dirs.get('freezer') ?? dirs.get('memory') ?? (unique[0] as string);
   const killAll = async (): Promise<void> => {
@@ -340,7 +391,7 @@ function v1Sandbox(dirs: Map<string, string>): StepSandbox {
   };
   return {
     join: async (pid) => {
-      await Promise.all(unique.map((dir) => writeFile(path.join(dir, 'cgroup.procs'), String(pid))));
+      await Promise.all(unique.map((dir) => writeControl(path.join(dir, 'cgroup.procs'), String(pid))));
     },
     signal: async (signal) => (signal === 'SIGKILL' ? killAll() : signalAll(await procsOf(any), signal)),
     close: async () => {
@@ -352,7 +403,7 @@ function v1Sandbox(dirs: Map<string, string>): StepSandbox {
         memory ? readKeyed(path.join(memory, 'memory.oom_control'), 'oom_kill') : null,
         cpuacct ? readNumber(path.join(cpuacct, 'cpuacct.usage')) : null,
       ]);
-      await Promise.all(unique.map(removeCgroup));
+      remove(unique);
       return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6);
     },
   };

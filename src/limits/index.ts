@@ -59,21 +59,19 @@ export interface JobLimits {
 const NONE: EffectiveLimits = { cpus: null, memoryBytes: null, pids: null };
 
 /**
- * Sets up the cgroups of a job: cgroup v2 where the worker's own cgroup is on a unified hierarchy with
+ * Sets up the cgroups of a job (with the limits `effectiveLimits` gave): cgroup v2 where the worker's own cgroup is on a unified hierarchy with
  * controllers, else v1. With policy `required` (or `auto` with any limit in play) a host where cgroups cannot be
  * used refuses the job (LIMITS_UNAVAILABLE, naming the fix); otherwise the job runs without, and says why.
  */
 export async function openJobLimits(
-  requested: RequestedLimits,
-  settings: LimitSettings,
+  limits: EffectiveLimits,
+  policy: LimitsPolicy,
   name: string,
   layout?: CgroupLayout,
 ): Promise<JobLimits> {
-  const limits = effectiveLimits(requested, settings);
-  if (settings.policy === 'off')
-    return { mode: 'none', limits: NONE, reason: 'limits are off (--limits off)' };
+  if (policy === 'off') return { mode: 'none', limits: NONE, reason: 'limits are off (--limits off)' };
   const anyLimit = limits.cpus !== null || limits.memoryBytes !== null || limits.pids !== null;
-  const required = settings.policy === 'required' || (settings.policy === 'auto' && anyLimit);
+  const required = policy === 'required' || (policy === 'auto' && anyLimit);
   try {
     const found = layout ?? (await detectLayout());
     const cgroups = await open(found, name, limits);
