@@ -8,9 +8,15 @@ const CREATE_FLAGS = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL |
 
 /**
  * Creates `file` anew without following a link: a step can write into `results/`, so a `step_N.log` planted as a
- * symlink there must not redirect the worker's writes outside the job folder.
+ * symlink there must not redirect the worker's writes outside the job folder. Usually nothing is there (results/
+ * was emptied when the job started): one open, and only an existing entry is removed first.
  */
 export async function createFresh(file: string, mode = 0o644): Promise<FileHandle> {
+  try {
+    return await open(file, CREATE_FLAGS, mode);
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
+  }
   await unlink(file).catch((error: NodeJS.ErrnoException) => {
     if (error.code !== 'ENOENT') throw error;
   });

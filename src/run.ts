@@ -88,7 +88,8 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
  * sends SIGTERM to the whole step, then SIGKILL after the grace period.
  */
 export async function runStep(input: RunStepInput): Promise<StepOutcome> {
-  const sink = await LogSink.create(input.logFile, input.maxLogBytes, new StreamMasker(input.secrets ?? []));
+  // The log file is opened while the step is spawned and moved into its sandbox: it waits at its gate till then.
+  const opening = LogSink.create(input.logFile, input.maxLogBytes, new StreamMasker(input.secrets ?? []));
   const gate = input.setpriv
     ? ['-c', GATE_AS, 'mqtt-fs-worker-step', input.command, ...input.setpriv]
     : ['-c', GATE, 'mqtt-fs-worker-step', input.command];
@@ -101,8 +102,23 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     detached: true,
   });
   const failed = new Promise<Error>((resolve) => subprocess.once('error', resolve));
+  // Listened to at once: the step can end while the log is being opened.
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
+    subprocess.once('exit', (code, signal) => resolve({ code, signal }));
+  });
   subprocess.stdin?.on('error', () => {}); // EPIPE when the step is gone before its release
   const pid = subprocess.pid;
+  let sink: LogSink;
+  try {
+    [sink] = await Promise.all([opening, pid !== undefined ? input.sandbox?.join(pid) : undefined]);
+  } catch (error) {
+    // Never released: the step must not outlive the failure.
+    if (pid !== undefined) killGroup(pid, 'SIGKILL');
+    (await opening.catch(() => undefined))?.destroy();
+    throw error;
+  }
+  if (pid !== undefined) subprocess.stdin?.end('go\n');
+  // Attached after the release (the pipe holds what comes first): the step starts while this is set up.
   const output = subprocess.stdout ? pipeline(subprocess.stdout, sink) : Promise.resolve();
   output.catch(() => {}); // awaited below; avoid an unhandled rejection while the step runs
 
@@ -118,9 +134,6 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
       void input.sandbox?.signal('SIGKILL').catch(() => {});
     }, input.killGraceMs);
   };
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    subprocess.once('exit', (code, signal) => resolve({ code, signal }));
-  });
 
   let spawnError: string | null = null;
   let timeoutTimer: NodeJS.Timeout | undefined;
@@ -130,8 +143,6 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
       const error = (await failed) as NodeJS.ErrnoException;
       spawnError = `cannot start the step in ${input.cwd}: ${error.code ?? error.message}`;
     } else {
-      if (input.sandbox) await input.sandbox.join(pid);
-      subprocess.stdin?.end('go\n');
       if (input.timeoutMs !== undefined) timeoutTimer = setTimeout(() => stop('timeout'), input.timeoutMs);
       if (input.signal?.aborted) onAbort();
       else input.signal?.addEventListener('abort', onAbort, { once: true });

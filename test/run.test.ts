@@ -1,4 +1,5 @@
-import { readFile, stat } from 'node:fs/promises';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { lstat, readFile, stat, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { runStep } from '../src/run.js';
@@ -16,6 +17,20 @@ async function setup() {
     killGraceMs: 500,
   };
   return { dir, log, base };
+}
+
+/** Live processes whose command line holds `token`. */
+function gateProcesses(token: string): number[] {
+  return readdirSync('/proc')
+    .filter((entry) => /^\d+$/.test(entry))
+    .filter((pid) => {
+      try {
+        return readFileSync(`/proc/${pid}/cmdline`, 'utf8').includes(token) && isAlive(Number(pid));
+      } catch {
+        return false;
+      }
+    })
+    .map(Number);
 }
 
 describe('runStep', () => {
@@ -130,6 +145,35 @@ describe('runStep', () => {
     expect(text.startsWith('x'.repeat(1000))).toBe(true);
     expect(text).toContain('log truncated at 1000 B');
     expect((await stat(path.join(dir, 'end'))).isFile()).toBe(true);
+  });
+
+  it('replaces a log planted as a symlink (or a file) without writing through it', async () => {
+    const { dir, log, base } = await setup();
+    const outside = path.join(dir, 'outside.txt');
+    await writeFile(outside, 'keep\n');
+    await symlink(outside, log);
+    await runStep({ ...base, command: 'echo new' });
+    expect((await lstat(log)).isSymbolicLink()).toBe(false);
+    expect(await readFile(log, 'utf8')).toBe('new\n');
+    expect(await readFile(outside, 'utf8')).toBe('keep\n');
+    await runStep({ ...base, command: 'echo newer' });
+    expect(await readFile(log, 'utf8')).toBe('newer\n');
+  });
+
+  it('fails without leaving the held step behind when its log cannot be created', async () => {
+    const { dir, base } = await setup();
+    const marker = path.join(dir, 'ran');
+    const token = `never-released-${process.pid}-${Date.now()}`;
+    await expect(
+      runStep({
+        ...base,
+        logFile: path.join(dir, 'no-such-dir', 'step_0.log'),
+        command: `touch ${marker} # ${token}`,
+      }),
+    ).rejects.toMatchObject({ code: 'ENOENT' });
+    // The step's shell was started (the log is opened meanwhile), then killed at its gate: it never ran.
+    await waitFor(() => !gateProcesses(token).length, 2000, 10);
+    expect(existsSync(marker)).toBe(false);
   });
 
   it('reports a step that cannot start', async () => {
