@@ -1,8 +1,13 @@
 import { execFile } from 'node:child_process';
-import { lstat, readdir, readFile, writeFile } from 'node:fs/promises';
+import { once } from 'node:events';
+import { chmod, lstat, readdir, readFile, writeFile } from 'node:fs/promises';
+import { type AddressInfo, createConnection } from 'node:net';
 import path from 'node:path';
 import { describe, expect, inject, it } from 'vitest';
-import { tempDir, writeTree } from './helpers/tmp.js';
+import { createWebSocketStream, WebSocketServer } from 'ws';
+import { Mosquitto } from './helpers/mosquitto.js';
+import { tempDir, waitFor, writeTree } from './helpers/tmp.js';
+import { collect, fleetDirs, publishJob, testClient, workerArgs } from './helpers/worker.js';
 
 const bin = inject('installedBin');
 
@@ -26,6 +31,31 @@ function cli(args: string[], options: { cwd?: string; env?: Record<string, strin
         resolve({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr }),
     );
   });
+}
+
+/**
+ * MQTT over WebSockets in front of the real broker (Debian's Mosquitto 2.0 is built without WebSockets): every
+ * WebSocket connection is piped to a TCP connection to the broker, byte for byte.
+ */
+async function websocketFront(brokerPort: number): Promise<{ url: string; close: () => Promise<void> }> {
+  const server = new WebSocketServer({
+    host: '127.0.0.1',
+    port: 0,
+    handleProtocols: (protocols) => (protocols.has('mqtt') ? 'mqtt' : false),
+  });
+  await once(server, 'listening');
+  server.on('connection', (socket) => {
+    const stream = createWebSocketStream(socket);
+    const tcp = createConnection({ host: '127.0.0.1', port: brokerPort });
+    stream.on('error', () => tcp.destroy());
+    tcp.on('error', () => stream.destroy());
+    stream.pipe(tcp).pipe(stream);
+  });
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `ws://127.0.0.1:${port}`,
+    close: () => new Promise((resolve) => server.close(() => resolve())),
+  };
 }
 
 describe('the installed command', () => {
@@ -67,6 +97,42 @@ describe('the installed command', () => {
     expect(await readFile(path.join(results, 'out.txt'), 'utf8')).toBe('made\n');
     expect(JSON.parse(await readFile(path.join(results, 'result.json'), 'utf8')).status).toBe('success');
     expect(await readdir(path.join(cwd, 'workspaces'))).toEqual([]);
+  });
+
+  // ws, socks and execa ship as files of their own beside the bundle (scripts/bundle.mjs): these two runs load them
+  // from the installed package.
+  it('takes a job over MQTT over WebSockets (ws://)', { timeout: 30_000 }, async () => {
+    const broker = await Mosquitto.start();
+    const front = await websocketFront(broker.port);
+    try {
+      const dirs = await fleetDirs();
+      // The slot's first run registers its session in the group, as a slot's first start does.
+      const first = await cli([...workerArgs(front.url, dirs, 'ws-slot'), '--idle-timeout', '100ms']);
+      expect(first.code, first.stderr).toBe(0);
+      const client = await testClient(front.url);
+      const results = await collect(client, 'jobs/results/+');
+      await publishJob(client, { id: 'over-ws', steps: ['echo via websockets'] });
+      const run = await cli(workerArgs(front.url, dirs, 'ws-slot'));
+      expect(run.code, run.stderr).toBe(0);
+      await waitFor(() => results.length === 1);
+      expect(results[0]?.body).toMatchObject({ id: 'over-ws', status: 'success' });
+      const log = await readFile(path.join(dirs.jobs, 'over-ws/results/step_0.log'), 'utf8');
+      expect(log).toBe('via websockets\n');
+      await client.endAsync();
+    } finally {
+      await front.close();
+      await broker.dispose();
+    }
+  });
+
+  it.skipIf(process.getuid?.() !== 0)('runs a dry-run step as another user (--run-as)', async () => {
+    const cwd = await tempDir();
+    await chmod(cwd, 0o755); // the step's user must reach its workspace below
+    await writeFile(path.join(cwd, 'test-payload.json'), '{"id": "as-nobody", "steps": ["id -un"]}');
+    const run = await cli(['--dry-run', '--run-as', 'nobody'], { cwd });
+    expect(run.code, run.stderr).toBe(0);
+    const log = await readFile(path.join(cwd, 'jobs/as-nobody/results/step_0.log'), 'utf8');
+    expect(log).toBe('nobody\n');
   });
 
   it('keeps its compiled code in MQTT_CODE_CACHE after a job, runs the same from it, and keeps none when off', async () => {

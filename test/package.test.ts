@@ -38,6 +38,8 @@ describe('the npm package', () => {
     expect(files).toContain('bin/package.json'); // makes the bin CommonJS
     expect(files).toContain('dist/bundle/cli.cjs');
     expect(files).toContain('dist/bundle/launch.cjs');
+    for (const vendored of ['ws', 'socks', 'execa'])
+      expect(files).toContain(`dist/bundle/vendor/${vendored}.cjs`);
     expect(files).toContain('dist/index.d.ts');
     expect(
       files.every((f) => /^(bin|dist)\//.test(f) || ['README.md', 'LICENSE', 'package.json'].includes(f)),
