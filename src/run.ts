@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process';
 import { constants as osConstants } from 'node:os';
+import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { LogSink } from './log-sink.js';
 import { StreamMasker } from './mask.js';
@@ -18,11 +19,16 @@ export const NO_ACCOUNTING: StepAccounting = Object.freeze({
 });
 
 /**
- * Where a step's processes live (a cgroup, in `limits/`). The step is held at a gate until `join` has moved it
- * in, so that every process it forks is inside from the start.
+ * Where a step's processes live (a cgroup, in `limits/`). The step gets in before its command runs, so that every
+ * process it forks is inside from the start: the worker moves it (`join`) while it is held at its gate, or the
+ * gate moves itself by writing `0` into each of the `selfJoin` files (cgroup v1 `tasks`). A single-threaded
+ * process moving itself is the one move the kernel does without waiting for an RCU grace period (~10 ms, holding
+ * the lock every cgroup operation on the host needs).
  */
-export interface StepSandbox {
-  join(pid: number): Promise<void>;
+export type StepSandbox = SandboxControl &
+  ({ join(pid: number): Promise<void> } | { readonly selfJoin: readonly string[] });
+
+interface SandboxControl {
   /** Sends `signal` to every process in the sandbox (SIGKILL kills the whole tree, wherever it moved). */
   signal(signal: NodeJS.Signals): Promise<void>;
   /** Kills whatever is left, reads the accounting and removes the sandbox. */
@@ -62,11 +68,19 @@ export interface StepOutcome {
   readonly spawnError: string | null;
 }
 
-// The gate: wait for one line on stdin (sent once the step is inside its cgroup), then give the step an empty
-// stdin, merge stderr into stdout (one pipe keeps the two in order) and exec the command, keeping the same pid.
-const GATE = 'IFS= read -r _ || exit 125; exec </dev/null 2>&1; exec /bin/sh -c "$1"';
-const GATE_AS =
-  'IFS= read -r _ || exit 125; exec </dev/null 2>&1; cmd=$1; shift; exec setpriv "$@" -- /bin/sh -c "$cmd"';
+// The gate, `sh -c GATE name command n file… [setpriv argument…]`: wait for one line on stdin (sent once the log is
+// ready and the worker moved the step into its sandbox), move itself into the n files' cgroups where it does that
+// itself (a failure is told on descriptor 3, and the command never runs), give the step an empty stdin, merge
+// stderr into stdout (one pipe keeps the two in order) and exec the command, as another user through setpriv
+// when there are setpriv arguments, keeping the same pid.
+const GATE = [
+  'IFS= read -r _ || exit 125',
+  'cmd=$1; n=$2; shift 2',
+  'while [ "$n" -gt 0 ]; do echo 0 2>&3 >"$1" || exit 125; n=$((n - 1)); shift; done',
+  'exec </dev/null 2>&1 3>&-',
+  'if [ $# -gt 0 ]; then exec setpriv "$@" -- /bin/sh -c "$cmd"; fi',
+  'exec /bin/sh -c "$cmd"',
+].join('\n');
 // After the step's main process exits and its tree is killed, how long to wait for the output pipe to drain.
 const DRAIN_AFTER_EXIT_MS = 2000;
 
@@ -90,17 +104,20 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
 export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   // The log file is opened while the step is spawned and moved into its sandbox: it waits at its gate till then.
   const opening = LogSink.create(input.logFile, input.maxLogBytes, new StreamMasker(input.secrets ?? []));
-  const gate = input.setpriv
-    ? ['-c', GATE_AS, 'mqtt-fs-worker-step', input.command, ...input.setpriv]
-    : ['-c', GATE, 'mqtt-fs-worker-step', input.command];
+  const sandbox = input.sandbox;
+  const selfJoin = sandbox && 'selfJoin' in sandbox ? sandbox.selfJoin : [];
+  const gate = ['-c', GATE, 'mqtt-fs-worker-step', input.command, String(selfJoin.length), ...selfJoin];
   // node:child_process rather than execa: the gate needs raw control of the child (its own process group, stdin
   // as the release, output streamed, the bare exit event) and execa's load time would be paid on every job.
-  const subprocess = spawn('/bin/sh', gate, {
+  const subprocess = spawn('/bin/sh', [...gate, ...(input.setpriv ?? [])], {
     cwd: input.cwd,
     env: input.env,
-    stdio: ['pipe', 'pipe', 'ignore'],
+    // Descriptor 3 carries what went wrong if the gate could not move itself into the sandbox.
+    stdio: ['pipe', 'pipe', 'ignore', ...(selfJoin.length > 0 ? (['pipe'] as const) : [])],
     detached: true,
   });
+  const control = subprocess.stdio[3] as Readable | undefined;
+  const joinProblem = control ? readAll(control).catch(() => '') : Promise.resolve('');
   const failed = new Promise<Error>((resolve) => subprocess.once('error', resolve));
   // Listened to at once: the step can end while the log is being opened.
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
@@ -110,7 +127,8 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   const pid = subprocess.pid;
   let sink: LogSink;
   try {
-    [sink] = await Promise.all([opening, pid !== undefined ? input.sandbox?.join(pid) : undefined]);
+    const join = sandbox && 'join' in sandbox && pid !== undefined ? sandbox.join(pid) : undefined;
+    [sink] = await Promise.all([opening, join]);
   } catch (error) {
     // Never released: the step must not outlive the failure.
     if (pid !== undefined) killGroup(pid, 'SIGKILL');
@@ -148,6 +166,8 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
       else input.signal?.addEventListener('abort', onAbort, { once: true });
     }
     const { code, signal } = pid === undefined ? { code: 127, signal: null } : await exited;
+    const problem = (await joinProblem).trim();
+    if (problem) spawnError = `cannot move the step into its cgroup: ${problem}`;
     clearTimeout(timeoutTimer);
     input.signal?.removeEventListener('abort', onAbort);
     // Whatever the step left behind (background jobs, daemons) dies with it.
@@ -169,6 +189,13 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     clearTimeout(graceTimer);
     if (!sink.destroyed && !sink.writableFinished) sink.destroy();
   }
+}
+
+/** Everything a stream carries, as text (a few lines at most); '' for none. */
+async function readAll(stream: Readable): Promise<string> {
+  let text = '';
+  for await (const chunk of stream) text += String(chunk);
+  return text;
 }
 
 // A process that escaped the group (setsid) can hold the pipe open forever; without a sandbox to kill it, give

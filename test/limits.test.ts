@@ -150,6 +150,7 @@ describe('cgroup v2 against a v2-shaped tree', () => {
 
     // Join a real process, then let "the kernel" account for it: freeze-and-kill is used (no cgroup.kill here).
     const child = spawn('sleep', ['30']);
+    if (!('join' in sandbox)) throw new Error('the worker moves a step into a v2 sandbox');
     await sandbox.join(child.pid as number);
     expect(await readFile(path.join(leaf, 'cgroup.procs'), 'utf8')).toBe(String(child.pid));
     await writeFile(path.join(leaf, 'memory.peak'), String(123 * MiB));

@@ -2,7 +2,7 @@ import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { lstat, readFile, stat, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { runStep } from '../src/run.js';
+import { NO_ACCOUNTING, runStep } from '../src/run.js';
 import { isAlive, tempDir, waitFor } from './helpers/tmp.js';
 
 async function setup() {
@@ -174,6 +174,31 @@ describe('runStep', () => {
     // The step's shell was started (the log is opened meanwhile), then killed at its gate: it never ran.
     await waitFor(() => !gateProcesses(token).length, 2000, 10);
     expect(existsSync(marker)).toBe(false);
+  });
+
+  it('moves itself in before its command runs where the sandbox lets it (selfJoin files each get 0)', async () => {
+    const { dir, log, base } = await setup();
+    const files = [path.join(dir, 'memory-tasks'), path.join(dir, 'pids-tasks')];
+    const sandbox = { selfJoin: files, signal: async () => {}, close: async () => NO_ACCOUNTING };
+    // The command sees what the gate wrote: the moves came first.
+    const outcome = await runStep({ ...base, sandbox, command: `cat ${files.join(' ')}` });
+    expect(outcome).toMatchObject({ exitCode: 0, spawnError: null });
+    expect(await readFile(log, 'utf8')).toBe('0\n0\n');
+  });
+
+  it('never runs the command when the step cannot move itself in, and says why', async () => {
+    const { dir, log, base } = await setup();
+    const marker = path.join(dir, 'ran');
+    const sandbox = {
+      selfJoin: [path.join(dir, 'no-such-cgroup', 'tasks')],
+      signal: async () => {},
+      close: async () => NO_ACCOUNTING,
+    };
+    const outcome = await runStep({ ...base, sandbox, command: `touch ${marker}` });
+    expect(outcome.exitCode).toBe(125);
+    expect(outcome.spawnError).toMatch(/^cannot move the step into its cgroup: .*no-such-cgroup.*tasks/);
+    expect(existsSync(marker)).toBe(false);
+    expect(await readFile(log, 'utf8')).toBe('');
   });
 
   it('reports a step that cannot start', async () => {

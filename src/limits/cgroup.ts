@@ -145,16 +145,6 @@ export async function sweep(
   await remove(dir).catch(() => {});
 }
 
-/**
- * A move into a cgroup after a quiet spell (~40 ms here) waits for an RCU grace period (~10-15 ms here), holding
- * the lock that creating or configuring any cgroup needs; moves soon after it are fast. Moving the worker into the
- * cgroup it is already in lets that wait pass while the job is staged and its first step spawned: the step's own
- * move then finds it over, or waits only for the rest of it. Never fails; nothing waits for it.
- */
-function primeMigration(ownProcs: string): void {
-  writeControl(ownProcs, String(process.pid)).catch(() => {});
-}
-
 // ---------------------------------------------------------------------------------------------------- v2 ----
 
 /**
@@ -202,7 +192,8 @@ export async function openCgroupV2(
   } catch (error) {
     throw unavailable(own, error);
   }
-  // Moving the worker into supervisor/ above already waited out the kernel's grace period (see primeMigration).
+  // Moving the worker into supervisor/ above waited out the kernel's RCU grace period once (moving another process
+  // does; see StepSandbox): the steps' moves soon after it are quick.
   const prefix = `${name}-step-`;
   const removals = new Removals();
   // Stale step cgroups of this worker's earlier (crashed) run.
@@ -337,13 +328,11 @@ export async function openCgroupV1(
     }
     return v1Sandbox(dirs, (unique) => removals.start(Promise.all(unique.map(removeCgroup))));
   };
-  // The first step's cgroups are made now, then the kernel's wait for the step's move is started (see
-  // primeMigration): that wait holds the lock that creating or configuring a cgroup needs.
+  // The first step's cgroups are made with the job's (while the job is staged).
   const first = await makeStep(0).catch(async (error) => {
     await removeRoots();
     throw error;
   });
-  if (memory) primeMigration(path.join(memory, 'cgroup.procs'));
   return {
     mode: 'cgroup1',
     step: async (index) => (index === 0 ? first : makeStep(index)),
@@ -390,9 +379,8 @@ function v1Sandbox(dirs: Map<string, string>, remove: (unique: string[]) => void
     await waitEmpty(any);
   };
   return {
-    join: async (pid) => {
-      await Promise.all(unique.map((dir) => writeControl(path.join(dir, 'cgroup.procs'), String(pid))));
-    },
+    // v1 lets a single thread move itself through `tasks`: the step's gate (a single-threaded shell) does.
+    selfJoin: unique.map((dir) => path.join(dir, 'tasks')),
     signal: async (signal) => (signal === 'SIGKILL' ? killAll() : signalAll(await procsOf(any), signal)),
     close: async () => {
       await killAll();
