@@ -230,7 +230,7 @@ describe('cgroup v2 against a v2-shaped tree', () => {
 });
 
 // Real cgroups: these machines have the v1 controllers (and enforce them).
-const layout = await detectLayout();
+const layout = detectLayout();
 const hasV1 = Boolean(
   layout.v1.memory && layout.v1.cpu && layout.v1.pids && layout.v1.freezer && process.getuid?.() === 0,
 );

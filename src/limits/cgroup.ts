@@ -1,9 +1,9 @@
-import { close, openSync, write } from 'node:fs';
-import { access, mkdir, readdir, readFile, rmdir } from 'node:fs/promises';
+import { close, existsSync, openSync, write } from 'node:fs';
+import { mkdir, readdir, rmdir } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../errors.js';
 import type { StepAccounting, StepSandbox } from '../run.js';
-import type { CgroupLayout } from './detect.js';
+import { type CgroupLayout, readKernelFile } from './detect.js';
 
 export interface EffectiveLimits {
   readonly cpus: number | null;
@@ -59,12 +59,6 @@ export function unavailable(where: string, error: unknown): WorkerError {
   return new WorkerError(ErrorCode.LIMITS_UNAVAILABLE, `${why}. Fix: ${DOCKER_FIX}`, { cause: error });
 }
 
-const exists = (file: string): Promise<boolean> =>
-  access(file).then(
-    () => true,
-    () => false,
-  );
-
 /**
  * Writes a cgroup interface file in one trip to the thread pool. `fs.promises.writeFile` takes three (open, write,
  * close), each waiting for the main thread in between: behind a spawn or a garbage collection, a move into a
@@ -82,27 +76,27 @@ async function writeControl(file: string, value: string): Promise<void> {
   });
 }
 
-async function readNumber(file: string): Promise<number | null> {
-  const text = await readFile(file, 'utf8').catch(() => undefined);
+function readNumber(file: string): number | null {
+  const text = readKernelFile(file);
   const value = text === undefined ? Number.NaN : Number(text.trim());
   return Number.isFinite(value) ? value : null;
 }
 
 /** `key value` lines (memory.events, cpu.stat, memory.oom_control). */
-async function readKeyed(file: string, key: string): Promise<number | null> {
-  const text = await readFile(file, 'utf8').catch(() => undefined);
+function readKeyed(file: string, key: string): number | null {
+  const text = readKernelFile(file);
   const match = text ? new RegExp(`^${key} (\\d+)$`, 'm').exec(text) : null;
   return match ? Number(match[1]) : null;
 }
 
-async function procsOf(dir: string): Promise<number[]> {
-  const text = await readFile(path.join(dir, 'cgroup.procs'), 'utf8').catch(() => '');
+function procsOf(dir: string): number[] {
+  const text = readKernelFile(path.join(dir, 'cgroup.procs')) ?? '';
   return text.split('\n').filter(Boolean).map(Number);
 }
 
 /** Waits (up to a second) until the killed processes of a cgroup have left it. */
 async function waitEmpty(dir: string): Promise<void> {
-  for (let i = 0; i < 100 && (await procsOf(dir)).length > 0; i++) {
+  for (let i = 0; i < 100 && procsOf(dir).length > 0; i++) {
     await new Promise((resolve) => setTimeout(resolve, 10));
   }
 }
@@ -165,9 +159,7 @@ export async function openCgroupV2(
     );
   }
   const wanted = ['cpu', 'memory', 'pids'];
-  const available = (await readFile(path.join(own, 'cgroup.controllers'), 'utf8').catch(() => '')).split(
-    /\s+/,
-  );
+  const available = (readKernelFile(path.join(own, 'cgroup.controllers')) ?? '').split(/\s+/);
   const missing = wanted.filter((c) => !available.includes(c));
   const needed = [
     limits.cpus !== null ? 'cpu' : '',
@@ -185,7 +177,7 @@ export async function openCgroupV2(
   try {
     await mkdir(supervisor, { recursive: true });
     // Move every process of our own cgroup (the worker, an init, siblings of the unit) into supervisor/.
-    for (const pid of await procsOf(own))
+    for (const pid of procsOf(own))
       await writeControl(path.join(supervisor, 'cgroup.procs'), String(pid)).catch(() => {});
     const enable = wanted.filter((c) => available.includes(c)).map((c) => `+${c}`);
     if (enable.length > 0) await writeControl(path.join(own, 'cgroup.subtree_control'), enable.join(' '));
@@ -208,7 +200,7 @@ export async function openCgroupV2(
         await mkdir(dir, { recursive: true });
         if (limits.memoryBytes !== null) {
           await writeControl(path.join(dir, 'memory.max'), String(limits.memoryBytes));
-          if (await exists(path.join(dir, 'memory.swap.max')))
+          if (existsSync(path.join(dir, 'memory.swap.max')))
             await writeControl(path.join(dir, 'memory.swap.max'), '0');
         }
         if (limits.cpus !== null)
@@ -230,13 +222,13 @@ export async function openCgroupV2(
 }
 
 async function killV2(dir: string): Promise<void> {
-  if ((await procsOf(dir)).length === 0) return;
-  if (await exists(path.join(dir, 'cgroup.kill'))) {
+  if (procsOf(dir).length === 0) return;
+  if (existsSync(path.join(dir, 'cgroup.kill'))) {
     await writeControl(path.join(dir, 'cgroup.kill'), '1').catch(() => {});
   } else {
     // Kernels before 5.14: freeze, kill, thaw (a frozen process cannot fork away from the kill).
     await writeControl(path.join(dir, 'cgroup.freeze'), '1').catch(() => {});
-    signalAll(await procsOf(dir), 'SIGKILL');
+    signalAll(procsOf(dir), 'SIGKILL');
     await writeControl(path.join(dir, 'cgroup.freeze'), '0').catch(() => {});
   }
   await waitEmpty(dir);
@@ -245,14 +237,12 @@ async function killV2(dir: string): Promise<void> {
 function v2Sandbox(dir: string, remove: () => void): StepSandbox {
   return {
     join: async (pid) => writeControl(path.join(dir, 'cgroup.procs'), String(pid)),
-    signal: async (signal) => (signal === 'SIGKILL' ? killV2(dir) : signalAll(await procsOf(dir), signal)),
+    signal: async (signal) => (signal === 'SIGKILL' ? killV2(dir) : signalAll(procsOf(dir), signal)),
     close: async () => {
       await killV2(dir);
-      const [peak, oomKills, usageUsec] = await Promise.all([
-        readNumber(path.join(dir, 'memory.peak')),
-        readKeyed(path.join(dir, 'memory.events'), 'oom_kill'),
-        readKeyed(path.join(dir, 'cpu.stat'), 'usage_usec'),
-      ]);
+      const peak = readNumber(path.join(dir, 'memory.peak'));
+      const oomKills = readKeyed(path.join(dir, 'memory.events'), 'oom_kill');
+      const usageUsec = readKeyed(path.join(dir, 'cpu.stat'), 'usage_usec');
       remove();
       return accounting(peak, oomKills, usageUsec === null ? null : usageUsec / 1000);
     },
@@ -300,7 +290,7 @@ export async function openCgroupV1(
     rootDirs.map((root) =>
       sweep(root, async (leaf) => {
         if (freezerRoot && leaf.startsWith(freezerRoot)) await killV1(leaf);
-        else signalAll(await procsOf(leaf), 'SIGKILL');
+        else signalAll(procsOf(leaf), 'SIGKILL');
       }),
     ),
   );
@@ -348,7 +338,7 @@ export async function openCgroupV1(
 async function limitMemoryV1(dir: string, bytes: number): Promise<void> {
   await writeControl(path.join(dir, 'memory.limit_in_bytes'), String(bytes));
   const memsw = path.join(dir, 'memory.memsw.limit_in_bytes');
-  if (await exists(memsw)) await writeControl(memsw, String(bytes));
+  if (existsSync(memsw)) await writeControl(memsw, String(bytes));
 }
 
 async function limitCpuV1(dir: string, cpus: number): Promise<void> {
@@ -359,11 +349,11 @@ async function limitCpuV1(dir: string, cpus: number): Promise<void> {
 async function killV1(freezerDir: string): Promise<void> {
   await writeControl(path.join(freezerDir, 'freezer.state'), 'FROZEN').catch(() => {});
   for (let i = 0; i < 500; i++) {
-    const state = await readFile(path.join(freezerDir, 'freezer.state'), 'utf8').catch(() => 'FROZEN');
+    const state = readKernelFile(path.join(freezerDir, 'freezer.state')) ?? 'FROZEN';
     if (state.trim() === 'FROZEN') break;
     await new Promise((resolve) => setTimeout(resolve, 1));
   }
-  signalAll(await procsOf(freezerDir), 'SIGKILL');
+  signalAll(procsOf(freezerDir), 'SIGKILL');
   await writeControl(path.join(freezerDir, 'freezer.state'), 'THAWED').catch(() => {});
 }
 
@@ -372,25 +362,23 @@ function v1Sandbox(dirs: Map<string, string>, remove: (unique: string[]) => void
   const any = dirs.get('freezer') ?? dirs.get('memory') ?? (unique[0] as string);
   const killAll = async (): Promise<void> => {
     // The common case: the step left nothing behind.
-    if ((await procsOf(any)).length === 0) return;
+    if (procsOf(any).length === 0) return;
     const freezer = dirs.get('freezer');
     if (freezer) await killV1(freezer);
-    else signalAll(await procsOf(any), 'SIGKILL');
+    else signalAll(procsOf(any), 'SIGKILL');
     await waitEmpty(any);
   };
   return {
     // v1 lets a single thread move itself through `tasks`: the step's gate (a single-threaded shell) does.
     selfJoin: unique.map((dir) => path.join(dir, 'tasks')),
-    signal: async (signal) => (signal === 'SIGKILL' ? killAll() : signalAll(await procsOf(any), signal)),
+    signal: async (signal) => (signal === 'SIGKILL' ? killAll() : signalAll(procsOf(any), signal)),
     close: async () => {
       await killAll();
       const memory = dirs.get('memory');
       const cpuacct = dirs.get('cpuacct');
-      const [peak, oomKills, usageNs] = await Promise.all([
-        memory ? readNumber(path.join(memory, 'memory.max_usage_in_bytes')) : null,
-        memory ? readKeyed(path.join(memory, 'memory.oom_control'), 'oom_kill') : null,
-        cpuacct ? readNumber(path.join(cpuacct, 'cpuacct.usage')) : null,
-      ]);
+      const peak = memory ? readNumber(path.join(memory, 'memory.max_usage_in_bytes')) : null;
+      const oomKills = memory ? readKeyed(path.join(memory, 'memory.oom_control'), 'oom_kill') : null;
+      const usageNs = cpuacct ? readNumber(path.join(cpuacct, 'cpuacct.usage')) : null;
       remove(unique);
       return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6);
     },

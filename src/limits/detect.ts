@@ -1,4 +1,4 @@
-import { readFile } from 'node:fs/promises';
+import { readFileSync } from 'node:fs';
 import path from 'node:path';
 
 /** The v1 controllers the worker uses (cpu and cpuacct may share a mount or not). */
@@ -83,10 +83,21 @@ export function layoutFrom(mountinfo: string, procCgroup: string): CgroupLayout 
   return { unified, v1 };
 }
 
-export async function detectLayout(procRoot = '/proc'): Promise<CgroupLayout> {
-  const [mountinfo, procCgroup] = await Promise.all([
-    readFile(path.join(procRoot, 'self/mountinfo'), 'utf8').catch(() => ''),
-    readFile(path.join(procRoot, 'self/cgroup'), 'utf8').catch(() => ''),
-  ]);
-  return layoutFrom(mountinfo, procCgroup);
+/**
+ * A file of /proc or of a cgroup filesystem; undefined if it cannot be read. The kernel makes these in memory, so
+ * reading one takes microseconds and is done synchronously: fs.promises.readFile would take four trips to the
+ * thread pool (open, stat, read, close), each waiting for the main thread in between. (Writing a cgroup file can
+ * block, see writeControl in cgroup.ts.)
+ */
+export function readKernelFile(file: string): string | undefined {
+  try {
+    return readFileSync(file, 'utf8');
+  } catch {
+    return undefined;
+  }
+}
+
+export function detectLayout(procRoot = '/proc'): CgroupLayout {
+  const read = (file: string): string => readKernelFile(path.join(procRoot, file)) ?? '';
+  return layoutFrom(read('self/mountinfo'), read('self/cgroup'));
 }

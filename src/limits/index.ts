@@ -1,9 +1,8 @@
-import { readFile } from 'node:fs/promises';
 import { ErrorCode, WorkerError } from '../errors.js';
 import type { RequestedLimits } from '../job-spec.js';
 import { formatBytes } from '../units.js';
 import { type EffectiveLimits, type JobCgroups, openCgroupV1, openCgroupV2 } from './cgroup.js';
-import { type CgroupLayout, detectLayout } from './detect.js';
+import { type CgroupLayout, detectLayout, readKernelFile } from './detect.js';
 
 export type { EffectiveLimits, JobCgroups } from './cgroup.js';
 
@@ -73,7 +72,7 @@ export async function openJobLimits(
   const anyLimit = limits.cpus !== null || limits.memoryBytes !== null || limits.pids !== null;
   const required = policy === 'required' || (policy === 'auto' && anyLimit);
   try {
-    const found = layout ?? (await detectLayout());
+    const found = layout ?? detectLayout();
     const cgroups = await open(found, name, limits);
     return { mode: cgroups.mode, limits, cgroups };
   } catch (error) {
@@ -85,7 +84,7 @@ export async function openJobLimits(
 
 async function open(layout: CgroupLayout, name: string, limits: EffectiveLimits): Promise<JobCgroups> {
   if (layout.unified) {
-    const controllers = await readFile(`${layout.unified}/cgroup.controllers`, 'utf8').catch(() => '');
+    const controllers = readKernelFile(`${layout.unified}/cgroup.controllers`) ?? '';
     // Hybrid hosts mount a cgroup2 next to v1 with few or no controllers: use it only if it has ours.
     const usable = /\b(memory|cpu|pids)\b/.test(controllers);
     if (usable || Object.keys(layout.v1).length === 0) return openCgroupV2(layout.unified, name, limits);
