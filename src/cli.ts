@@ -7,7 +7,7 @@ import { createLogger, type Logger } from './log.js';
 import { maskText } from './mask.js';
 import { OPTION_DEFS, type OptionFlags, type Options, resolveOptions } from './options.js';
 import { parseDuration } from './units.js';
-import { writeStdio } from './util/stdio.js';
+import { stdioFlushed, writeStdio } from './util/stdio.js';
 
 // The only module that touches the process: argv, env, stdout/stderr, signals and exit codes. Each command's
 // modules are imported when that command runs, so `--version` and `--help` initialise almost nothing.
@@ -385,12 +385,15 @@ export async function main(argv: readonly string[] = process.argv, hooks: MainHo
     },
     hooks,
   );
+  let code: number;
   try {
     await program.parseAsync([...argv]);
-    return pending ? await pending : ExitCode.OK;
+    code = pending ? await pending : ExitCode.OK;
   } catch (error) {
-    return reportError(error);
+    code = reportError(error);
   }
+  await stdioFlushed();
+  return code;
 }
 
 function reportError(error: unknown): number {

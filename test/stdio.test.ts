@@ -8,7 +8,7 @@ import { sleep } from './helpers/tmp.js';
 const BUILT = fileURLToPath(new URL('../dist/util/stdio.js', import.meta.url));
 
 function child(body: string): ReturnType<typeof spawn> {
-  const script = `import { writeStdio } from ${JSON.stringify(BUILT)};\n${body}`;
+  const script = `import { stdioFlushed, writeStdio } from ${JSON.stringify(BUILT)};\n${body}`;
   return spawn(process.execPath, ['--input-type=module', '-e', script], {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -32,6 +32,9 @@ describe('writeStdio', () => {
       writeStdio(1, 'a'.repeat(1 << 20));
       writeStdio(1, 'b'.repeat(1000));
       writeStdio(1, 'end\\n');
+      // As the binary ends: process.exit does not wait for a stream, so the CLI waits for it first.
+      await stdioFlushed();
+      process.exit(0);
     `);
     const stderr = collect(proc.stderr as NodeJS.ReadableStream);
     await sleep(300);

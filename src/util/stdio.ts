@@ -39,3 +39,21 @@ export function writeStdio(fd: StdioFd, text: string): void {
     }
   }
 }
+
+/**
+ * Resolves once everything handed to Node's streams (after EAGAIN, above) has been written: the binary ends the
+ * process with process.exit, which does not wait for them. Immediate when no stream took over.
+ */
+export async function stdioFlushed(): Promise<void> {
+  await Promise.all(
+    [...throughStream].map(async (fd) => {
+      const stream = streamFor(fd);
+      while (stream.writableLength > 0 && !stream.destroyed) {
+        await new Promise((resolve) => {
+          stream.once('drain', resolve);
+          stream.once('close', resolve);
+        });
+      }
+    }),
+  );
+}
