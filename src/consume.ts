@@ -19,6 +19,8 @@ export interface ConsumerInput {
   readonly topic: string | undefined;
   readonly will?: IClientOptions['will'];
   readonly log: Logger;
+  /** Called once the connection is under way: work to overlap with the broker's answer. */
+  readonly onConnecting?: () => void;
 }
 
 /**
@@ -61,6 +63,7 @@ export class OneShotConsumer {
       sessionExpirySeconds: input.sessionExpirySeconds,
       receiveMaximum: 1,
       ...(input.will ? { will: input.will } : {}),
+      ...(input.onConnecting ? { onClient: input.onConnecting } : {}),
       customHandleAcks: (topic, payload, packet, done) => {
         if (taken) {
           held++;

@@ -3,7 +3,7 @@ import { connectBroker, disconnect } from './broker.js';
 import { acquireClaim, type Claim, type ClaimState, type Identity, inspectClaim } from './claim.js';
 import { type Delivery, OneShotConsumer } from './consume.js';
 import { type ErrorCode, toErrorInfo } from './errors.js';
-import { type EngineConfig, type JobEvent, JobInterrupted, newManifest, runJob } from './job.js';
+import type { EngineConfig, JobEvent } from './job.js';
 import { parseRequest, type RequestPolicy } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { Options } from './options.js';
@@ -39,6 +39,10 @@ export type WorkerOutcome =
 
 const WILL_DELAY_SECONDS = 10;
 
+// The job engine (step processes, cgroups, file walking: ~7 ms of module loading) starts loading once the
+// connection is under way, while the broker answers, rather than before it; a job awaits what is loaded by then.
+const loadEngine = () => import('./job.js');
+
 /**
  * The broker worker: connect under the slot's persistent session, take one delivery, let the job's claim decide
  * what it means, run it if it is ours, publish its result, acknowledge, disconnect. See the README's "Delivery".
@@ -70,6 +74,9 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
       ...(options.protocol === '5' ? { properties: { willDelayInterval: WILL_DELAY_SECONDS } } : {}),
     },
     log,
+    onConnecting: () => {
+      loadEngine().catch(() => {}); // a failure shows where a job awaits the engine
+    },
   });
   log.info(`connected to the broker as ${options.id}; waiting for one job on ${options.topic}`, {
     session: consumer.sessionPresent ? 'resumed' : 'new',
@@ -165,6 +172,7 @@ async function answerFailure(
   info: { code: ErrorCode; message: string },
 ): Promise<void> {
   if (id) {
+    const { newManifest } = await loadEngine();
     const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
     manifest.error = info;
     await finish(consumer, delivery, input, toResultPayload(manifest));
@@ -254,6 +262,7 @@ async function handleDelivery(
   );
   event('claimed', { attempt: claim.attempt });
 
+  const { runJob, JobInterrupted } = await loadEngine();
   const stop = new AbortController();
   const onInterrupt = (): void => stop.abort('interrupted');
   if (input.signal.aborted) onInterrupt();
