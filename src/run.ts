@@ -53,6 +53,8 @@ export interface RunStepInput {
   readonly secrets?: readonly string[];
   /** setpriv arguments: the gate drops to this user (after joining the sandbox, which needs root). */
   readonly setpriv?: readonly string[];
+  /** Called once the command is released to run: work to overlap with the step. */
+  readonly onStarted?: () => void;
 }
 
 export interface StepOutcome {
@@ -117,7 +119,7 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     detached: true,
   });
   const control = subprocess.stdio[3] as Readable | undefined;
-  const joinProblem = control ? readAll(control).catch(() => '') : Promise.resolve('');
+  const joinProblem = control ? readAll(control) : Promise.resolve('');
   const failed = new Promise<Error>((resolve) => subprocess.once('error', resolve));
   // Listened to at once: the step can end while the log is being opened.
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
@@ -135,7 +137,10 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     (await opening.catch(() => undefined))?.destroy();
     throw error;
   }
-  if (pid !== undefined) subprocess.stdin?.end('go\n');
+  if (pid !== undefined) {
+    subprocess.stdin?.end('go\n');
+    input.onStarted?.();
+  }
   // Attached after the release (the pipe holds what comes first): the step starts while this is set up.
   const output = subprocess.stdout ? pipeline(subprocess.stdout, sink) : Promise.resolve();
   output.catch(() => {}); // awaited below; avoid an unhandled rejection while the step runs
@@ -191,11 +196,19 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   }
 }
 
-/** Everything a stream carries, as text (a few lines at most); '' for none. */
-async function readAll(stream: Readable): Promise<string> {
-  let text = '';
-  for await (const chunk of stream) text += String(chunk);
-  return text;
+/**
+ * Everything a stream carries until it closes, as text (a few lines at most). Plain events: an async iterator
+ * costs a job ~1 ms of stream machinery.
+ */
+function readAll(stream: Readable): Promise<string> {
+  return new Promise((resolve) => {
+    let text = '';
+    stream.on('data', (chunk: Buffer) => {
+      text += chunk.toString();
+    });
+    stream.on('error', () => {}); // 'close' follows
+    stream.once('close', () => resolve(text));
+  });
 }
 
 // A process that escaped the group (setsid) can hold the pipe open forever; without a sandbox to kill it, give
