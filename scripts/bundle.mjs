@@ -28,6 +28,23 @@ const nodeOnly = {
   },
 };
 
+// MQTT.js traces through `debug`, whose loading probes the terminal (tty, a missing supports-color looked up
+// through every node_modules folder up to /): ~1.3 ms of every connection's start. The real one loads only when
+// DEBUG asks for output; otherwise each namespace gets a function that does nothing.
+const debugOnDemand = {
+  name: 'debug-on-demand',
+  setup(bundle) {
+    bundle.onResolve({ filter: /^debug$/ }, () => ({ path: 'debug', namespace: 'debug-on-demand' }));
+    bundle.onLoad({ filter: /.*/, namespace: 'debug-on-demand' }, () => ({
+      contents: `module.exports = process.env.DEBUG
+        ? require('debug/src/index.js')
+        : (namespace) => Object.assign(() => {}, { namespace, enabled: false });`,
+      loader: 'js',
+      resolveDir: path.dirname(createRequire(import.meta.url).resolve('mqtt')),
+    }));
+  },
+};
+
 // commander loads node:child_process when it loads (~4 ms), for subcommands run as separate executables, which this
 // CLI has none of. Commands that run steps load it anyway; `--version`, `--help` and `validate` need not.
 const lazyChildProcess = {
@@ -85,7 +102,7 @@ await build({
   // The launcher compiles the bundle as a plain script, which has no loader for import(): dynamic imports
   // become lazy require()s (they still run only when reached).
   supported: { 'dynamic-import': false },
-  plugins: [nodeOnly, lazyChildProcess, vendored],
+  plugins: [nodeOnly, debugOnDemand, lazyChildProcess, vendored],
 });
 await build({
   ...common,

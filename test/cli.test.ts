@@ -5,7 +5,7 @@ import { type AddressInfo, createConnection } from 'node:net';
 import path from 'node:path';
 import { describe, expect, inject, it } from 'vitest';
 import { createWebSocketStream, WebSocketServer } from 'ws';
-import { Mosquitto } from './helpers/mosquitto.js';
+import { freePort, Mosquitto } from './helpers/mosquitto.js';
 import { tempDir, waitFor, writeTree } from './helpers/tmp.js';
 import { collect, fleetDirs, publishJob, testClient, workerArgs } from './helpers/worker.js';
 
@@ -123,6 +123,19 @@ describe('the installed command', () => {
       await front.close();
       await broker.dispose();
     }
+  });
+
+  it("prints MQTT.js's own traces only when DEBUG asks for them", async () => {
+    const dirs = await fleetDirs();
+    const port = await freePort(); // nothing listens: the connection is refused at once
+    const args = [...workerArgs(`mqtt://127.0.0.1:${port}`, dirs, 'traced'), '--connect-timeout', '2s'];
+    const traced = await cli(args, { env: { DEBUG: 'mqttjs*' } });
+    expect(traced.code).toBe(3);
+    expect(traced.stderr).toContain('mqttjs:client');
+    const quiet = await cli(args);
+    expect(quiet.code).toBe(3);
+    expect(quiet.stderr).toContain('BROKER_UNREACHABLE');
+    expect(quiet.stderr).not.toContain('mqttjs');
   });
 
   it.skipIf(process.getuid?.() !== 0)('runs a dry-run step as another user (--run-as)', async () => {
