@@ -324,6 +324,8 @@ function buildProgram(
       'Take one job from an MQTT topic, run its steps from a shared drive, sync the results back, exit.',
     )
     .version(VERSION, '-V, --version')
+    // commander adds `help [command]` by itself only to programs without an action of their own.
+    .helpCommand(true)
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ writeOut: (text) => writeStdio(1, text), writeErr: (text) => writeStdio(2, text) })
     .enablePositionalOptions()

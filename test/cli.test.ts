@@ -75,6 +75,17 @@ describe('the installed command', () => {
     ]) {
       expect(help.stdout).toContain(text);
     }
+    // A subcommand's help lists the worker options it takes, whichever way it is asked for.
+    for (const args of [
+      ['help', 'submit'],
+      ['submit', '--help'],
+    ]) {
+      const sub = await cli(args);
+      expect(sub.code, args.join(' ')).toBe(0);
+      expect(sub.stdout).toContain('Usage: mqtt-fs-worker submit');
+      expect(sub.stdout).toContain('--steps');
+      expect(sub.stdout).toContain('MQTT_URL');
+    }
   });
 
   it('runs ./test-payload.json with --dry-run, prints the result and exits 0', async () => {
