@@ -325,6 +325,27 @@ describe.skipIf(!hasV1)('steps in real cgroup v1', () => {
     expect(full).toBeGreaterThan(1500);
   });
 
+  it('puts a step in the cpu and pids hierarchies only when they limit it', async () => {
+    const { jobs, config } = await limited();
+    await writeTree(jobs, {
+      'plain/job.json': JSON.stringify({ steps: ['cat /proc/self/cgroup'] }),
+      'capped/job.json': JSON.stringify({ steps: ['cat /proc/self/cgroup'], limits: { cpus: 1, pids: 50 } }),
+    });
+    // "4:pids:/…/mqtt-fs-worker-w/step-0" → the controllers whose cgroup is the step's.
+    const inStep = async (id: string): Promise<string[]> => {
+      expect((await runJob(config, job(id))).manifest.status).toBe('success');
+      const lines = (await readFile(path.join(jobs, id, 'results/step_0.log'), 'utf8')).split('\n');
+      return lines
+        .filter((line) => line.endsWith(`/mqtt-fs-worker-${config.workerId}/step-0`))
+        .flatMap((line) => (line.split(':')[1] ?? '').split(','))
+        .filter((controller) => ['memory', 'cpu', 'cpuacct', 'pids', 'freezer'].includes(controller))
+        .sort();
+    };
+    expect(await inStep('plain')).toEqual(['cpuacct', 'freezer', 'memory']);
+    expect(await inStep('capped')).toEqual(['cpu', 'cpuacct', 'freezer', 'memory', 'pids']);
+    expect(await leftovers(config.workerId)).toEqual([]);
+  });
+
   it('kills a setsid daemon started by a step when the step ends', async () => {
     const { jobs, config } = await limited();
     const dir = await tempDir();

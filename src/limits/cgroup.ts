@@ -259,7 +259,7 @@ function accounting(peak: number | null, oomKills: number | null, cpuMs: number 
 
 // ---------------------------------------------------------------------------------------------------- v1 ----
 
-/** cgroup v1: one child per hierarchy (memory, cpu, cpuacct, pids, freezer), below the worker's own cgroups. */
+/** cgroup v1: one child per hierarchy the job uses (see below), below the worker's own cgroups. */
 export async function openCgroupV1(
   layout: CgroupLayout,
   name: string,
@@ -277,17 +277,29 @@ export async function openCgroupV1(
       `the cgroup v1 controllers ${lacking.join(', ')} are not mounted. Fix: ${DOCKER_FIX}`,
     );
   }
-  const roots = new Map<string, string>();
-  for (const [controller, dir] of Object.entries({ memory, cpu, cpuacct, pids, freezer })) {
-    if (dir) roots.set(controller, path.join(dir, name));
-  }
+  const rootsIn = (dirs: Record<string, string | undefined>): Map<string, string> => {
+    const found = new Map<string, string>();
+    for (const [controller, dir] of Object.entries(dirs))
+      if (dir) found.set(controller, path.join(dir, name));
+    return found;
+  };
+  // A job uses the hierarchies that limit, account or kill: memory and cpuacct (accounting), freezer (killing),
+  // cpu and pids under a limit only. Each one more costs every step a move and the job two folders.
+  const roots = rootsIn({
+    memory,
+    cpuacct,
+    freezer,
+    cpu: limits.cpus !== null ? cpu : undefined,
+    pids: limits.pids !== null ? pids : undefined,
+  });
   const rootDirs = [...new Set(roots.values())];
   const removeRoots = () => Promise.all(rootDirs.map((root) => sweep(root, async () => {})));
   const removals = new Removals();
-  // Stale cgroups of this worker's earlier (crashed) run, then the job's own folders.
+  // Stale cgroups of this worker's earlier (crashed) run, in every hierarchy, then the job's own folders.
   const freezerRoot = roots.get('freezer');
+  const everyRoot = new Set(rootsIn({ memory, cpu, cpuacct, pids, freezer }).values());
   await Promise.all(
-    rootDirs.map((root) =>
+    [...everyRoot].map((root) =>
       sweep(root, async (leaf) => {
         if (freezerRoot && leaf.startsWith(freezerRoot)) await killV1(leaf);
         else signalAll(procsOf(leaf), 'SIGKILL');
