@@ -58,9 +58,10 @@ export interface JobLimits {
 const NONE: EffectiveLimits = { cpus: null, memoryBytes: null, pids: null };
 
 /**
- * Sets up the cgroups of a job (with the limits `effectiveLimits` gave): cgroup v2 where the worker's own cgroup is on a unified hierarchy with
- * controllers, else v1. With policy `required` (or `auto` with any limit in play) a host where cgroups cannot be
- * used refuses the job (LIMITS_UNAVAILABLE, naming the fix); otherwise the job runs without, and says why.
+ * Sets up the cgroups of a job (with the limits `effectiveLimits` gave): cgroup v2 where the worker's own cgroup
+ * is on a unified hierarchy with controllers, else v1. With policy `required` (or `auto` with any limit in play) a
+ * host where cgroups cannot be used refuses the job (LIMITS_UNAVAILABLE, naming the fix); otherwise the job runs
+ * without, and says why.
  */
 export async function openJobLimits(
   limits: EffectiveLimits,
