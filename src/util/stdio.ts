@@ -2,8 +2,8 @@ import { writeSync } from 'node:fs';
 
 // The CLI writes its output and log lines straight to descriptors 1 and 2. `process.stdout` and `process.stderr`
 // are built on first use, and on a pipe (a container's log, a script reading `--version`) that loads Node's socket
-// and stream modules: ~8 ms, more than the rest of `--version`. On Linux Node writes to pipes, files and terminals
-// synchronously as well, so lines come out in the same order either way.
+// and stream modules: ~8 ms, more than the rest of `--version`. Everything the CLI prints goes through here, so
+// lines keep their order whichever way they leave.
 
 export type StdioFd = 1 | 2;
 
