@@ -116,18 +116,23 @@ function interruptOnSignals(): {
 
 async function runDry(payloadFile: string, flags: OptionFlags, hooks: MainHooks): Promise<number> {
   const options = await resolve(flags);
-  const [{ dryRun }, { toResultPayload }, { JobInterrupted }, { constants }] = await Promise.all([
-    import('./dry-run.js'),
-    import('./report.js'),
-    import('./job.js'),
-    import('node:os'),
-  ]);
-  const log = logger(options).child({ worker: options.id });
+  const [{ dryRun }, { toResultPayload }, { JobInterrupted }, { constants }, { lockDryRunIdentity }] =
+    await Promise.all([
+      import('./dry-run.js'),
+      import('./report.js'),
+      import('./job.js'),
+      import('node:os'),
+      import('./slot-lock.js'),
+    ]);
+  // A dry run has an identity of its own (dry-run-N), so it never touches a worker's workspace or cgroups.
+  const identity = await lockDryRunIdentity();
+  const log = logger(options).child({ worker: identity.id });
   const interrupt = interruptOnSignals();
   try {
+    const config = await engineConfig(options, process.env);
     const outcome = await dryRun({
       payloadFile: path.resolve(payloadFile),
-      config: { ...(await engineConfig(options, process.env)), createJobsDir: true },
+      config: { ...config, workerId: identity.id, createJobsDir: true },
       log,
       signal: interrupt.signal,
     });
@@ -146,16 +151,20 @@ async function runDry(payloadFile: string, flags: OptionFlags, hooks: MainHooks)
     throw error;
   } finally {
     interrupt.dispose();
+    identity.release();
   }
 }
 
 async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<number> {
   const options = await resolve(flags);
-  const [{ runWorker }, { selfIdentity }, { constants }] = await Promise.all([
+  const [{ runWorker }, { selfIdentity }, { constants }, { lockWorkerId }] = await Promise.all([
     import('./worker.js'),
     import('./claim.js'),
     import('node:os'),
+    import('./slot-lock.js'),
   ]);
+  // Before anything else: a second process with this id must not sweep, kill or delete what the holder owns.
+  const lock = await lockWorkerId(options.id);
   const log = logger(options).child({ worker: options.id });
   const interrupt = interruptOnSignals();
   try {
@@ -171,10 +180,10 @@ async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<nu
       log,
       signal: interrupt.signal,
     });
-    if (outcome.kind === 'handled' && outcome.action === 'ran') hooks.jobDone?.();
+    if (outcome.kind === 'ran') hooks.jobDone?.();
     switch (outcome.kind) {
       case 'no-job':
-      case 'handled':
+      case 'ran':
         return ExitCode.OK;
       case 'connection-lost':
         return ExitCode.BROKER_UNREACHABLE;
@@ -188,6 +197,7 @@ async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<nu
     }
   } finally {
     interrupt.dispose();
+    lock.release();
   }
 }
 
@@ -213,6 +223,7 @@ interface SubmitFlags {
   steps?: string[];
   wait?: boolean;
   timeout?: string;
+  rerun?: boolean;
 }
 
 function parseStepsFlag(steps: string[] | undefined): unknown[] | undefined {
@@ -249,6 +260,7 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
     steps: parseStepsFlag(submitFlags.steps) as never,
     topic: options.topic,
     resultsTopic: options.resultsTopic,
+    ...(submitFlags.rerun ? { rerun: (await import('node:crypto')).randomUUID() } : {}),
     wait: submitFlags.wait ?? false,
     timeoutMs,
     log,
@@ -357,6 +369,7 @@ function buildProgram(
       .argument('<id>', 'job id')
       .option('--steps <steps...>', 'steps to run instead of job.json (commands, or one JSON array)')
       .option('--wait', 'wait for the result and exit 0 on success, 1 otherwise')
+      .option('--rerun', 'run the job again even if it finished (each --rerun request runs once)')
       .option('--timeout <duration>', 'give up waiting after this', '1h'),
   ).action((id: string, parsed: Record<string, unknown>) =>
     run(() => runSubmit(id, parsed as SubmitFlags, flagsOf(parsed))),

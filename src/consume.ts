@@ -24,38 +24,29 @@ export interface ConsumerInput {
 }
 
 /**
- * A connection that takes exactly one message and acknowledges it only when told to. The broker may send at
- * most one unacknowledged message (receiveMaximum 1); any message after the first is never acknowledged, so it
- * stays in this client id's session for the slot's next process. While the first message is held, MQTT.js
- * reads no incoming packet (no PINGRESP either), so `holdOpen` keeps the connection alive by sending pings of
- * its own and resetting MQTT.js's keepalive clock.
+ * A connection that hands out deliveries one at a time and acknowledges each only when told to. The broker may
+ * send at most one unacknowledged message (receiveMaximum 1): a delivery the worker does not run is acknowledged
+ * and the next one comes into the same process. Once the worker has taken a job (`take`), every later message is
+ * held and never acknowledged, so it stays in this client id's session for the slot's next process. While a
+ * message is held, MQTT.js reads no incoming packet (no PINGRESP either), so `holdOpen` keeps the connection alive
+ * by sending pings of its own and resetting MQTT.js's keepalive clock.
  */
-export class OneShotConsumer {
+export class JobConsumer {
   readonly client: MqttClient;
   readonly sessionPresent: boolean;
-  readonly #first: Promise<Delivery>;
   readonly #closed: Promise<void>;
+  readonly #inbox: Inbox;
   #keepalive: NodeJS.Timeout | undefined;
 
-  private constructor(
-    client: MqttClient,
-    sessionPresent: boolean,
-    first: Promise<Delivery>,
-    closed: Promise<void>,
-  ) {
+  private constructor(client: MqttClient, sessionPresent: boolean, inbox: Inbox, closed: Promise<void>) {
     this.client = client;
     this.sessionPresent = sessionPresent;
-    this.#first = first;
+    this.#inbox = inbox;
     this.#closed = closed;
   }
 
-  static async connect(input: ConsumerInput): Promise<OneShotConsumer> {
-    let resolveFirst: (delivery: Delivery) => void = () => {};
-    const first = new Promise<Delivery>((resolve) => {
-      resolveFirst = resolve;
-    });
-    let taken = false;
-    let held = 0;
+  static async connect(input: ConsumerInput): Promise<JobConsumer> {
+    const inbox = new Inbox(input.log);
     const client = await connectBroker({
       settings: input.settings,
       clientId: input.clientId,
@@ -64,26 +55,14 @@ export class OneShotConsumer {
       receiveMaximum: 1,
       ...(input.will ? { will: input.will } : {}),
       ...(input.onConnecting ? { onClient: input.onConnecting } : {}),
-      customHandleAcks: (topic, payload, packet, done) => {
-        if (taken) {
-          held++;
-          input.log.info(
-            `another job arrived (message ${packet.messageId}); it stays queued in this slot's session for the next run`,
-            {
-              held,
-            },
-          );
-          return; // never acknowledged: the broker redelivers it to this client id's next connection
-        }
-        taken = true;
-        resolveFirst({ topic, payload: Buffer.from(payload), packet, ack: () => done(0) });
-      },
+      customHandleAcks: (topic, payload, packet, done) =>
+        inbox.receive({ topic, payload: Buffer.from(payload), packet, ack: () => done(0) }),
     });
     const closed = new Promise<void>((resolve) => client.once('close', () => resolve()));
     const sessionPresent = Boolean(
       (client as unknown as { connackPacket?: { sessionPresent?: boolean } }).connackPacket?.sessionPresent,
     );
-    const consumer = new OneShotConsumer(client, sessionPresent, first, closed);
+    const consumer = new JobConsumer(client, sessionPresent, inbox, closed);
     const topic = input.topic;
     if (topic === undefined) return consumer;
     // A present session still holds the subscription (and may already be delivering): do not wait for a SUBACK
@@ -102,13 +81,18 @@ export class OneShotConsumer {
     return consumer;
   }
 
+  /** From now on every delivery is held for the slot's next process: this one has taken its job. */
+  take(): void {
+    this.#inbox.take();
+  }
+
   get connected(): boolean {
     return this.client.connected;
   }
 
-  /** The first delivery; undefined when the connection closed first. */
+  /** The next delivery; undefined when the connection closed first. */
   async next(): Promise<Delivery | undefined> {
-    return Promise.race([this.#first, this.#closed.then(() => undefined)]);
+    return Promise.race([this.#inbox.next(), this.#closed.then(() => undefined)]);
   }
 
   /** Resolves when the connection is gone (broker restart, network). */
@@ -137,14 +121,68 @@ export class OneShotConsumer {
     if (this.client.connected) this.client.publish(topic, payload, { qos: 0, retain }, () => {});
   }
 
-  /** Publishes at QoS 1; resolves with the PUBACK reason code (only once the held delivery is acknowledged). */
+  /**
+   * Publishes at QoS 1; resolves with the PUBACK reason code (only once the held delivery is acknowledged), or -1
+   * when the connection is lost first.
+   */
   publishReliably(topic: string, payload: string, properties?: Record<string, unknown>): Promise<number> {
-    return publish(this.client, topic, payload, { qos: 1, ...(properties ? { properties } : {}) });
+    // A connection lost before the PUBACK (a broker that died) must not leave the worker waiting forever.
+    return Promise.race([
+      publish(this.client, topic, payload, { qos: 1, ...(properties ? { properties } : {}) }),
+      this.#closed.then(() => -1),
+    ]);
   }
 
   async close(options: { force?: boolean; withWill?: boolean } = {}): Promise<void> {
     this.release();
     // Reason 0x04 "disconnect with will": presence turns offline after the will delay unless the slot is back.
     await disconnect(this.client, { force: options.force ?? false, reasonCode: options.withWill ? 0x04 : 0 });
+  }
+}
+
+/** Deliveries waiting to be handed out, until the worker takes a job; after that, the ones held back. */
+class Inbox {
+  readonly #log: Logger;
+  readonly #queue: Delivery[] = [];
+  #waiting: ((delivery: Delivery) => void) | undefined;
+  #taken = false;
+  #held = 0;
+
+  constructor(log: Logger) {
+    this.#log = log;
+  }
+
+  receive(delivery: Delivery): void {
+    if (this.#taken) {
+      this.#hold(delivery);
+      return;
+    }
+    const waiting = this.#waiting;
+    this.#waiting = undefined;
+    if (waiting) waiting(delivery);
+    else this.#queue.push(delivery);
+  }
+
+  next(): Promise<Delivery> {
+    const queued = this.#queue.shift();
+    if (queued) return Promise.resolve(queued);
+    return new Promise((resolve) => {
+      this.#waiting = resolve;
+    });
+  }
+
+  take(): void {
+    this.#taken = true;
+    this.#waiting = undefined;
+    for (const delivery of this.#queue.splice(0)) this.#hold(delivery);
+  }
+
+  // Never acknowledged: the broker delivers it again to this client id's next connection.
+  #hold(delivery: Delivery): void {
+    this.#held++;
+    this.#log.info(
+      `another job arrived (message ${delivery.packet.messageId}); it stays queued in this slot's session for the next run`,
+      { held: this.#held },
+    );
   }
 }

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import type { MqttClient } from 'mqtt';
 import { type BrokerSettings, connectBroker, disconnect, publish } from './broker.js';
-import { type Delivery, OneShotConsumer } from './consume.js';
+import { type Delivery, JobConsumer } from './consume.js';
 import type { Logger } from './log.js';
 
 export interface DrainInput {
@@ -39,7 +39,7 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
       // only to the session's next connection.
       // No subscription of its own: drain takes only what the session holds, and removes the slot's
       // subscription on its first connection so that the broker deals it no new jobs meanwhile.
-      const consumer = await OneShotConsumer.connect({
+      const consumer = await JobConsumer.connect({
         settings: input.settings,
         clientId: input.slot,
         clean: false,

@@ -15,6 +15,8 @@ export const ExitCode = {
   BROKER_REFUSED: 4,
   /** `submit`: no worker took the request, or no result came, within `--timeout`. */
   TIMEOUT: 5,
+  /** The worker id is held by another process on this host (one id, one process). */
+  ID_IN_USE: 6,
   /** A bug or an unexpected failure of the worker itself. */
   INTERNAL: 70,
   /** Interrupted by a signal before the job could finish: 128 + the signal number (130 SIGINT, 143 SIGTERM). */
@@ -43,6 +45,7 @@ export const ErrorCode = {
   BROKER_UNREACHABLE: 'BROKER_UNREACHABLE',
   BROKER_REFUSED: 'BROKER_REFUSED',
   INTERRUPTED: 'INTERRUPTED',
+  ID_IN_USE: 'ID_IN_USE',
   INTERNAL: 'INTERNAL',
 } as const;
 
@@ -52,6 +55,7 @@ const exitCodeOf: Partial<Record<ErrorCode, number>> = {
   INVALID_OPTION: ExitCode.USAGE,
   BROKER_UNREACHABLE: ExitCode.BROKER_UNREACHABLE,
   BROKER_REFUSED: ExitCode.BROKER_REFUSED,
+  ID_IN_USE: ExitCode.ID_IN_USE,
   INTERNAL: ExitCode.INTERNAL,
 };
 

@@ -35,6 +35,8 @@ export interface JobRequest {
   readonly id: string;
   /** Steps that override `job.json`'s; a request with steps needs no job folder. */
   readonly steps: readonly RawStep[] | undefined;
+  /** A re-run token: a finished job runs again once for each distinct token (see the README's "Re-runs"). */
+  readonly rerun?: string;
 }
 
 export const MAX_STEPS = 1000;
@@ -259,6 +261,7 @@ export type RequestParse =
   | { readonly ok: false; readonly id: string | undefined; readonly error: WorkerError };
 
 const MAX_PAYLOAD_PROBLEMS = 20;
+const MAX_RERUN_LENGTH = 128;
 
 export interface RequestPolicy {
   /** Largest accepted request. */
@@ -313,7 +316,19 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
   const badId = idProblem(record.id);
   if (badId) return reject(ErrorCode.INVALID_ID, `Request rejected: ${badId}`);
   const id = record.id as string;
-  if (record.steps === undefined) return { ok: true, request: { id, steps: undefined } };
+  const rerun = record.rerun;
+  if (
+    rerun !== undefined &&
+    (typeof rerun !== 'string' || rerun.length === 0 || rerun.length > MAX_RERUN_LENGTH)
+  ) {
+    return reject(
+      ErrorCode.INVALID_PAYLOAD,
+      `Expected \`rerun\` to be a token of 1-${MAX_RERUN_LENGTH} characters that is new for each re-run, got ${describeValue(rerun)}`,
+      id,
+    );
+  }
+  const base = rerun === undefined ? { id } : { id, rerun };
+  if (record.steps === undefined) return { ok: true, request: { ...base, steps: undefined } };
   if (policy.allowSteps === false) {
     return reject(
       ErrorCode.INVALID_PAYLOAD,
@@ -331,5 +346,5 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
       problems,
     );
   }
-  return { ok: true, request: { id, steps: record.steps as RawStep[] } };
+  return { ok: true, request: { ...base, steps: record.steps as RawStep[] } };
 }

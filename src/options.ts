@@ -212,8 +212,10 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     key: 'sessionExpirySeconds',
     flags: '--session-expiry <duration>',
     env: 'MQTT_SESSION_EXPIRY',
-    description: 'how long the broker keeps the session of an absent worker ("never" or a duration)',
+    description:
+      'how long the broker keeps the session of an absent worker ("never" or a duration; default: 1d, never with $share/)',
     kind: duration('never', true),
+    defaultText: 'auto',
   },
   {
     key: 'idleTimeoutMs',
@@ -417,6 +419,16 @@ export function longFlag(def: OptionDef): string {
  * options object. Pure: the environment, working directory and host name come in as arguments. Every invalid
  * value is reported at once (INVALID_OPTION), each naming the option, what was expected and what was given.
  */
+/**
+ * Pull dispatch (a plain topic): every slot's session holds a copy of every request, and the claims on the shared
+ * drive (with the index of running jobs) keep each job safe, so the session of a slot that never returns can
+ * expire: a day outlasts any restart or maintenance, and bounds what an abandoned session piles up. A shared
+ * subscription's session holds the only copy of each job dealt to it: it never expires (retire it with drain).
+ */
+function defaultSessionExpiryMs(topic: string): number | undefined {
+  return topic.startsWith('$share/') ? undefined : 24 * 60 * 60 * 1000;
+}
+
 export function resolveOptions(
   flags: OptionFlags,
   env: Readonly<Record<string, string | undefined>>,
@@ -447,11 +459,13 @@ export function resolveOptions(
   } catch {
     problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
   }
-  if (options.sessionExpirySeconds !== undefined) {
-    (options as { sessionExpirySeconds: number }).sessionExpirySeconds = Math.ceil(
-      options.sessionExpirySeconds / 1000,
-    );
+  if (/^dry-run-\d+$/.test(options.id)) {
+    problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
   }
+  const expiryGiven = flags.sessionExpirySeconds !== undefined || env.MQTT_SESSION_EXPIRY !== undefined;
+  const expiryMs = expiryGiven ? options.sessionExpirySeconds : defaultSessionExpiryMs(options.topic);
+  (options as { sessionExpirySeconds: number | undefined }).sessionExpirySeconds =
+    expiryMs === undefined ? undefined : Math.ceil(expiryMs / 1000);
   if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {
     problems.push(`--keepalive: expected at least 1s, got ${options.keepaliveMs}ms`);
   }

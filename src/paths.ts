@@ -20,6 +20,18 @@ export interface JobPaths {
   readonly existed: boolean;
 }
 
+/** The jobs root after symlinks; JOB_NOT_FOUND when it is missing (an unmounted shared drive) or unreadable. */
+export async function resolveJobsRoot(jobsRoot: string, create = false): Promise<string> {
+  try {
+    if (create) await mkdir(jobsRoot, { recursive: true });
+    return await realpath(jobsRoot);
+  } catch (error) {
+    throw new WorkerError(ErrorCode.JOB_NOT_FOUND, `Jobs directory ${jobsRoot} is not accessible`, {
+      cause: error,
+    });
+  }
+}
+
 /**
  * Resolves `{jobsRoot}/{id}` after symlinks and proves it lies inside the jobs root. With `create`, a missing
  * folder is created (requests that carry their own steps need none); otherwise it is JOB_NOT_FOUND. A missing
@@ -32,15 +44,7 @@ export async function resolveJobPaths(
   createRoot = false,
 ): Promise<JobPaths> {
   assertJobId(id);
-  let root: string;
-  try {
-    if (create && createRoot) await mkdir(jobsRoot, { recursive: true });
-    root = await realpath(jobsRoot);
-  } catch (error) {
-    throw new WorkerError(ErrorCode.JOB_NOT_FOUND, `Jobs directory ${jobsRoot} is not accessible`, {
-      cause: error,
-    });
-  }
+  const root = await resolveJobsRoot(jobsRoot, create && createRoot);
   const candidate = path.join(root, id);
   let existed = true;
   try {

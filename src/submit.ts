@@ -19,6 +19,8 @@ export interface SubmitInput {
   readonly log: Logger;
   /** Sign the request with this shared secret (workers started with --secret require it). */
   readonly secret?: string;
+  /** Ask for a re-run of a finished job: a token new to this request. */
+  readonly rerun?: string;
 }
 
 export type SubmitOutcome =
@@ -40,9 +42,11 @@ export function publishTopic(subscription: string): string {
  * published, so a fast job's result cannot be missed.
  */
 export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
-  const request: Record<string, unknown> = input.steps
-    ? { id: input.id, steps: input.steps }
-    : { id: input.id };
+  const request: Record<string, unknown> = {
+    id: input.id,
+    ...(input.steps ? { steps: input.steps } : {}),
+    ...(input.rerun ? { rerun: input.rerun } : {}),
+  };
   const body = JSON.stringify(input.secret ? signRequest(request, input.secret, Date.now()) : request);
   const check = parseRequest(body, input.secret ? { secret: input.secret } : {});
   if (!check.ok)
@@ -64,11 +68,16 @@ export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
     if (input.wait) {
       client.on('message', (topic, payload) => {
         if (topic !== resultTopic) return;
+        let result: ResultPayload;
         try {
-          resolveResult(JSON.parse(payload.toString('utf8')) as ResultPayload);
+          result = JSON.parse(payload.toString('utf8')) as ResultPayload;
         } catch {
           input.log.warn(`ignoring a result message that is not JSON on ${topic}`);
+          return;
         }
+        // Anyone who may publish on the results topic could answer for another job: only this id counts.
+        if (result?.id === input.id) resolveResult(result);
+        else input.log.warn(`ignoring a result on ${topic} for another id (${JSON.stringify(result?.id)})`);
       });
       await new Promise<void>((resolve, reject) =>
         client.subscribe(resultTopic, { qos: 1 }, (error) => (error ? reject(error) : resolve())),

@@ -1,14 +1,25 @@
 import type { MqttClient } from 'mqtt';
-import { connectBroker, disconnect } from './broker.js';
-import { acquireClaim, type Claim, type ClaimState, type Identity, inspectClaim } from './claim.js';
-import { type Delivery, OneShotConsumer } from './consume.js';
-import { type ErrorCode, toErrorInfo } from './errors.js';
+import { connectBroker, disconnect, publish } from './broker.js';
+import {
+  acquireClaim,
+  acquirePublisher,
+  type Claim,
+  type ClaimRecord,
+  type ClaimState,
+  type Identity,
+  inspectClaim,
+  markPublished,
+  type StoredRequest,
+} from './claim.js';
+import { type Delivery, JobConsumer } from './consume.js';
+import { ErrorCode, isWorkerError, toErrorInfo } from './errors.js';
 import type { EngineConfig, JobEvent } from './job.js';
-import { parseRequest, type RequestPolicy } from './job-spec.js';
+import { type JobRequest, parseRequest, type RequestPolicy } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { Options } from './options.js';
-import { resolveJobPaths } from './paths.js';
-import { type ResultPayload, toResultPayload } from './report.js';
+import { type JobPaths, resolveJobPaths, resolveJobsRoot } from './paths.js';
+import { type Manifest, type ResultPayload, toResultPayload } from './report.js';
+import { addRunning, listRunning, removeRunning } from './running-index.js';
 
 export interface WorkerInput {
   readonly options: Options;
@@ -25,17 +36,15 @@ export interface WorkerInput {
 export type WorkerOutcome =
   /** No job came (idle timeout, or told to stop while waiting): exit 0. */
   | { readonly kind: 'no-job'; readonly why: 'idle-timeout' | 'stopped' }
-  /** A delivery was handled and acknowledged (a result published where one was due): exit 0. */
-  | {
-      readonly kind: 'handled';
-      readonly id: string | undefined;
-      readonly action: string;
-      readonly status?: string;
-    }
-  /** The job ran but the connection was lost before its result could be published: its next delivery will. */
+  /** The process ran its one job and published its result: exit 0. */
+  | { readonly kind: 'ran'; readonly id: string; readonly status: string }
+  /** The connection was lost (while waiting, or before a job's result could be published): exit 3. */
   | { readonly kind: 'connection-lost'; readonly id: string | undefined }
   /** Told to stop during a job: the job was stopped, not acknowledged, and runs again on the slot's next run. */
   | { readonly kind: 'interrupted'; readonly id: string };
+
+/** What became of a delivery the process did not run: it was answered or left, and acknowledged. */
+type Skipped = { readonly kind: 'skipped'; readonly id: string | undefined; readonly action: string };
 
 const WILL_DELAY_SECONDS = 10;
 
@@ -44,12 +53,63 @@ const WILL_DELAY_SECONDS = 10;
 const loadEngine = () => import('./job.js');
 
 /**
- * The broker worker: connect under the slot's persistent session, take one delivery, let the job's claim decide
- * what it means, run it if it is ours, publish its result, acknowledge, disconnect. See the README's "Delivery".
+ * The broker worker: connect under the slot's session, let each job's claim decide what a delivery means (run
+ * it, or acknowledge it and wait for the next one), take over jobs whose worker died, run at most one job,
+ * publish its result, acknowledge, disconnect. See the README's "Delivery".
  */
 export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
   const { options, log } = input;
-  const presenceTopic = `${options.presenceTopic}/${options.id}`;
+  warnAboutSettings(options, log);
+  const consumer = await JobConsumer.connect({
+    settings: options,
+    clientId: options.id,
+    clean: options.clean,
+    sessionExpirySeconds: options.sessionExpirySeconds,
+    topic: options.topic,
+    will: {
+      topic: presenceTopic(options),
+      payload: Buffer.from(presence(options.id, 'offline')),
+      qos: 1,
+      retain: true,
+      // A delayed will keeps a clean session (and its place in a share group) alive until it fires: the broker
+      // would deal jobs to a ghost. Only a persistent session, which outlives the process anyway, gets a delay.
+      ...(options.protocol === '5' && !options.clean
+        ? { properties: { willDelayInterval: WILL_DELAY_SECONDS } }
+        : {}),
+    },
+    log,
+    onConnecting: () => {
+      loadEngine().catch(() => {}); // a failure shows where a job awaits the engine
+    },
+  });
+  log.info(`connected to the broker as ${options.id}; waiting for one job on ${options.topic}`, {
+    session: consumer.sessionPresent ? 'resumed' : 'new',
+  });
+  consumer.fireAndForget(presenceTopic(options), presence(options.id, 'idle'), true);
+  const sidecar = new Sidecar(input);
+  try {
+    return await serve({ consumer, sidecar }, input);
+  } finally {
+    await sidecar.close();
+  }
+}
+
+/** The job connection, and the second one opened when needed (see Sidecar). */
+interface Links {
+  readonly consumer: JobConsumer;
+  readonly sidecar: Sidecar;
+}
+
+/** What publishes a result: the job connection (before it acknowledges a delivery) or the sidecar. */
+interface Publisher {
+  publish(topic: string, payload: string, properties?: Record<string, unknown>): Promise<number>;
+}
+
+function viaJobConnection(consumer: JobConsumer): Publisher {
+  return { publish: (topic, payload, properties) => consumer.publishReliably(topic, payload, properties) };
+}
+
+function warnAboutSettings(options: Options, log: Logger): void {
   if (options.clean) {
     log.warn(
       '--clean: the broker keeps nothing for this worker while it is away; jobs queued for it are lost when it exits',
@@ -60,76 +120,96 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
       'MQTT 3.1.1 cannot ask the broker for one message in flight: set max_inflight_messages 1 on the broker',
     );
   }
-  const consumer = await OneShotConsumer.connect({
-    settings: options,
-    clientId: options.id,
-    clean: options.clean,
-    sessionExpirySeconds: options.sessionExpirySeconds,
-    topic: options.topic,
-    will: {
-      topic: presenceTopic,
-      payload: Buffer.from(presence(options.id, 'offline')),
-      qos: 1,
-      retain: true,
-      ...(options.protocol === '5' ? { properties: { willDelayInterval: WILL_DELAY_SECONDS } } : {}),
-    },
-    log,
-    onConnecting: () => {
-      loadEngine().catch(() => {}); // a failure shows where a job awaits the engine
-    },
-  });
-  log.info(`connected to the broker as ${options.id}; waiting for one job on ${options.topic}`, {
-    session: consumer.sessionPresent ? 'resumed' : 'new',
-  });
-  consumer.fireAndForget(presenceTopic, presence(options.id, 'idle'), true);
-
-  const waited = await waitForDelivery(consumer, input);
-  if (!('delivery' in waited)) {
-    if (waited.why === 'closed') {
-      log.error('the connection to the broker was lost while waiting for a job');
-      return { kind: 'connection-lost', id: undefined };
-    }
-    if (waited.why === 'idle-timeout') log.info('no job within the idle timeout; exiting');
-    await consumer.close({ withWill: true });
-    return { kind: 'no-job', why: waited.why };
+  if (isShared(options.topic) && !options.clean && options.sessionExpirySeconds !== undefined) {
+    log.warn(
+      `--session-expiry ${options.sessionExpirySeconds}s with a shared subscription: the jobs dealt to this slot are lost if it stays away longer`,
+    );
   }
-
-  consumer.holdOpen(options.keepaliveMs);
-  const outcome = await handleSafely(consumer, waited.delivery, input);
-  // Interrupted: close without a DISCONNECT's ceremony; the job stays unacknowledged in the session.
-  await consumer.close(outcome.kind === 'interrupted' ? { force: true } : { withWill: true });
-  return outcome;
 }
 
-type Waited = { readonly delivery: Delivery } | { readonly why: 'idle-timeout' | 'stopped' | 'closed' };
+export function isShared(topic: string): boolean {
+  return topic.startsWith('$share/');
+}
 
-async function waitForDelivery(consumer: OneShotConsumer, input: WorkerInput): Promise<Waited> {
-  const waits: Promise<Waited>[] = [
-    consumer.next().then((delivery): Waited => (delivery ? { delivery } : { why: 'closed' })),
-  ];
-  let timer: NodeJS.Timeout | undefined;
-  const idle = input.options.idleTimeoutMs;
-  if (idle !== undefined) {
-    waits.push(new Promise((resolve) => (timer = setTimeout(() => resolve({ why: 'idle-timeout' }), idle))));
-  }
-  let onAbort: (() => void) | undefined;
-  waits.push(
-    new Promise((resolve) => {
-      onAbort = () => resolve({ why: 'stopped' });
-      if (input.signal.aborted) onAbort();
-      else input.signal.addEventListener('abort', onAbort, { once: true });
-    }),
-  );
-  try {
-    return await Promise.race(waits);
-  } finally {
-    clearTimeout(timer);
-    if (onAbort) input.signal.removeEventListener('abort', onAbort);
-  }
+function presenceTopic(options: Options): string {
+  return `${options.presenceTopic}/${options.id}`;
 }
 
 function presence(id: string, state: 'idle' | 'busy' | 'offline', job?: string): string {
   return JSON.stringify({ id, state, ...(job ? { job } : {}), at: new Date().toISOString() });
+}
+
+/** How often an idle slot looks for jobs whose worker died: often enough to take them over "at once". */
+function scanInterval(options: Options): number {
+  return Math.min(5000, Math.max(500, Math.floor(options.claimLeaseMs / 4)));
+}
+
+type Woken =
+  | { readonly kind: 'delivery'; readonly delivery: Delivery | undefined }
+  | { readonly kind: 'scan' | 'idle-timeout' | 'stopped' };
+
+/**
+ * The idle loop: every delivery is handled in turn until one is run; between deliveries, the index of running
+ * claims is scanned for orphans. A process runs at most one job.
+ */
+async function serve(links: Links, input: WorkerInput): Promise<WorkerOutcome> {
+  const { options, log } = input;
+  const { consumer } = links;
+  let pending = consumer.next();
+  let idleSince = Date.now();
+  let scanAt = 0;
+  for (;;) {
+    if (Date.now() >= scanAt) {
+      const orphan = await takeOverOrphan(links, input);
+      if (orphan) return orphan;
+      scanAt = Date.now() + scanInterval(options);
+    }
+    const idleLeft =
+      options.idleTimeoutMs === undefined ? undefined : idleSince + options.idleTimeoutMs - Date.now();
+    const woken = await wake(pending, input.signal, scanAt - Date.now(), idleLeft);
+    if (woken.kind === 'scan') continue;
+    if (woken.kind !== 'delivery') {
+      if (woken.kind === 'idle-timeout') log.info('no job within the idle timeout; exiting');
+      return { kind: 'no-job', why: woken.kind };
+    }
+    if (!woken.delivery) {
+      log.error('the connection to the broker was lost while waiting for a job');
+      return { kind: 'connection-lost', id: undefined };
+    }
+    pending = consumer.next();
+    const handled = await handleSafely(links, woken.delivery, input);
+    if (handled.kind !== 'skipped') return handled;
+    if (!consumer.connected) return { kind: 'connection-lost', id: handled.id };
+    idleSince = Date.now();
+  }
+}
+
+async function wake(
+  pending: Promise<Delivery | undefined>,
+  signal: AbortSignal,
+  scanInMs: number,
+  idleLeftMs: number | undefined,
+): Promise<Woken> {
+  const timers: NodeJS.Timeout[] = [];
+  const after = (ms: number, kind: 'scan' | 'idle-timeout') =>
+    new Promise<Woken>((resolve) => timers.push(setTimeout(() => resolve({ kind }), Math.max(0, ms))));
+  let onAbort: (() => void) | undefined;
+  const stopped = new Promise<Woken>((resolve) => {
+    onAbort = () => resolve({ kind: 'stopped' });
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+  });
+  try {
+    return await Promise.race([
+      pending.then((delivery): Woken => ({ kind: 'delivery', delivery })),
+      stopped,
+      after(scanInMs, 'scan'),
+      ...(idleLeftMs === undefined ? [] : [after(idleLeftMs, 'idle-timeout')]),
+    ]);
+  } finally {
+    for (const timer of timers) clearTimeout(timer);
+    if (onAbort) signal.removeEventListener('abort', onAbort);
+  }
 }
 
 /**
@@ -137,12 +217,12 @@ function presence(id: string, state: 'idle' | 'busy' | 'offline', job?: string):
  * message unacknowledged: it would come back to this slot forever. It becomes an INTERNAL error result.
  */
 async function handleSafely(
-  consumer: OneShotConsumer,
+  links: Links,
   delivery: Delivery,
   input: WorkerInput,
-): Promise<WorkerOutcome> {
+): Promise<WorkerOutcome | Skipped> {
   try {
-    return await handleDelivery(consumer, delivery, input);
+    return await handleDelivery(links, delivery, input);
   } catch (error) {
     const info = toErrorInfo(error);
     const parsed = parseRequest(delivery.payload, {
@@ -154,9 +234,9 @@ async function handleSafely(
       ...(id ? { job: id } : {}),
       stack: (error as Error).stack,
     });
-    if (!consumer.connected) return { kind: 'connection-lost', id };
-    await answerFailure(consumer, delivery, input, id, info);
-    return { kind: 'handled', id, action: 'failed', status: 'error' };
+    if (!links.consumer.connected) return { kind: 'connection-lost', id };
+    await answerFailure(links, delivery, input, id, info);
+    return { kind: 'skipped', id, action: 'failed' };
   }
 }
 
@@ -165,7 +245,7 @@ async function handleSafely(
  * rejection on the rejected topic.
  */
 async function answerFailure(
-  consumer: OneShotConsumer,
+  links: Links,
   delivery: Delivery,
   input: WorkerInput,
   id: string | undefined,
@@ -175,9 +255,10 @@ async function answerFailure(
     const { newManifest } = await loadEngine();
     const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
     manifest.error = info;
-    await finish(consumer, delivery, input, toResultPayload(manifest));
+    const via = viaJobConnection(links.consumer);
+    await publishResult(via, input, toResultPayload(manifest), responseOf(delivery), delivery.ack);
   } else {
-    consumer.fireAndForget(
+    links.consumer.fireAndForget(
       input.options.rejectedTopic,
       rejection(delivery, input.options.id, info.code, info.message),
     );
@@ -185,81 +266,215 @@ async function answerFailure(
   }
 }
 
-/** Every delivery ends here: acknowledged with a published outcome, or (interrupted) left for the next run. */
+function responseOf(delivery: Delivery): Omit<StoredRequest, 'request'> {
+  const { responseTopic, correlationData } = delivery.packet.properties ?? {};
+  return {
+    ...(responseTopic ? { responseTopic } : {}),
+    ...(correlationData ? { correlationData: Buffer.from(correlationData).toString('base64') } : {}),
+  };
+}
+
+/** Every delivery ends here: skipped (acknowledged), run, or (interrupted) left for the next run. */
 async function handleDelivery(
-  consumer: OneShotConsumer,
+  links: Links,
   delivery: Delivery,
   input: WorkerInput,
-): Promise<WorkerOutcome> {
+): Promise<WorkerOutcome | Skipped> {
   const { options, log } = input;
   const now = input.now ?? Date.now;
   const parsed = parseRequest(delivery.payload, { ...input.requestPolicy, nowMs: now() });
   if (!parsed.ok) {
     const { error, id } = parsed;
     log.error(`rejected a request: ${error.code}: ${error.message}`, { ...(id ? { job: id } : {}) });
-    await answerFailure(consumer, delivery, input, id, { code: error.code, message: error.message });
-    return { kind: 'handled', id, action: 'rejected', status: 'error' };
+    await answerFailure(links, delivery, input, id, { code: error.code, message: error.message });
+    return { kind: 'skipped', id, action: 'rejected' };
   }
-
   const { request } = parsed;
   const jobLog = log.child({ job: request.id });
-  const event = (type: string, fields: Record<string, unknown> = {}): void =>
-    consumer.fireAndForget(
-      `${options.statusTopic}/${request.id}`,
-      JSON.stringify({
-        id: request.id,
-        workerId: options.id,
-        event: type,
-        at: new Date(now()).toISOString(),
-        ...fields,
-      }),
-    );
-
+  let paths: JobPaths;
   let state: ClaimState;
-  let paths: Awaited<ReturnType<typeof resolveJobPaths>>;
   try {
     paths = await resolveJobPaths(options.jobsDir, request.id, request.steps !== undefined);
     state = await inspectClaim(paths.resultsDir, input.identity, options.claimLeaseMs, now());
   } catch (error) {
     const info = toErrorInfo(error);
     jobLog.error(`${info.code}: ${info.message}`);
-    await answerFailure(consumer, delivery, input, request.id, info);
-    return { kind: 'handled', id: request.id, action: 'error', status: 'error' };
+    await answerFailure(links, delivery, input, request.id, info);
+    return { kind: 'skipped', id: request.id, action: 'error' };
   }
-
-  let claim: Claim | undefined;
-  for (let tries = 0; !claim && tries < 3; tries++) {
-    if (state.kind === 'finished') {
-      jobLog.info(
-        `already finished (attempt ${state.manifest.attempt}, ${state.manifest.status}); publishing its result again`,
-      );
-      await finish(consumer, delivery, input, toResultPayload(state.manifest));
-      return { kind: 'handled', id: request.id, action: 'republished', status: state.manifest.status };
-    }
-    if (state.kind === 'live') {
-      jobLog.info(
-        `already claimed by live worker ${state.claim.workerId} (attempt ${state.claim.attempt}); it will publish the result`,
-      );
-      delivery.ack();
-      return { kind: 'handled', id: request.id, action: 'left-to-owner' };
-    }
-    if (state.why) jobLog.warn(`taking over: ${state.why}`, { attempt: state.attempt });
-    claim = await acquireClaim(paths.resultsDir, input.identity, state.attempt, new Date(now()));
-    if (!claim) state = await inspectClaim(paths.resultsDir, input.identity, options.claimLeaseMs, now());
-  }
+  const stored: StoredRequest = { request: JSON.stringify(request), ...responseOf(delivery) };
+  const claim = await claimOrSettle(links, input, paths, state, request, stored, jobLog);
   if (!claim) {
     delivery.ack();
-    return { kind: 'handled', id: request.id, action: 'left-to-owner' };
+    return { kind: 'skipped', id: request.id, action: 'left' };
   }
+  return runClaimed(links, input, { request, paths, claim, stored, delivery });
+}
 
+/**
+ * Takes the job's next attempt when it is free (or finished, for a new re-run token); otherwise settles what the
+ * claim says (a finished result its dead runner never published is published by exactly one slot) and returns
+ * undefined: the request is not this process's to run.
+ */
+async function claimOrSettle(
+  links: Links,
+  input: WorkerInput,
+  paths: JobPaths,
+  first: ClaimState,
+  request: JobRequest,
+  stored: StoredRequest,
+  log: Logger,
+): Promise<Claim | undefined> {
+  const now = input.now ?? Date.now;
+  let state = first;
+  for (let tries = 0; tries < 3; tries++) {
+    if (state.kind === 'finished' && request.rerun !== undefined && request.rerun !== state.claim.rerun) {
+      log.info(`re-run ${request.rerun} of a finished job (attempt ${state.manifest.attempt})`);
+      state = { kind: 'free', attempt: state.claim.attempt + 1 };
+    }
+    if (state.kind === 'finished') {
+      await settleFinished(links, input, paths, state, log);
+      return undefined;
+    }
+    if (state.kind === 'live') {
+      log.info(
+        `already claimed by live worker ${state.claim.workerId} (attempt ${state.claim.attempt}); it will publish the result`,
+      );
+      return undefined;
+    }
+    if (state.why) log.warn(`taking over: ${state.why}`, { attempt: state.attempt });
+    await addRunning(paths.root, request.id);
+    const claim = await acquireClaim(paths.resultsDir, input.identity, state.attempt, new Date(now()), {
+      ...stored,
+      rerun: request.rerun,
+    });
+    if (claim) return claim;
+    state = await inspectClaim(paths.resultsDir, input.identity, input.options.claimLeaseMs, now());
+  }
+  return undefined;
+}
+
+/** A finished attempt: nothing to do, unless its result never reached the broker and its runner is gone. */
+async function settleFinished(
+  links: Links,
+  input: WorkerInput,
+  paths: JobPaths,
+  state: Extract<ClaimState, { kind: 'finished' }>,
+  log: Logger,
+): Promise<void> {
+  const { manifest, claim } = state;
+  const what = `attempt ${manifest.attempt}, ${manifest.status}`;
+  if (state.published) {
+    log.info(`already finished (${what}); its result was published`);
+    await removeRunning(paths.root, manifest.id);
+    return;
+  }
+  if (state.ownerAlive) {
+    log.info(`already finished (${what}); its worker ${claim.workerId} publishes the result`);
+    return;
+  }
+  const now = (input.now ?? Date.now)();
+  if (
+    !(await acquirePublisher(
+      paths.resultsDir,
+      manifest.attempt,
+      input.identity,
+      input.options.claimLeaseMs,
+      now,
+    ))
+  ) {
+    log.info(`already finished (${what}); another slot publishes its result`);
+    return;
+  }
+  log.info(`already finished (${what}), but its result never reached the broker; publishing it`);
+  if (await publishResult(links.sidecar, input, toResultPayload(manifest), claim)) {
+    await markPublished(paths.resultsDir, manifest.attempt);
+    await removeRunning(paths.root, manifest.id);
+  }
+}
+
+/**
+ * Looks through the index of running claims for a job whose worker died: its result is published if it finished,
+ * or the job is taken over (attempt + 1) and run here from the request stored in its claim.
+ */
+async function takeOverOrphan(links: Links, input: WorkerInput): Promise<WorkerOutcome | undefined> {
+  const { options, log } = input;
+  const now = input.now ?? Date.now;
+  const root = await resolveJobsRoot(options.jobsDir).catch(() => undefined);
+  if (root === undefined) return undefined;
+  for (const id of await listRunning(root)) {
+    const jobLog = log.child({ job: id });
+    try {
+      const paths = await resolveJobPaths(options.jobsDir, id, false);
+      const state = await inspectClaim(paths.resultsDir, input.identity, options.claimLeaseMs, now());
+      if (state.kind === 'live') continue;
+      if (state.kind === 'finished') {
+        await settleFinished(links, input, paths, state, jobLog);
+        continue;
+      }
+      const stored = state.previous ? storedRequestOf(state.previous, input) : undefined;
+      if (!stored) {
+        await removeRunning(root, id); // nothing was claimed, or by a version that kept no request
+        continue;
+      }
+      jobLog.warn(`taking over from the index of running jobs: ${state.why}`, { attempt: state.attempt });
+      const claim = await acquireClaim(paths.resultsDir, input.identity, state.attempt, new Date(now()), {
+        ...stored.stored,
+        rerun: stored.request.rerun,
+      });
+      if (claim) return runClaimed(links, input, { ...stored, paths, claim });
+    } catch (error) {
+      // A job folder removed meanwhile has nothing left to run or publish.
+      if (isWorkerError(error, ErrorCode.JOB_NOT_FOUND)) await removeRunning(root, id);
+      else jobLog.warn(`cannot look at the running job ${id}: ${(error as Error).message}`);
+    }
+  }
+  return undefined;
+}
+
+/** The request a dead worker's claim holds, checked against this worker's rules (signatures aside: it was). */
+function storedRequestOf(
+  record: ClaimRecord,
+  input: WorkerInput,
+): { request: JobRequest; stored: StoredRequest } | undefined {
+  if (record.request === undefined) return undefined;
+  const { secret: _verifiedWhenClaimed, ...policy } = input.requestPolicy ?? {};
+  const parsed = parseRequest(record.request, policy);
+  if (!parsed.ok) return undefined;
+  const { request, responseTopic, correlationData } = record;
+  return {
+    request: parsed.request,
+    stored: {
+      request,
+      ...(responseTopic ? { responseTopic } : {}),
+      ...(correlationData ? { correlationData } : {}),
+    },
+  };
+}
+
+interface ClaimedJob {
+  readonly request: JobRequest;
+  readonly paths: JobPaths;
+  readonly claim: Claim;
+  readonly stored: StoredRequest;
+  /** The delivery that brought it; none for a job taken over from the index. */
+  readonly delivery?: Delivery;
+}
+
+/** Runs the job this process claimed, publishes its result and acknowledges its delivery. */
+async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJob): Promise<WorkerOutcome> {
+  const { options, log } = input;
+  const { request, claim } = job;
+  const jobLog = log.child({ job: request.id });
+  const now = input.now ?? Date.now;
+  const { consumer, sidecar } = links;
+  consumer.take();
+  consumer.holdOpen(options.keepaliveMs);
   claim.startHeartbeat(Math.max(1000, Math.floor(options.claimLeaseMs / 4)), (error) =>
     jobLog.warn(`claim heartbeat failed: ${error.message}`),
   );
-  consumer.fireAndForget(
-    `${options.presenceTopic}/${options.id}`,
-    presence(options.id, 'busy', request.id),
-    true,
-  );
+  consumer.fireAndForget(presenceTopic(options), presence(options.id, 'busy', request.id), true);
+  const event = statusEvents(consumer, input, request.id);
   event('claimed', { attempt: claim.attempt });
 
   const { runJob, JobInterrupted } = await loadEngine();
@@ -269,7 +484,7 @@ async function handleDelivery(
   else input.signal.addEventListener('abort', onInterrupt, { once: true });
   // Listening for cancel requests starts alongside the job, not before it: a job does not wait for a second
   // connection's round trips.
-  const control = watchCancel(input, request.id, () => {
+  const control = sidecar.watchCancel(request.id, () => {
     jobLog.warn('cancel request received; stopping the job');
     stop.abort('cancelled');
   });
@@ -278,7 +493,7 @@ async function handleDelivery(
     const outcome = await runJob(input.config, {
       request,
       attempt: claim.attempt,
-      paths,
+      paths: job.paths,
       log: jobLog,
       signal: stop.signal,
       onEvent: (e: JobEvent) => event(e.type, eventFields(e)),
@@ -286,31 +501,67 @@ async function handleDelivery(
       // The result goes out as soon as result.json is written; the workspace is removed after.
       onResult: async (manifest) => {
         claim.stopHeartbeat();
-        jobLog.info(`job ${manifest.status} (exit code ${manifest.exitCode}) in ${manifest.durationMs} ms`, {
-          attempt: manifest.attempt,
-        });
-        if (manifest.error) jobLog.error(`${manifest.error.code}: ${manifest.error.message}`);
-        if (!consumer.connected) {
-          jobLog.warn(
-            'the connection to the broker was lost during the job; result.json is written and the next delivery publishes it',
-          );
-          return;
-        }
-        await finish(consumer, delivery, input, toResultPayload(manifest));
-        published = true;
+        published = await completeJob(links, input, job, manifest, jobLog);
       },
     });
     if (!published) return { kind: 'connection-lost', id: request.id };
-    return { kind: 'handled', id: request.id, action: 'ran', status: outcome.manifest.status };
+    return { kind: 'ran', id: request.id, status: outcome.manifest.status };
   } catch (error) {
     claim.stopHeartbeat();
     if (error instanceof JobInterrupted) return { kind: 'interrupted', id: request.id };
     throw error;
   } finally {
     input.signal.removeEventListener('abort', onInterrupt);
-    const client = await control;
-    if (client) await disconnect(client, { force: true });
+    await control;
   }
+}
+
+/** Publishes a finished job's result, acknowledges its delivery and records both; false when it could not. */
+async function completeJob(
+  links: Links,
+  input: WorkerInput,
+  job: ClaimedJob,
+  manifest: Manifest,
+  log: Logger,
+): Promise<boolean> {
+  log.info(`job ${manifest.status} (exit code ${manifest.exitCode}) in ${manifest.durationMs} ms`, {
+    attempt: manifest.attempt,
+  });
+  if (manifest.error) log.error(`${manifest.error.code}: ${manifest.error.message}`);
+  if (!links.consumer.connected) {
+    log.warn(
+      'the connection to the broker was lost during the job; result.json is written and the next slot to see the job publishes it',
+    );
+    return false;
+  }
+  // A job taken over from the index has no delivery to acknowledge, and one held behind it blocks the job
+  // connection's reading: its result goes out on the sidecar.
+  const via = job.delivery ? viaJobConnection(links.consumer) : links.sidecar;
+  const accepted = await publishResult(via, input, toResultPayload(manifest), job.stored, job.delivery?.ack);
+  if (accepted) {
+    await job.claim.markPublished();
+    await removeRunning(job.paths.root, manifest.id);
+  }
+  return true;
+}
+
+function statusEvents(
+  consumer: JobConsumer,
+  input: WorkerInput,
+  id: string,
+): (type: string, fields?: Record<string, unknown>) => void {
+  const now = input.now ?? Date.now;
+  return (type, fields = {}) =>
+    consumer.fireAndForget(
+      `${input.options.statusTopic}/${id}`,
+      JSON.stringify({
+        id,
+        workerId: input.options.id,
+        event: type,
+        at: new Date(now()).toISOString(),
+        ...fields,
+      }),
+    );
 }
 
 function eventFields(event: JobEvent): Record<string, unknown> {
@@ -329,56 +580,89 @@ function rejection(delivery: Delivery, workerId: string, code: ErrorCode, messag
 }
 
 /**
- * Publishes the result (to the results topic, and to the request's MQTT 5 response topic with its correlation
- * data), then acknowledges the job, then waits for the broker to accept the result. The result goes out on the
- * wire before the acknowledgement, and the broker handles a connection's packets in order: it has the result
- * by the time the job leaves the session. MQTT.js can read the result's PUBACK only after the job's is sent.
+ * Publishes a result (to the results topic, and to the request's MQTT 5 response topic with its correlation
+ * data), then acknowledges the delivery, if any, then waits for the broker to accept the result: true when it
+ * did. The result goes out on the wire before the acknowledgement, and the broker handles a connection's packets
+ * in order: it has the result by the time the job leaves the session. MQTT.js can read the result's PUBACK only
+ * after the job's is sent.
  */
-async function finish(
-  consumer: OneShotConsumer,
-  delivery: Delivery,
+async function publishResult(
+  via: Publisher,
   input: WorkerInput,
   result: ResultPayload,
-): Promise<void> {
+  response: Omit<StoredRequest, 'request'>,
+  ack?: () => void,
+): Promise<boolean> {
   const body = JSON.stringify(result);
-  const sent = [consumer.publishReliably(`${input.options.resultsTopic}/${result.id}`, body)];
-  const { responseTopic, correlationData } = delivery.packet.properties ?? {};
-  if (responseTopic) {
-    sent.push(
-      consumer.publishReliably(responseTopic, body, correlationData ? { correlationData } : undefined),
-    );
+  const sent = [via.publish(`${input.options.resultsTopic}/${result.id}`, body)];
+  if (response.responseTopic) {
+    const correlationData = response.correlationData
+      ? Buffer.from(response.correlationData, 'base64')
+      : undefined;
+    sent.push(via.publish(response.responseTopic, body, correlationData ? { correlationData } : undefined));
   }
-  delivery.ack();
+  ack?.();
   const codes = await Promise.all(sent.map((p) => p.catch(() => -1)));
   if (codes.some((code) => code >= 0x80 || code < 0)) {
     input.log.warn(
       `the broker did not accept the result of ${result.id} (codes ${codes.join(', ')}); result.json holds it`,
     );
   }
+  return (codes[0] ?? -1) >= 0 && (codes[0] ?? 0x80) < 0x80;
 }
 
-/** A second, clean connection that listens for `{cancel-topic}/{id}` while the job connection is held. */
-async function watchCancel(
-  input: WorkerInput,
-  id: string,
-  onCancel: () => void,
-): Promise<MqttClient | undefined> {
-  const topic = `${input.options.cancelTopic}/${id}`;
-  try {
-    const client = await connectBroker({
-      settings: input.options,
-      clientId: `${input.options.id}.control`,
+/**
+ * A second, clean connection, opened when first needed: it listens for cancel requests while the job connection
+ * holds its delivery, and publishes what is not a delivery's answer (a dead runner's result, a job taken over
+ * from the index). While a delivery is held, MQTT.js reads nothing on the job connection, not even a PUBACK.
+ */
+class Sidecar {
+  readonly #input: WorkerInput;
+  #client: Promise<MqttClient> | undefined;
+
+  constructor(input: WorkerInput) {
+    this.#input = input;
+  }
+
+  #connect(): Promise<MqttClient> {
+    this.#client ??= connectBroker({
+      settings: this.#input.options,
+      clientId: `${this.#input.options.id}.control`,
       clean: true,
     });
-    client.on('message', (received) => {
-      if (received === topic) onCancel();
-    });
-    await new Promise<void>((resolve, reject) =>
-      client.subscribe(topic, { qos: 1 }, (error) => (error ? reject(error) : resolve())),
-    );
-    return client;
-  } catch (error) {
-    input.log.warn(`cannot listen for cancel requests on ${topic}: ${(error as Error).message}`);
-    return undefined;
+    return this.#client;
+  }
+
+  /** Publishes at QoS 1 and resolves with the PUBACK reason code, or -1 when it could not be sent. */
+  async publish(topic: string, payload: string, properties?: Record<string, unknown>): Promise<number> {
+    try {
+      const client = await this.#connect();
+      const closed = new Promise<number>((resolve) => client.once('close', () => resolve(-1)));
+      const sent = publish(client, topic, payload, { qos: 1, ...(properties ? { properties } : {}) });
+      return await Promise.race([sent, closed]);
+    } catch {
+      return -1;
+    }
+  }
+
+  /** Calls `onCancel` when a message arrives on `{cancel-topic}/{id}`. */
+  async watchCancel(id: string, onCancel: () => void): Promise<void> {
+    const topic = `${this.#input.options.cancelTopic}/${id}`;
+    try {
+      const client = await this.#connect();
+      client.on('message', (received) => {
+        if (received === topic) onCancel();
+      });
+      await new Promise<void>((resolve, reject) =>
+        client.subscribe(topic, { qos: 1 }, (error) => (error ? reject(error) : resolve())),
+      );
+    } catch (error) {
+      this.#input.log.warn(`cannot listen for cancel requests on ${topic}: ${(error as Error).message}`);
+    }
+  }
+
+  async close(): Promise<void> {
+    const client = await this.#client?.catch(() => undefined);
+    if (client) await disconnect(client, { force: true });
   }
 }

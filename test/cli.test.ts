@@ -7,7 +7,7 @@ import { describe, expect, inject, it } from 'vitest';
 import { createWebSocketStream, WebSocketServer } from 'ws';
 import { freePort, Mosquitto } from './helpers/mosquitto.js';
 import { tempDir, waitFor, writeTree } from './helpers/tmp.js';
-import { collect, fleetDirs, publishJob, testClient, workerArgs } from './helpers/worker.js';
+import { collect, fleetDirs, publishJob, slot, testClient, workerArgs } from './helpers/worker.js';
 
 const bin = inject('installedBin');
 
@@ -118,12 +118,12 @@ describe('the installed command', () => {
     try {
       const dirs = await fleetDirs();
       // The slot's first run registers its session in the group, as a slot's first start does.
-      const first = await cli([...workerArgs(front.url, dirs, 'ws-slot'), '--idle-timeout', '100ms']);
+      const first = await cli([...workerArgs(front.url, dirs, slot('ws-slot')), '--idle-timeout', '100ms']);
       expect(first.code, first.stderr).toBe(0);
       const client = await testClient(front.url);
       const results = await collect(client, 'jobs/results/+');
       await publishJob(client, { id: 'over-ws', steps: ['echo via websockets'] });
-      const run = await cli(workerArgs(front.url, dirs, 'ws-slot'));
+      const run = await cli(workerArgs(front.url, dirs, slot('ws-slot')));
       expect(run.code, run.stderr).toBe(0);
       await waitFor(() => results.length === 1);
       expect(results[0]?.body).toMatchObject({ id: 'over-ws', status: 'success' });

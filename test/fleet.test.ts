@@ -8,6 +8,7 @@ import {
   fleetDirs,
   publishJob,
   runWorkerOnce,
+  slot,
   slotLoop,
   testClient,
   workerArgs,
@@ -29,7 +30,7 @@ async function fleet(slots: string[]) {
 
 describe('a fleet of slots', () => {
   it('runs 3 slots x 30 jobs, each job exactly once', { timeout: 180_000 }, async () => {
-    const slots = ['slot-1', 'slot-2', 'slot-3'];
+    const slots = [slot('slot-1'), slot('slot-2'), slot('slot-3')];
     const { dirs, ledger } = await fleet(slots);
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
@@ -63,7 +64,7 @@ describe('a fleet of slots', () => {
   it('loses no job when workers are SIGKILLed at random in restart loops (chaos)', {
     timeout: 240_000,
   }, async () => {
-    const slots = ['chaos-1', 'chaos-2', 'chaos-3'];
+    const slots = [slot('chaos-1'), slot('chaos-2'), slot('chaos-3')];
     const { dirs, ledger } = await fleet(slots);
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');

@@ -4,7 +4,15 @@ import { describe, expect, it } from 'vitest';
 import { signRequest } from '../src/signing.js';
 import { freshBrokerPerTest } from './helpers/mosquitto.js';
 import { tempDir, waitFor, writeTree } from './helpers/tmp.js';
-import { collect, fleetDirs, publishJob, runWorkerOnce, testClient, workerArgs } from './helpers/worker.js';
+import {
+  collect,
+  fleetDirs,
+  publishJob,
+  runWorkerOnce,
+  slot as slotId,
+  testClient,
+  workerArgs,
+} from './helpers/worker.js';
 
 // A corpus of hostile messages and job folders, each sent to the same slot: every one gets an outcome, is
 // acknowledged (it must not come back), writes nothing outside the job folder and workspace, and the slot then
@@ -33,7 +41,7 @@ describe('hostile input', () => {
       'inner-links/etc-link': { link: '/etc' },
     });
     await symlink(outside, path.join(dirs.jobs, 'escape'));
-    const slot = 'slot-h';
+    const slot = slotId('slot-h');
     const args = workerArgs(broker().url, dirs, slot, ['--idle-timeout', '3s']);
     expect(
       (await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '100ms']))).code,
@@ -141,8 +149,13 @@ describe('hostile input', () => {
     const dirs = await fleetDirs();
     const ledger = path.join(await tempDir(), 'runs');
     const secret = 's3cret-shared-key';
-    const args = workerArgs(broker().url, dirs, 'slot-s', ['--idle-timeout', '3s', '--secret', secret]);
-    await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-s', ['--idle-timeout', '100ms']));
+    const args = workerArgs(broker().url, dirs, slotId('slot-s'), [
+      '--idle-timeout',
+      '3s',
+      '--secret',
+      secret,
+    ]);
+    await runWorkerOnce(workerArgs(broker().url, dirs, slotId('slot-s'), ['--idle-timeout', '100ms']));
     const client = await testClient(broker().url);
     const rejected = await collect(client, 'jobs/rejected');
     const results = await collect(client, 'jobs/results/+');
@@ -198,12 +211,12 @@ describe('hostile input', () => {
   it('with --no-payload-steps refuses a request that carries steps, with an error result', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { 'has-steps': null });
-    await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-n', ['--idle-timeout', '100ms']));
+    await runWorkerOnce(workerArgs(broker().url, dirs, slotId('slot-n'), ['--idle-timeout', '100ms']));
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     await publishJob(client, { id: 'has-steps', steps: ['touch pwned'] });
     const run = await runWorkerOnce(
-      workerArgs(broker().url, dirs, 'slot-n', ['--idle-timeout', '3s', '--no-payload-steps']),
+      workerArgs(broker().url, dirs, slotId('slot-n'), ['--idle-timeout', '3s', '--no-payload-steps']),
     );
     expect(run.code).toBe(0);
     await waitFor(() => results.length === 1);
@@ -221,10 +234,10 @@ describe('hostile input', () => {
     await writeTree(dirs.jobs, { m: null });
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-m', ['--idle-timeout', '100ms']));
+    await runWorkerOnce(workerArgs(broker().url, dirs, slotId('slot-m'), ['--idle-timeout', '100ms']));
     await publishJob(client, { id: 'm', steps: ['echo "token=tok-12345 and $API_TOKEN"'] });
     const run = await runWorkerOnce(
-      workerArgs(broker().url, dirs, 'slot-m', [
+      workerArgs(broker().url, dirs, slotId('slot-m'), [
         '--idle-timeout',
         '3s',
         '--mask',
@@ -243,7 +256,7 @@ describe('hostile input', () => {
     expect(await readFile(path.join(dirs.jobs, 'm/results/step_0.log'), 'utf8')).toBe('token=*** and ***\n');
     for (const line of run.stderr.trim().split('\n')) {
       const entry = JSON.parse(line);
-      expect(entry).toMatchObject({ worker: 'slot-m' });
+      expect(entry).toMatchObject({ worker: slotId('slot-m') });
     }
     expect(run.stderr).not.toContain('broker-pw-unused');
     await client.endAsync();
@@ -254,7 +267,7 @@ describe('secrets in connection errors', () => {
   it('never prints a password from the broker URL or the password option', async () => {
     const dirs = await fleetDirs();
     const run = await runWorkerOnce(
-      workerArgs('mqtt://user:url-secret-pw@127.0.0.1:1', dirs, 'slot-x', [
+      workerArgs('mqtt://user:url-secret-pw@127.0.0.1:1', dirs, slotId('slot-x'), [
         '--connect-timeout',
         '1s',
         '--password',

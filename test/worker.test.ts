@@ -9,6 +9,7 @@ import {
   fleetDirs,
   publishJob,
   runWorkerOnce,
+  slot,
   startWorker,
   testClient,
   workerArgs,
@@ -26,7 +27,7 @@ async function register(dirs: { jobs: string; workspaces: string }, id: string):
 async function registeredSlot(jobs: Tree = {}) {
   const dirs = await fleetDirs();
   await writeTree(dirs.jobs, jobs);
-  await register(dirs, 'slot-a');
+  await register(dirs, slot('slot-a'));
   const client = await testClient(broker().url);
   const results = await collect(client, 'jobs/results/+');
   return { dirs, client, results };
@@ -41,7 +42,7 @@ describe('the broker worker', () => {
     const events = await collect(client, 'jobs/status/job_1');
     const presence = await collect(client, 'jobs/workers/+');
     const responses = await collect(client, 'replies/mine');
-    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     await worker.sawLog('waiting for one job');
     await publishJob(
       client,
@@ -59,7 +60,7 @@ describe('the broker worker', () => {
         exitCode: 0,
         manifestFile: 'results/result.json',
         attempt: 1,
-        workerId: 'slot-a',
+        workerId: slot('slot-a'),
       },
     });
     expect(responses[0]?.body).toEqual(results[0]?.body);
@@ -76,7 +77,7 @@ describe('the broker worker', () => {
       'syncing',
       'done',
     ]);
-    expect(events.every((e) => e.body.workerId === 'slot-a')).toBe(true);
+    expect(events.every((e) => e.body.workerId === slot('slot-a'))).toBe(true);
     expect(presence.map((p) => p.body.state)).toContain('busy');
     await client.endAsync();
   });
@@ -89,11 +90,11 @@ describe('the broker worker', () => {
     // Both are dealt to the only member's session while it is offline.
     await publishJob(client, { id: 'first' });
     await publishJob(client, { id: 'second' });
-    const one = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
+    const one = await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a')));
     expect(one.code, one.stderr).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results.map((r) => r.body.id)).toEqual(['first']);
-    const two = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '5s']));
+    const two = await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '5s']));
     expect(two.code, two.stderr).toBe(0);
     await waitFor(() => results.length === 2);
     expect(results.map((r) => r.body.id)).toEqual(['first', 'second']);
@@ -105,11 +106,13 @@ describe('the broker worker', () => {
       'k/job.json': JSON.stringify({ steps: ['echo "attempt $JOB_ATTEMPT" > attempt.txt; sleep 2'] }),
     });
     await publishJob(client, { id: 'k' });
-    const first = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    const first = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     await first.sawLog('step 0 started');
     first.child.kill('SIGKILL');
     await first.exited;
-    const second = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '10s']));
+    const second = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '10s']),
+    );
     expect(second.code, second.stderr).toBe(0);
     expect(second.stderr).toContain('taking over');
     await waitFor(() => results.length === 1);
@@ -123,19 +126,46 @@ describe('the broker worker', () => {
     await client.endAsync();
   });
 
-  it('does not run a finished job again when it is delivered again, but publishes its stored result', async () => {
+  it('neither runs a finished job again nor publishes a second result when it is delivered again', async () => {
     const { dirs, client, results } = await registeredSlot({
       'f/job.json': JSON.stringify({ steps: ['echo ran >> "$JOB_RESULTS_DIR/../runs.txt"'] }),
     });
     await publishJob(client, { id: 'f' });
-    expect((await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'))).code).toBe(0);
+    expect((await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a')))).code).toBe(0);
+    await waitFor(() => results.length === 1);
     await publishJob(client, { id: 'f' });
-    const again = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
+    // The same process skips it and waits for the next delivery (here: until its idle timeout).
+    const again = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '1s']),
+    );
     expect(again.code).toBe(0);
-    expect(again.stderr).toContain('already finished');
-    await waitFor(() => results.length === 2);
-    expect(results[1]?.body).toEqual(results[0]?.body);
+    expect(again.stderr).toContain('already finished (attempt 1, success); its result was published');
+    expect(again.stderr).toContain('no job within the idle timeout');
+    // A result published now would be on its way: a round trip through the broker shows there is none.
+    await client.publishAsync('jobs/results/barrier', '{}', { qos: 1 });
+    await waitFor(() => results.some((r) => r.topic === 'jobs/results/barrier'));
+    expect(results.map((r) => r.topic)).toEqual(['jobs/results/f', 'jobs/results/barrier']);
     expect(await readFile(path.join(dirs.jobs, 'f/runs.txt'), 'utf8')).toBe('ran\n');
+    await client.endAsync();
+  });
+
+  it('runs a finished job again for a request with a new re-run token, once per token', async () => {
+    const { dirs, client, results } = await registeredSlot({
+      'f/job.json': JSON.stringify({ steps: ['echo "$JOB_ATTEMPT" >> "$JOB_RESULTS_DIR/../runs.txt"'] }),
+    });
+    await publishJob(client, { id: 'f' });
+    expect((await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a')))).code).toBe(0);
+    await publishJob(client, { id: 'f', rerun: 'fix-1' });
+    await publishJob(client, { id: 'f', rerun: 'fix-1' });
+    const rerun = await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a')));
+    expect(rerun.stderr).toContain('re-run fix-1');
+    const after = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '1s']),
+    );
+    expect(after.stderr).toContain('already finished (attempt 2, success)');
+    await waitFor(() => results.length === 2);
+    expect(results.map((r) => r.body.attempt)).toEqual([1, 2]);
+    expect(await readFile(path.join(dirs.jobs, 'f/runs.txt'), 'utf8')).toBe('1\n2\n');
     await client.endAsync();
   });
 
@@ -144,11 +174,11 @@ describe('the broker worker', () => {
     await writeTree(dirs.jobs, {
       'r/job.json': JSON.stringify({ steps: ['sleep 2; echo done > done.txt'] }),
     });
-    await register(dirs, 'slot-a');
+    await register(dirs, slot('slot-a'));
     const client = await testClient(broker().url);
     await publishJob(client, { id: 'r' });
     await client.endAsync();
-    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     await worker.sawLog('step 0 started');
     await broker().restart();
     const first = await worker.exited;
@@ -159,7 +189,9 @@ describe('the broker worker', () => {
     );
     const watcher = await testClient(broker().url);
     const results = await collect(watcher, 'jobs/results/+');
-    const second = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '10s']));
+    const second = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '10s']),
+    );
     expect(second.code, second.stderr).toBe(0);
     expect(second.stderr).toContain('already finished');
     await waitFor(() => results.length === 1);
@@ -172,7 +204,7 @@ describe('the broker worker', () => {
     await writeTree(dirs.jobs, { 'c/job.json': JSON.stringify({ steps: ['sleep 30', 'true'] }) });
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     await worker.sawLog('waiting for one job');
     await publishJob(client, { id: 'c' });
     await worker.sawLog('step 0 started');
@@ -189,7 +221,7 @@ describe('the broker worker', () => {
     await writeTree(dirs.jobs, { 's/job.json': JSON.stringify({ steps: ['sleep 30'] }) });
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     await worker.sawLog('waiting for one job');
     await publishJob(client, { id: 's' });
     await worker.sawLog('step 0 started');
@@ -198,7 +230,9 @@ describe('the broker worker', () => {
     expect(exit.code, exit.stderr).toBe(143);
     expect(results).toEqual([]);
     await writeFile(path.join(dirs.jobs, 's/job.json'), JSON.stringify({ steps: ['true'] }));
-    const next = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '10s']));
+    const next = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '10s']),
+    );
     expect(next.code, next.stderr).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results[0]?.body).toMatchObject({ id: 's', status: 'success', attempt: 2 });
@@ -207,12 +241,14 @@ describe('the broker worker', () => {
 
   it('exits 0 on SIGTERM while waiting, and 0 after --idle-timeout', async () => {
     const dirs = await fleetDirs();
-    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     await worker.sawLog('waiting for one job');
     worker.child.kill('SIGTERM');
     expect((await worker.exited).code).toBe(0);
     const started = Date.now();
-    const idle = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
+    const idle = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '500ms']),
+    );
     expect(idle.code).toBe(0);
     expect(idle.stderr).toContain('no job within the idle timeout');
     expect(Date.now() - started).toBeLessThan(5000);
@@ -221,7 +257,7 @@ describe('the broker worker', () => {
   it('publishes an error result for a job folder that does not exist, and acks it', async () => {
     const { dirs, client, results } = await registeredSlot();
     await publishJob(client, { id: 'ghost' });
-    const run = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
+    const run = await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '1s']));
     expect(run.code).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results[0]?.body).toMatchObject({
@@ -230,7 +266,9 @@ describe('the broker worker', () => {
       error: { code: 'JOB_NOT_FOUND' },
     });
     // Acked: the slot's next run gets nothing.
-    const next = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
+    const next = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '500ms']),
+    );
     expect(next.stderr).toContain('no job within the idle timeout');
     await client.endAsync();
   });
@@ -238,19 +276,19 @@ describe('the broker worker', () => {
   it('rejects a message without a usable id on jobs/rejected, acks it, and the slot then runs a good job', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { good: null });
-    await register(dirs, 'slot-a');
+    await register(dirs, slot('slot-a'));
     const client = await testClient(broker().url);
     const rejected = await collect(client, 'jobs/rejected');
     const results = await collect(client, 'jobs/results/+');
     await publishJob(client, 'not json at all');
-    const bad = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
+    const bad = await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '1s']));
     expect(bad.code).toBe(0);
     expect(bad.stderr).toContain('INVALID_PAYLOAD');
     expect(bad.stderr).not.toMatch(/\n\s+at /);
     await waitFor(() => rejected.length === 1);
-    expect(rejected[0]?.body).toMatchObject({ workerId: 'slot-a', error: { code: 'INVALID_PAYLOAD' } });
+    expect(rejected[0]?.body).toMatchObject({ workerId: slot('slot-a'), error: { code: 'INVALID_PAYLOAD' } });
     await publishJob(client, { id: 'good', steps: ['true'] });
-    expect((await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'))).code).toBe(0);
+    expect((await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-a')))).code).toBe(0);
     await waitFor(() => results.length === 1);
     expect(results[0]?.body).toMatchObject({ id: 'good', status: 'success' });
     await client.endAsync();
@@ -265,15 +303,19 @@ describe('the broker worker', () => {
     // An immutable results/ (even root cannot write there): the claim file cannot be created.
     execFileSync('chattr', ['+i', path.join(dirs.jobs, 'frozen/results')]);
     try {
-      await register(dirs, 'slot-a');
+      await register(dirs, slot('slot-a'));
       const client = await testClient(broker().url);
       const results = await collect(client, 'jobs/results/+');
       await publishJob(client, { id: 'frozen' });
-      const run = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a'));
+      const run = await runWorkerOnce(
+        workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '1s']),
+      );
       expect(run.code, run.stderr).toBe(0);
       await waitFor(() => results.length === 1);
       expect(results[0]?.body).toMatchObject({ id: 'frozen', status: 'error', error: { code: 'INTERNAL' } });
-      const next = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '500ms']));
+      const next = await runWorkerOnce(
+        workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '500ms']),
+      );
       expect(next.stderr).toContain('no job within the idle timeout');
       await client.endAsync();
     } finally {
@@ -284,7 +326,7 @@ describe('the broker worker', () => {
   it('warns that --clean loses queued jobs', async () => {
     const dirs = await fleetDirs();
     const run = await runWorkerOnce(
-      workerArgs(broker().url, dirs, 'slot-c', ['--clean', '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, slot('slot-c'), ['--clean', '--idle-timeout', '200ms']),
     );
     expect(run.code).toBe(0);
     expect(run.stderr).toContain('--clean');
@@ -296,7 +338,7 @@ describe('the broker worker', () => {
     await writeTree(dirs.jobs, { long: null });
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
-    const worker = startWorker(workerArgs(broker().url, dirs, 'slot-a', ['--keepalive', '1s']));
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a'), ['--keepalive', '1s']));
     await worker.sawLog('waiting for one job');
     await publishJob(client, { id: 'long', steps: ['sleep 4'] });
     const exit = await worker.exited;
@@ -314,7 +356,7 @@ describe('connection failures', () => {
     await broker().stop();
     const started = Date.now();
     const run = await runWorkerOnce(
-      workerArgs(`mqtt://127.0.0.1:${port}`, dirs, 'slot-a', ['--connect-timeout', '2s']),
+      workerArgs(`mqtt://127.0.0.1:${port}`, dirs, slot('slot-a'), ['--connect-timeout', '2s']),
     );
     expect(run.code).toBe(3);
     expect(run.stderr).toContain('BROKER_UNREACHABLE');
@@ -331,14 +373,14 @@ describe('connection failures', () => {
     await writeFile(path.join(dir, 'wrong'), 'wrong-password\n');
     await writeFile(path.join(dir, 'right'), 'right-password\n');
     const refused = await runWorkerOnce(
-      workerArgs(broker().url, dirs, 'slot-a', ['--username', 'worker', '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--username', 'worker', '--idle-timeout', '200ms']),
       { MQTT_PASSWORD_FILE: path.join(dir, 'wrong') },
     );
     expect(refused.code).toBe(4);
     expect(refused.stderr).toContain('BROKER_REFUSED');
     expect(refused.stderr).not.toContain('wrong-password');
     const accepted = await runWorkerOnce(
-      workerArgs(broker().url, dirs, 'slot-a', ['--username', 'worker', '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--username', 'worker', '--idle-timeout', '200ms']),
       { MQTT_PASSWORD_FILE: path.join(dir, 'right') },
     );
     expect(accepted.code, accepted.stderr).toBe(0);
@@ -432,12 +474,12 @@ describe('connection failures', () => {
     const dirs = await fleetDirs();
     const tls = ['--ca', `${dir}/ca.crt`, '--cert', `${dir}/client.crt`, '--key', `${dir}/client.key`];
     const ok = await runWorkerOnce(
-      workerArgs(broker().url, dirs, 'slot-a', [...tls, '--idle-timeout', '200ms']),
+      workerArgs(broker().url, dirs, slot('slot-a'), [...tls, '--idle-timeout', '200ms']),
     );
     expect(ok.code, ok.stderr).toBe(0);
     expect(ok.stderr).toContain('connected to the broker');
     const untrusted = await runWorkerOnce(
-      workerArgs(broker().url, dirs, 'slot-a', ['--idle-timeout', '200ms', '--connect-timeout', '3s']),
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '200ms', '--connect-timeout', '3s']),
     );
     expect(untrusted.code).toBe(3);
     expect(untrusted.stderr).toMatch(/BROKER_UNREACHABLE.*(certificate|CERT)/i);
@@ -448,8 +490,8 @@ describe('submit and drain', () => {
   it('submit --wait publishes, waits for the result and exits with the job outcome', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { ok: null, bad: null });
-    await register(dirs, 'slot-a');
-    const slot = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    await register(dirs, slot('slot-a'));
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     const ok = await runWorkerOnce([
       'submit',
       'ok',
@@ -463,8 +505,8 @@ describe('submit and drain', () => {
     ]);
     expect(ok.code, ok.stderr).toBe(0);
     expect(JSON.parse(ok.stdout)).toMatchObject({ id: 'ok', status: 'success' });
-    await slot.exited;
-    const slot2 = startWorker(workerArgs(broker().url, dirs, 'slot-a'));
+    await worker.exited;
+    const slot2 = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
     const bad = await runWorkerOnce([
       'submit',
       'bad',
@@ -491,8 +533,8 @@ describe('submit and drain', () => {
 
   it('loses no job published while a drain runs', { timeout: 60_000 }, async () => {
     const dirs = await fleetDirs();
-    await register(dirs, 'slot-old');
-    await register(dirs, 'slot-new');
+    await register(dirs, slot('slot-old'));
+    await register(dirs, slot('slot-new'));
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     const ids = Array.from({ length: 10 }, (_, i) => `live-${i}`);
@@ -502,7 +544,7 @@ describe('submit and drain', () => {
       '--url',
       broker().url,
       '--id',
-      'slot-old',
+      slot('slot-old'),
       '--topic',
       '$share/workers/jobs/pending',
       '--quiet',
@@ -515,7 +557,7 @@ describe('submit and drain', () => {
     const drained = await draining;
     expect(drained.code, drained.stderr).toBe(0);
     for (let i = 0; i < 20 && results.length < ids.length; i++) {
-      await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-new', ['--idle-timeout', '1s']));
+      await runWorkerOnce(workerArgs(broker().url, dirs, slot('slot-new'), ['--idle-timeout', '1s']));
     }
     expect(results.map((r) => r.body.id).sort()).toEqual([...ids].sort());
     await client.endAsync();
@@ -524,8 +566,8 @@ describe('submit and drain', () => {
   it('drain moves the jobs stranded in a retired slot session to a live slot', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { d1: null, d2: null, d3: null, d4: null });
-    await register(dirs, 'slot-retired');
-    await register(dirs, 'slot-live');
+    await register(dirs, slot('slot-retired'));
+    await register(dirs, slot('slot-live'));
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
     for (const id of ['d1', 'd2', 'd3', 'd4']) await publishJob(client, { id, steps: ['true'] });
@@ -535,16 +577,18 @@ describe('submit and drain', () => {
       '--url',
       broker().url,
       '--id',
-      'slot-retired',
+      slot('slot-retired'),
       '--topic',
       '$share/workers/jobs/pending',
       '--quiet',
       '1s',
     ]);
     expect(drained.code, drained.stderr).toBe(0);
-    expect(JSON.parse(drained.stdout)).toEqual({ slot: 'slot-retired', moved: 2 });
+    expect(JSON.parse(drained.stdout)).toEqual({ slot: slot('slot-retired'), moved: 2 });
     for (let i = 0; i < 4; i++) {
-      const run = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-live', ['--idle-timeout', '3s']));
+      const run = await runWorkerOnce(
+        workerArgs(broker().url, dirs, slot('slot-live'), ['--idle-timeout', '3s']),
+      );
       expect(run.code, run.stderr).toBe(0);
     }
     await waitFor(() => results.length === 4);
@@ -552,7 +596,9 @@ describe('submit and drain', () => {
     // The retired slot is no longer a member: new jobs all go to the live slot.
     await publishJob(client, { id: 'd1', steps: ['true'] });
     await sleep(200);
-    const after = await runWorkerOnce(workerArgs(broker().url, dirs, 'slot-live', ['--idle-timeout', '3s']));
+    const after = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot('slot-live'), ['--idle-timeout', '3s']),
+    );
     expect(after.stderr).toContain('already finished');
     await client.endAsync();
   });

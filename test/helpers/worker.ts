@@ -187,3 +187,11 @@ export function slotLoop(
     },
   };
 }
+
+/**
+ * A worker id of this test process's own: a worker id is held by one process at a time on a host, and test
+ * files run side by side, so two files must never share one.
+ */
+export function slot(name: string): string {
+  return `${name}-p${process.pid}`;
+}
