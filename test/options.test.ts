@@ -31,7 +31,7 @@ describe('resolveOptions', () => {
       protocol: '5',
       keepaliveMs: 30_000,
       connectTimeoutMs: 10_000,
-      sessionExpirySeconds: undefined,
+      sessionExpirySeconds: 86_400,
       idleTimeoutMs: undefined,
       claimLeaseMs: 60_000,
       resultsTopic: 'jobs/results',
@@ -42,6 +42,22 @@ describe('resolveOptions', () => {
       logFormat: 'text',
     });
     expect(Object.isFrozen(options)).toBe(true);
+  });
+
+  it('lets a pull slot session expire after a day by default, and never a shared subscription one', () => {
+    expect(resolveOptions({}, {}, context).sessionExpirySeconds).toBe(86_400);
+    expect(
+      resolveOptions({ topic: '$share/w/jobs/pending' }, {}, context).sessionExpirySeconds,
+    ).toBeUndefined();
+    expect(
+      resolveOptions({ topic: '$share/w/jobs/pending' }, { MQTT_SESSION_EXPIRY: '2h' }, context)
+        .sessionExpirySeconds,
+    ).toBe(7200);
+  });
+
+  it('keeps dry-run-N ids for dry runs', () => {
+    expect(() => resolveOptions({ id: 'dry-run-1' }, {}, context)).toThrow(/kept for dry runs/);
+    expect(resolveOptions({ id: 'dry-run-box' }, {}, context).id).toBe('dry-run-box');
   });
 
   it('reads durations that may be off', () => {

@@ -23,7 +23,17 @@ export interface Running {
 
 /** Starts the worker (the repo's bin) with `args`; its environment holds only PATH and `env`. */
 export function startWorker(args: string[], env: Record<string, string> = {}, cwd?: string): Running {
-  const child = spawn(process.execPath, [BIN, ...args], {
+  return startProcess(process.execPath, [BIN, ...args], env, cwd);
+}
+
+/** Starts `command` (e.g. the worker behind `unshare`), watched like startWorker's. */
+export function startProcess(
+  command: string,
+  args: string[],
+  env: Record<string, string> = {},
+  cwd?: string,
+): Running {
+  const child = spawn(command, args, {
     cwd,
     env: { PATH: process.env.PATH ?? '/usr/bin:/bin', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -83,6 +93,16 @@ export async function fleetDirs(): Promise<{ jobs: string; workspaces: string }>
   await mkdir(jobs);
   await mkdir(workspaces);
   return { jobs, workspaces };
+}
+
+/** Worker arguments for a slot in pull dispatch: the plain jobs topic (see workerArgs for the rest). */
+export function pullArgs(
+  url: string,
+  dirs: { jobs: string; workspaces: string },
+  id: string,
+  extra: string[] = [],
+): string[] {
+  return [...workerArgs(url, dirs, id), '--topic', 'jobs/pending', ...extra];
 }
 
 export function workerArgs(
@@ -166,7 +186,12 @@ export async function publishJob(
 export function slotLoop(
   args: () => string[],
   env: Record<string, string> = {},
-): { stop: () => Promise<Exited[]>; runs: Exited[]; current: () => Running | undefined } {
+): {
+  stop: () => Promise<Exited[]>;
+  retire: () => Promise<Exited[]>;
+  runs: Exited[];
+  current: () => Running | undefined;
+} {
   const runs: Exited[] = [];
   let stopped = false;
   let current: Running | undefined;
@@ -182,6 +207,13 @@ export function slotLoop(
     stop: async () => {
       stopped = true;
       current?.child.kill('SIGTERM');
+      await loop;
+      return runs;
+    },
+    // A slot that dies for good (a host gone, a pod replaced): SIGKILL, and no restart.
+    retire: async () => {
+      stopped = true;
+      current?.child.kill('SIGKILL');
       await loop;
       return runs;
     },
