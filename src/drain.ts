@@ -27,6 +27,21 @@ export interface DrainOutcome {
  * the job's claim makes the second delivery harmless.
  */
 export async function drain(input: DrainInput): Promise<DrainOutcome> {
+  if (!input.topic.startsWith('$share/')) {
+    // Pull dispatch: every slot had its own copy of each request, so there is nothing to move; ending the
+    // retired slot's session stops it from piling up copies until it expires.
+    const consumer = await JobConsumer.connect({
+      settings: input.settings,
+      clientId: input.slot,
+      clean: false,
+      sessionExpirySeconds: undefined,
+      topic: undefined,
+      log: input.log,
+    });
+    await endSession(consumer.client);
+    input.log.info(`ended slot ${input.slot}'s session (pull dispatch: its requests are every slot's too)`);
+    return { moved: 0 };
+  }
   const publisher = await connectBroker({
     settings: input.settings,
     clientId: `drain-${randomBytes(6).toString('hex')}`,
