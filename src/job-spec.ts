@@ -261,6 +261,21 @@ export type RequestParse =
   | { readonly ok: false; readonly id: string | undefined; readonly error: WorkerError };
 
 const MAX_PAYLOAD_PROBLEMS = 20;
+const MAX_DEPTH = 64;
+
+/** How deeply arrays and objects nest in `value`, without recursion (the input decides the depth). */
+function depthOf(value: unknown): number {
+  let deepest = 0;
+  const stack: [unknown, number][] = [[value, 1]];
+  while (stack.length > 0) {
+    const [item, depth] = stack.pop() as [unknown, number];
+    if (item === null || typeof item !== 'object') continue;
+    deepest = Math.max(deepest, depth);
+    if (deepest > MAX_DEPTH) return deepest;
+    for (const child of Object.values(item)) stack.push([child, depth + 1]);
+  }
+  return deepest;
+}
 const MAX_RERUN_LENGTH = 128;
 
 export interface RequestPolicy {
@@ -303,6 +318,10 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
     );
   }
   const record = json as Record<string, unknown>;
+  if (depthOf(record) > MAX_DEPTH) {
+    // Signing walks the request recursively: a deeply nested one would overflow the stack on every redelivery.
+    return reject(ErrorCode.INVALID_PAYLOAD, `Request is nested more than ${MAX_DEPTH} levels deep`);
+  }
   if (policy.secret !== undefined) {
     const problem = signatureProblem(
       record,

@@ -297,7 +297,8 @@ async function loadSpec(paths: JobPaths, request: JobRequest): Promise<JobSpec> 
 
 /** Reads a regular file of at most `maxBytes` without following a link. */
 export async function readSmallFile(file: string, maxBytes: number): Promise<string> {
-  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  // O_NONBLOCK: a FIFO planted as job.json must not hang the worker before fstat shows what it is.
+  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
   try {
     const stats = await handle.stat();
     if (!stats.isFile()) throw new WorkerError(ErrorCode.INVALID_JOB_FILE, `${file} is not a regular file`);

@@ -536,9 +536,17 @@ function resolveOne(
     }
     case 'topic': {
       const value = textValue ?? kind.fallback;
+      // A topic the worker publishes to must not be a `$` topic: the broker drops the connection of a client that
+      // publishes to `$share/…` or `$SYS/…`, and the job would never be acknowledged.
       const bad =
-        value === '' || value.includes('\0') || value.length > 65535 || (!kind.filter && /[+#]/.test(value));
-      if (bad) problem(kind.filter ? 'an MQTT topic filter' : 'an MQTT topic without wildcards');
+        value === '' ||
+        value.includes('\0') ||
+        value.length > 65535 ||
+        (!kind.filter && (/[+#]/.test(value) || value.startsWith('$')));
+      if (bad)
+        problem(
+          kind.filter ? 'an MQTT topic filter' : 'an MQTT topic without wildcards, not starting with $',
+        );
       return value;
     }
   }

@@ -266,8 +266,19 @@ async function answerFailure(
   }
 }
 
-function responseOf(delivery: Delivery): Omit<StoredRequest, 'request'> {
-  const { responseTopic, correlationData } = delivery.packet.properties ?? {};
+/**
+ * Where a request's MQTT 5 response goes, if anywhere: a response topic with wildcards or under `$` (`$SYS/…`,
+ * `$share/…`) is not a topic a client may publish to — the broker would drop the connection — so it is ignored.
+ */
+function responseOf(delivery: Delivery, log?: Logger): Omit<StoredRequest, 'request'> {
+  const { correlationData } = delivery.packet.properties ?? {};
+  let { responseTopic } = delivery.packet.properties ?? {};
+  if (responseTopic !== undefined && (/[+#\0]/.test(responseTopic) || responseTopic.startsWith('$'))) {
+    log?.warn(
+      `ignoring the request's response topic ${JSON.stringify(responseTopic)}: not a topic to publish to`,
+    );
+    responseTopic = undefined;
+  }
   return {
     ...(responseTopic ? { responseTopic } : {}),
     ...(correlationData ? { correlationData: Buffer.from(correlationData).toString('base64') } : {}),
@@ -302,7 +313,7 @@ async function handleDelivery(
     await answerFailure(links, delivery, input, request.id, info);
     return { kind: 'skipped', id: request.id, action: 'error' };
   }
-  const stored: StoredRequest = { request: JSON.stringify(request), ...responseOf(delivery) };
+  const stored: StoredRequest = { request: JSON.stringify(request), ...responseOf(delivery, jobLog) };
   const claim = await claimOrSettle(links, input, paths, state, request, stored, jobLog);
   if (!claim) {
     delivery.ack();

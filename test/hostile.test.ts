@@ -1,4 +1,5 @@
-import { readdir, readFile, symlink, writeFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { signRequest } from '../src/signing.js';
@@ -10,6 +11,7 @@ import {
   publishJob,
   runWorkerOnce,
   slot as slotId,
+  startWorker,
   testClient,
   workerArgs,
 } from './helpers/worker.js';
@@ -41,6 +43,8 @@ describe('hostile input', () => {
       'inner-links/etc-link': { link: '/etc' },
     });
     await symlink(outside, path.join(dirs.jobs, 'escape'));
+    await mkdir(path.join(dirs.jobs, 'fifo-jobjson'));
+    execFileSync('mkfifo', [path.join(dirs.jobs, 'fifo-jobjson/job.json')]);
     const slot = slotId('slot-h');
     const args = workerArgs(broker().url, dirs, slot, ['--idle-timeout', '3s']);
     expect(
@@ -74,6 +78,12 @@ describe('hostile input', () => {
         '{"id":"wrong-steps","steps":"rm -rf /"}',
         { result: 'INVALID_PAYLOAD', id: 'wrong-steps' },
       ],
+      [
+        'a request nested 100,000 levels deep',
+        `{"id":"deep","x":${'['.repeat(100_000)}${']'.repeat(100_000)}}`,
+        { rejected: 'INVALID_PAYLOAD' },
+      ],
+      ['a FIFO as job.json', '{"id":"fifo-jobjson"}', { result: 'INVALID_JOB_FILE', id: 'fifo-jobjson' }],
       ['a missing folder', '{"id":"ghost"}', { result: 'JOB_NOT_FOUND', id: 'ghost' }],
       ['a folder without job.json', '{"id":"no-jobjson"}', { result: 'INVALID_JOB_FILE', id: 'no-jobjson' }],
       ['an invalid job.json', '{"id":"bad-json"}', { result: 'INVALID_JOB_FILE', id: 'bad-json' }],
@@ -140,6 +150,34 @@ describe('hostile input', () => {
     expect((await runWorkerOnce(args)).code).toBe(0);
     await waitFor(() => results.at(-1)?.body.id === 'good-after');
     expect(results.at(-1)?.body).toMatchObject({ status: 'success' });
+    await client.endAsync();
+  });
+
+  it('ignores a response topic it may not publish to ($SYS, $share, wildcards) and keeps working', async () => {
+    const dirs = await fleetDirs();
+    await writeTree(dirs.jobs, { a: null, b: null, c: null, good: null });
+    const slot = slotId('slot-r');
+    const client = await testClient(broker().url);
+    const results = await collect(client, 'jobs/results/+');
+    const worker = startWorker(workerArgs(broker().url, dirs, slot));
+    await worker.sawLog('waiting for one job');
+    await publishJob(client, { id: 'a', steps: ['true'] }, { responseTopic: '$SYS/broker/x' });
+    expect((await worker.exited).code).toBe(0);
+    for (const [id, responseTopic] of [
+      ['b', '$share/g/replies'],
+      ['c', 'replies/#'],
+    ] as const) {
+      await publishJob(client, { id, steps: ['true'] }, { responseTopic });
+      const run = await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '3s']));
+      expect(run.code, run.stderr).toBe(0);
+      expect(run.stderr).toContain('ignoring the request');
+    }
+    await waitFor(() => results.length === 3);
+    expect(results.map((r) => [r.body.id, r.body.status])).toEqual([
+      ['a', 'success'],
+      ['b', 'success'],
+      ['c', 'success'],
+    ]);
     await client.endAsync();
   });
 

@@ -55,6 +55,14 @@ describe('resolveOptions', () => {
     ).toBe(7200);
   });
 
+  it('refuses $ topics to publish to: the broker would drop the connection', () => {
+    for (const flag of ['resultsTopic', 'statusTopic', 'rejectedTopic'] as const)
+      expect(() => resolveOptions({ [flag]: '$share/g/jobs/results' }, {}, context)).toThrow(
+        /not starting with \$/,
+      );
+    expect(() => resolveOptions({}, { MQTT_RESULTS_TOPIC: '$SYS/x' }, context)).toThrow(/MQTT_RESULTS_TOPIC/);
+  });
+
   it('keeps dry-run-N ids for dry runs', () => {
     expect(() => resolveOptions({ id: 'dry-run-1' }, {}, context)).toThrow(/kept for dry runs/);
     expect(resolveOptions({ id: 'dry-run-box' }, {}, context).id).toBe('dry-run-box');
