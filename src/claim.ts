@@ -1,7 +1,6 @@
 import { constants, readFileSync } from 'node:fs';
-import { link, open, readdir, unlink, utimes, writeFile } from 'node:fs/promises';
+import { type FileHandle, link, open, readdir, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { ensureResultsDir } from './paths.js';
 import { MANIFEST_NAME, type Manifest } from './report.js';
 
 // A claim is a small file `results/.mqtt-fs-worker.claim.{attempt}` in the job's folder on the shared drive,
@@ -175,7 +174,7 @@ function holderState(
 }
 
 /**
- * Decides what a delivery of this job means: run it (free), leave it (live, or finished), or publish a finished
+ * Decides what a delivery of this job means (`resultsDir`: the held results/, see holdResults): run it (free), leave it (live, or finished), or publish a finished
  * attempt's result that never reached the broker. A result counts as finished only when it is the current
  * claim's: a dry run's result, or a results/ copied from elsewhere, never stops the fleet from running the job.
  */
@@ -185,7 +184,6 @@ export async function inspectClaim(
   leaseMs: number,
   now: number,
 ): Promise<ClaimState> {
-  await ensureResultsDir(resultsDir);
   const names = await readdir(resultsDir);
   const [claim, manifest] = await Promise.all([currentClaim(resultsDir, names), storedManifest(resultsDir)]);
   if (!claim) return { kind: 'free', attempt: 1 };
@@ -209,29 +207,33 @@ export async function inspectClaim(
   };
 }
 
-/** A claim this process holds: its heartbeat keeps other hosts from taking the job over. */
+/**
+ * A claim this process holds: its heartbeat keeps other hosts from taking the job over. The heartbeat goes
+ * through the claim file's descriptor, so a link planted in its place is never followed.
+ */
 export class Claim {
   readonly attempt: number;
-  readonly file: string;
   readonly resultsDir: string;
+  readonly #handle: FileHandle;
   #timer: NodeJS.Timeout | undefined;
 
-  constructor(resultsDir: string, attempt: number) {
+  constructor(resultsDir: string, attempt: number, handle: FileHandle) {
     this.resultsDir = resultsDir;
-    this.file = claimFile(resultsDir, attempt);
     this.attempt = attempt;
+    this.#handle = handle;
   }
 
   startHeartbeat(everyMs: number, onError: (error: Error) => void): void {
     this.#timer = setInterval(() => {
       const now = new Date();
-      utimes(this.file, now, now).catch(onError);
+      this.#handle.utimes(now, now).catch(onError);
     }, everyMs);
     this.#timer.unref();
   }
 
   stopHeartbeat(): void {
     clearInterval(this.#timer);
+    this.#handle.close().catch(() => {});
   }
 
   /** Records that this attempt's result reached the broker: no slot publishes it again. */
@@ -282,11 +284,13 @@ export async function acquireClaim(
     ),
   );
   await Promise.all(older.map((name) => unlink(path.join(resultsDir, name)).catch(() => {})));
-  return new Claim(resultsDir, attempt);
+  const handle = await open(claimFile(resultsDir, attempt), constants.O_RDONLY | constants.O_NOFOLLOW);
+  return new Claim(resultsDir, attempt, handle);
 }
 
 export async function markPublished(resultsDir: string, attempt: number): Promise<void> {
-  await writeFile(path.join(resultsDir, `${PUBLISHED}${attempt}`), '', { flag: 'w' }).catch(() => {});
+  const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_NOFOLLOW;
+  await writeFile(path.join(resultsDir, `${PUBLISHED}${attempt}`), '', { flag: flags }).catch(() => {});
 }
 
 /**

@@ -1,5 +1,5 @@
 import { constants } from 'node:fs';
-import { lchown, open, readdir, rm } from 'node:fs/promises';
+import { open, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, toErrorInfo, WorkerError } from './errors.js';
 import {
@@ -13,7 +13,7 @@ import {
 import { effectiveLimits, type JobLimits, type LimitSettings, openJobLimits } from './limits/index.js';
 import type { Logger } from './log.js';
 import { secretValues } from './mask.js';
-import { ensureResultsDir, type JobPaths, resolveJobPaths } from './paths.js';
+import { type HeldDir, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
 import { type Manifest, type StepRecord, writeManifest } from './report.js';
 import { runStep, type StepOutcome, type StopReason } from './run.js';
 import { type RunAsUser, setprivArgs } from './run-as.js';
@@ -64,6 +64,8 @@ export interface JobRun {
   readonly onEvent?: (event: JobEvent) => void;
   /** The job's folder, when the caller resolved it already (the broker worker does, to claim it first). */
   readonly paths?: JobPaths;
+  /** Its results/, held open by the caller (see holdResults); the caller closes it. */
+  readonly results?: HeldDir;
   /**
    * Called once the job's outcome is final and result.json written, before its workspace and cgroups are removed:
    * the broker worker publishes the result here, so that removing a large workspace does not delay it.
@@ -106,7 +108,9 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
   const emit = run.onEvent ?? (() => {});
   const manifest = newManifest(config, request.id, run.attempt, started);
   let paths: JobPaths | undefined = run.paths;
-  let resultsReady = false;
+  // Every write to results/ goes through it held open (see holdResults); one held here is closed here.
+  let results: HeldDir | undefined = run.results;
+  const ownResults = results === undefined;
   let workspace: string | undefined;
   let jobLimits: JobLimits | undefined;
   try {
@@ -117,12 +121,15 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
       config.createJobsDir,
     );
     // The definition is read while results/ is reset; a results/ that cannot be used is reported first.
+    const resultsDir = paths.resultsDir;
     const [reset, loaded] = await Promise.allSettled([
-      resetResults(paths.resultsDir),
+      (async () => {
+        results ??= await holdResults(resultsDir);
+        await resetResults(results.path);
+      })(),
       loadSpec(paths, request),
     ]);
     if (reset.status === 'rejected') throw reset.reason;
-    resultsReady = true;
     if (loaded.status === 'rejected') throw loaded.reason;
     const spec = loaded.value;
     manifest.steps = spec.steps.map(pendingStep);
@@ -140,8 +147,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     const staging = (async () => {
       const dir = await createWorkspace(config.workspacesDir, config.workerId, request.id);
       workspace = dir; // for cleanUp, whatever happens next
-      const staged = await stageJob(jobDir, dir);
-      if (config.runAs) await chownTree(dir, config.runAs);
+      const staged = await stageJob(jobDir, dir, config.runAs);
       manifest.phases.stagingMs = now() - stagingStarted;
       return { dir, staged };
     })();
@@ -161,7 +167,8 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     );
 
     const runningStarted = now();
-    const ran = await runSteps(config, run, spec, paths, workDir, manifest.steps, now, opened.value);
+    const where = { shown: paths.resultsDir, path: (results as HeldDir).path };
+    const ran = await runSteps(config, run, spec, where, workDir, manifest.steps, now, opened.value);
     manifest.phases.runningMs = now() - runningStarted;
     manifest.status = ran.status;
     manifest.exitCode = ran.exitCode;
@@ -172,7 +179,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     const { syncResults } = await loadSync();
     const synced = await syncResults({
       workspace: workDir,
-      resultsDir: paths.resultsDir,
+      resultsDir: (results as HeldDir).path,
       snapshot: staged.snapshot,
       include: spec.artifacts.include,
       exclude: spec.artifacts.exclude,
@@ -186,6 +193,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
   } catch (error) {
     if (error instanceof JobInterrupted) {
       await cleanUp(config, log, workspace, jobLimits);
+      if (ownResults) await results?.close();
       throw error;
     }
     manifest.status = 'error';
@@ -198,9 +206,9 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
   manifest.endedAt = new Date(ended).toISOString();
   manifest.durationMs = ended - started;
   let manifestWritten = false;
-  if (paths && resultsReady) {
+  if (results) {
     try {
-      await writeManifest(paths.resultsDir, manifest);
+      await writeManifest(results.path, manifest);
       manifestWritten = true;
     } catch (error) {
       log.error(`cannot write result.json: ${(error as Error).message}`);
@@ -219,6 +227,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     await run.onResult?.(manifest);
   } finally {
     await cleanUp(config, log, workspace, jobLimits);
+    if (ownResults) await results?.close();
   }
   return { manifest, manifestWritten };
 }
@@ -262,9 +271,8 @@ async function cleanUp(
   ]);
 }
 
-/** Empties `results/` (an earlier attempt's output) but the claim; refuses a results/ that is not a directory. */
+/** Empties `results/` (held: see holdResults) of an earlier attempt's output, but the claim. */
 async function resetResults(resultsDir: string): Promise<void> {
-  await ensureResultsDir(resultsDir);
   const stale = (await readdir(resultsDir)).filter((name) => !KEEP_IN_RESULTS.test(name));
   await Promise.all(stale.map((name) => rm(path.join(resultsDir, name), { recursive: true, force: true })));
 }
@@ -358,16 +366,6 @@ export function stepEnv(
   };
 }
 
-/** Hands the staged workspace to the user steps run as (links themselves, never their targets). */
-async function chownTree(dir: string, user: RunAsUser): Promise<void> {
-  await lchown(dir, user.uid, user.gid);
-  for (const entry of await readdir(dir, { withFileTypes: true })) {
-    const full = path.join(dir, entry.name);
-    if (entry.isDirectory()) await chownTree(full, user);
-    else await lchown(full, user.uid, user.gid);
-  }
-}
-
 interface StepsOutcome {
   status: Manifest['status'];
   exitCode: number;
@@ -378,7 +376,7 @@ async function runSteps(
   config: EngineConfig,
   run: JobRun,
   spec: JobSpec,
-  paths: JobPaths,
+  results: { readonly shown: string; readonly path: string },
   workspace: string,
   records: StepRecord[],
   now: () => number,
@@ -398,13 +396,13 @@ async function runSteps(
     record.log = logName;
     emit({ type: 'step-started', step: step.index, name: step.name });
     run.log.info(`step ${step.index} started: ${step.name}`);
-    const env = stepEnv(config, run, spec, step, workspace, paths.resultsDir);
+    const env = stepEnv(config, run, spec, step, workspace, results.shown);
     const result: StepOutcome = await runStep({
       command: step.run,
       cwd: workspace,
       env,
       secrets: secretValues(env, config.mask),
-      logFile: path.join(paths.resultsDir, logName),
+      logFile: path.join(results.path, logName),
       maxLogBytes: config.maxLogBytes,
       timeoutMs,
       killGraceMs: config.killGraceMs,

@@ -1,4 +1,5 @@
-import { lstat, mkdir, realpath } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { access, lstat, mkdir, open, realpath } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from './errors.js';
 import { assertJobId } from './ids.js';
@@ -94,4 +95,52 @@ export async function ensureResultsDir(resultsDir: string): Promise<void> {
       `${resultsDir} is ${what}; the worker writes only into a real results/ folder`,
     );
   }
+}
+
+/** A directory held open, and the path that reaches it through the descriptor. */
+export interface HeldDir {
+  /** `/proc/self/fd/N`: names below it resolve from the open directory, not from the directory's name. */
+  readonly path: string;
+  close(): Promise<void>;
+}
+
+/**
+ * Opens a directory (never through a link) and returns a path to it through its descriptor. Whoever can write
+ * the folder above it may rename it or swap in a symlink after this, and a write by name would follow; a write
+ * below the held path lands in the directory that was opened. Where /proc is not there (not Linux), the path is
+ * the name.
+ */
+export async function holdDirectory(dir: string): Promise<HeldDir> {
+  const handle = await open(dir, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
+  const close = () => handle.close().catch(() => {});
+  const via = `/proc/self/fd/${handle.fd}`;
+  const usable = await access(via).then(
+    () => true,
+    () => false,
+  );
+  return { path: usable ? via : dir, close };
+}
+
+/**
+ * Creates `results/` if needed and holds it open (see holdDirectory): everything the worker writes there — claims,
+ * step logs, artifacts, result.json — goes through the held path, so a step (or anyone who can write the job
+ * folder) that replaces `results/` with a symlink mid-run cannot redirect a write outside the job folder.
+ */
+export async function holdResults(resultsDir: string): Promise<HeldDir> {
+  await ensureResultsDir(resultsDir);
+  let held: HeldDir;
+  try {
+    held = await holdDirectory(resultsDir);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code !== 'ELOOP' && code !== 'ENOTDIR') throw error;
+    throw new WorkerError(ErrorCode.RESULTS_NOT_DIRECTORY, `${resultsDir} is not a real directory`);
+  }
+  // Swapped between the check and the open: refuse it rather than write into whatever it now is.
+  const opened = await realpath(held.path).catch(() => undefined);
+  if (opened !== resultsDir) {
+    await held.close();
+    throw new WorkerError(ErrorCode.RESULTS_NOT_DIRECTORY, `${resultsDir} changed while it was opened`);
+  }
+  return held;
 }

@@ -1,5 +1,5 @@
 import { constants, type Dirent } from 'node:fs';
-import { copyFile, lstat, mkdir, readdir, readlink, rm, symlink, utimes } from 'node:fs/promises';
+import { copyFile, lchown, lstat, mkdir, readdir, readlink, rm, symlink, utimes } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from './errors.js';
 import { forEachLimit } from './util/pool.js';
@@ -56,9 +56,16 @@ export function toPosix(relative: string): string {
  * Copies the job folder (minus `results/`) into `workspace`, which must exist and be empty. Regular files are
  * copied with their mode and mtime (copy-on-write clones where the filesystem can), symlinks are recreated as
  * links and never followed, and special files (devices, FIFOs, sockets) are skipped so that a job folder cannot
- * smuggle a device node into a step's reach.
+ * smuggle a device node into a step's reach. With `owner` (--run-as), every entry is handed to that user as it is
+ * made, before its fingerprint is taken (a change of owner moves ctime, which the sync compares).
  */
-export async function stageJob(jobDir: string, workspace: string): Promise<StageResult> {
+export async function stageJob(
+  jobDir: string,
+  workspace: string,
+  owner?: { readonly uid: number; readonly gid: number },
+): Promise<StageResult> {
+  const own = owner ? (to: string) => lchown(to, owner.uid, owner.gid) : async () => {};
+  await own(workspace);
   const snapshot = new Map<string, string>();
   const skipped: SkippedEntry[] = [];
   const files: { from: string; to: string; relative: string }[] = [];
@@ -84,7 +91,9 @@ export async function stageJob(jobDir: string, workspace: string): Promise<Stage
       const from = path.join(jobDir, rel);
       const to = path.join(workspace, rel);
       if (entry.isDirectory()) {
-        await mkdir(to).catch((error: unknown) => fail(rel, error));
+        await mkdir(to)
+          .then(() => own(to))
+          .catch((error: unknown) => fail(rel, error));
         await walk(rel);
       } else if (entry.isFile()) {
         files.push({ from, to, relative: rel });
@@ -92,6 +101,7 @@ export async function stageJob(jobDir: string, workspace: string): Promise<Stage
         try {
           const target = await readlink(from);
           await symlink(target, to);
+          await own(to);
           snapshot.set(toPosix(rel), linkFingerprint(target));
         } catch (error) {
           fail(rel, error);
@@ -109,6 +119,7 @@ export async function stageJob(jobDir: string, workspace: string): Promise<Stage
       const source = await lstat(from);
       await copyFile(from, to, constants.COPYFILE_FICLONE);
       await utimes(to, source.atime, source.mtime);
+      await own(to);
       const copied = await lstat(to);
       snapshot.set(toPosix(relative), fileFingerprint(copied));
       bytes += source.size;

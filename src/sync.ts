@@ -1,9 +1,10 @@
 import { constants, type ReadStream, type Stats } from 'node:fs';
-import { chmod, lstat, mkdir, open, readlink, rename, unlink } from 'node:fs/promises';
+import { chmod, mkdir, open, readlink, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import fg from 'fast-glob';
 import { ErrorCode, WorkerError } from './errors.js';
+import { type HeldDir, holdDirectory } from './paths.js';
 import { fileFingerprint, linkFingerprint, type SkippedEntry, type Snapshot } from './stage.js';
 import { forEachLimit } from './util/pool.js';
 
@@ -103,28 +104,32 @@ async function copyChanges(input: SyncInput): Promise<SyncResult> {
   const artifacts: Artifact[] = [];
   const dirs = new SafeDirs(input.resultsDir);
   let bytes = 0;
-  await forEachLimit(changed, SYNC_CONCURRENCY, async ({ path: relative, stats }) => {
-    if (!relative.includes('/') && RESERVED.test(relative)) {
-      skipped.push({ path: relative, reason: 'reserved-name' });
-      return;
-    }
-    const parent = path.posix.dirname(relative);
-    if (!(await dirs.ensure(parent))) {
-      skipped.push({ path: relative, reason: 'not-a-directory' });
-      return;
-    }
-    const sha256 = await copyHashed(
-      path.join(input.workspace, relative),
-      path.join(input.resultsDir, relative),
-      stats,
-    );
-    if (sha256 === undefined) {
-      skipped.push({ path: relative, reason: 'unreadable' });
-      return;
-    }
-    artifacts.push({ path: relative, bytes: stats.size, sha256 });
-    bytes += stats.size;
-  });
+  try {
+    await forEachLimit(changed, SYNC_CONCURRENCY, async ({ path: relative, stats }) => {
+      if (!relative.includes('/') && RESERVED.test(relative)) {
+        skipped.push({ path: relative, reason: 'reserved-name' });
+        return;
+      }
+      const parent = await dirs.ensure(path.posix.dirname(relative));
+      if (parent === undefined) {
+        skipped.push({ path: relative, reason: 'not-a-directory' });
+        return;
+      }
+      const sha256 = await copyHashed(
+        path.join(input.workspace, relative),
+        path.join(parent, path.posix.basename(relative)),
+        stats,
+      );
+      if (sha256 === undefined) {
+        skipped.push({ path: relative, reason: 'unreadable' });
+        return;
+      }
+      artifacts.push({ path: relative, bytes: stats.size, sha256 });
+      bytes += stats.size;
+    });
+  } finally {
+    await dirs.close();
+  }
   artifacts.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
   skipped.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
   return { artifacts, skipped, bytes };
@@ -139,7 +144,11 @@ async function copyHashed(from: string, to: string, stats: Stats): Promise<strin
   } catch {
     return undefined;
   }
-  const temp = `${to}.mqtt-fs-worker-${process.pid}-${Math.random().toString(36).slice(2, 10)}.tmp`;
+  // A short name beside the target: the target's own name may already be as long as the filesystem allows.
+  const temp = path.join(
+    path.dirname(to),
+    `.mfw-${process.pid}-${Math.random().toString(36).slice(2, 10)}.tmp`,
+  );
   const hash = crypto().createHash('sha256');
   try {
     const target = await open(temp, TEMP_FLAGS, 0o600);
@@ -173,33 +182,50 @@ async function copyHashed(from: string, to: string, stats: Stats): Promise<strin
   }
 }
 
-/** Creates directories below a root, refusing to pass through anything that is not a real directory. */
+/**
+ * Creates directories below a root, refusing to pass through anything that is not a real directory, and holds
+ * each one open (see holdDirectory): a folder in results/ that someone swaps for a symlink while the sync runs
+ * cannot redirect a file into the link's target.
+ */
 class SafeDirs {
   readonly #root: string;
-  readonly #known = new Map<string, Promise<boolean>>();
+  readonly #known = new Map<string, Promise<string | undefined>>();
+  readonly #held: HeldDir[] = [];
 
   constructor(root: string) {
     this.#root = root;
   }
 
-  ensure(relative: string): Promise<boolean> {
-    if (relative === '.' || relative === '') return Promise.resolve(true);
+  /** The held path of `relative` (created if missing), or undefined when something else is in its way. */
+  ensure(relative: string): Promise<string | undefined> {
+    if (relative === '.' || relative === '') return Promise.resolve(this.#root);
     let known = this.#known.get(relative);
     if (!known) {
-      known = this.ensure(path.posix.dirname(relative)).then((ok) => ok && this.#make(relative));
+      known = this.ensure(path.posix.dirname(relative)).then((parent) =>
+        parent === undefined ? undefined : this.#make(parent, path.posix.basename(relative)),
+      );
       this.#known.set(relative, known);
     }
     return known;
   }
 
-  async #make(relative: string): Promise<boolean> {
-    const full = path.join(this.#root, relative);
+  async #make(parent: string, name: string): Promise<string | undefined> {
+    const full = path.join(parent, name);
+    await mkdir(full).catch((error: NodeJS.ErrnoException) => {
+      if (error.code !== 'EEXIST') throw error;
+    });
     try {
-      await mkdir(full);
-      return true;
+      const held = await holdDirectory(full);
+      this.#held.push(held);
+      return held.path;
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== 'EEXIST') throw error;
-      return (await lstat(full)).isDirectory();
+      const code = (error as NodeJS.ErrnoException).code;
+      if (code === 'ELOOP' || code === 'ENOTDIR') return undefined;
+      throw error;
     }
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.#held.splice(0).map((held) => held.close()));
   }
 }

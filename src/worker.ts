@@ -17,7 +17,7 @@ import type { EngineConfig, JobEvent } from './job.js';
 import { type JobRequest, parseRequest, type RequestPolicy } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { Options } from './options.js';
-import { type JobPaths, resolveJobPaths, resolveJobsRoot } from './paths.js';
+import { type HeldDir, holdResults, type JobPaths, resolveJobPaths, resolveJobsRoot } from './paths.js';
 import { type Manifest, type ResultPayload, toResultPayload } from './report.js';
 import { addRunning, listRunning, removeRunning } from './running-index.js';
 
@@ -302,24 +302,38 @@ async function handleDelivery(
   }
   const { request } = parsed;
   const jobLog = log.child({ job: request.id });
-  let paths: JobPaths;
+  let folder: JobFolder;
   let state: ClaimState;
   try {
-    paths = await resolveJobPaths(options.jobsDir, request.id, request.steps !== undefined);
-    state = await inspectClaim(paths.resultsDir, input.identity, options.claimLeaseMs, now());
+    folder = await openJobFolder(options.jobsDir, request.id, request.steps !== undefined);
   } catch (error) {
     const info = toErrorInfo(error);
     jobLog.error(`${info.code}: ${info.message}`);
     await answerFailure(links, delivery, input, request.id, info);
     return { kind: 'skipped', id: request.id, action: 'error' };
   }
-  const stored: StoredRequest = { request: JSON.stringify(request), ...responseOf(delivery, jobLog) };
-  const claim = await claimOrSettle(links, input, paths, state, request, stored, jobLog);
-  if (!claim) {
-    delivery.ack();
-    return { kind: 'skipped', id: request.id, action: 'left' };
+  let claim: Claim | undefined;
+  try {
+    state = await inspectClaim(folder.results.path, input.identity, options.claimLeaseMs, now());
+    const stored: StoredRequest = { request: JSON.stringify(request), ...responseOf(delivery, jobLog) };
+    claim = await claimOrSettle(links, input, folder, state, request, stored, jobLog);
+    if (claim) return await runClaimed(links, input, { request, folder, claim, stored, delivery });
+  } finally {
+    if (!claim) await folder.results.close();
   }
-  return runClaimed(links, input, { request, paths, claim, stored, delivery });
+  delivery.ack();
+  return { kind: 'skipped', id: request.id, action: 'left' };
+}
+
+/** A job's folder, and its results/ held open for every write the worker makes there. */
+interface JobFolder {
+  readonly paths: JobPaths;
+  readonly results: HeldDir;
+}
+
+async function openJobFolder(jobsDir: string, id: string, create: boolean): Promise<JobFolder> {
+  const paths = await resolveJobPaths(jobsDir, id, create);
+  return { paths, results: await holdResults(paths.resultsDir) };
 }
 
 /**
@@ -330,7 +344,7 @@ async function handleDelivery(
 async function claimOrSettle(
   links: Links,
   input: WorkerInput,
-  paths: JobPaths,
+  folder: JobFolder,
   first: ClaimState,
   request: JobRequest,
   stored: StoredRequest,
@@ -344,7 +358,7 @@ async function claimOrSettle(
       state = { kind: 'free', attempt: state.claim.attempt + 1 };
     }
     if (state.kind === 'finished') {
-      await settleFinished(links, input, paths, state, log);
+      await settleFinished(links, input, folder, state, log);
       return undefined;
     }
     if (state.kind === 'live') {
@@ -354,13 +368,13 @@ async function claimOrSettle(
       return undefined;
     }
     if (state.why) log.warn(`taking over: ${state.why}`, { attempt: state.attempt });
-    await addRunning(paths.root, request.id);
-    const claim = await acquireClaim(paths.resultsDir, input.identity, state.attempt, new Date(now()), {
+    await addRunning(folder.paths.root, request.id);
+    const claim = await acquireClaim(folder.results.path, input.identity, state.attempt, new Date(now()), {
       ...stored,
       rerun: request.rerun,
     });
     if (claim) return claim;
-    state = await inspectClaim(paths.resultsDir, input.identity, input.options.claimLeaseMs, now());
+    state = await inspectClaim(folder.results.path, input.identity, input.options.claimLeaseMs, now());
   }
   return undefined;
 }
@@ -369,7 +383,7 @@ async function claimOrSettle(
 async function settleFinished(
   links: Links,
   input: WorkerInput,
-  paths: JobPaths,
+  folder: JobFolder,
   state: Extract<ClaimState, { kind: 'finished' }>,
   log: Logger,
 ): Promise<void> {
@@ -377,7 +391,7 @@ async function settleFinished(
   const what = `attempt ${manifest.attempt}, ${manifest.status}`;
   if (state.published) {
     log.info(`already finished (${what}); its result was published`);
-    await removeRunning(paths.root, manifest.id);
+    await removeRunning(folder.paths.root, manifest.id);
     return;
   }
   if (state.ownerAlive) {
@@ -385,22 +399,15 @@ async function settleFinished(
     return;
   }
   const now = (input.now ?? Date.now)();
-  if (
-    !(await acquirePublisher(
-      paths.resultsDir,
-      manifest.attempt,
-      input.identity,
-      input.options.claimLeaseMs,
-      now,
-    ))
-  ) {
+  const lease = input.options.claimLeaseMs;
+  if (!(await acquirePublisher(folder.results.path, manifest.attempt, input.identity, lease, now))) {
     log.info(`already finished (${what}); another slot publishes its result`);
     return;
   }
   log.info(`already finished (${what}), but its result never reached the broker; publishing it`);
   if (await publishResult(links.sidecar, input, toResultPayload(manifest), claim)) {
-    await markPublished(paths.resultsDir, manifest.attempt);
-    await removeRunning(paths.root, manifest.id);
+    await markPublished(folder.results.path, manifest.attempt);
+    await removeRunning(folder.paths.root, manifest.id);
   }
 }
 
@@ -409,31 +416,13 @@ async function settleFinished(
  * or the job is taken over (attempt + 1) and run here from the request stored in its claim.
  */
 async function takeOverOrphan(links: Links, input: WorkerInput): Promise<WorkerOutcome | undefined> {
-  const { options, log } = input;
-  const now = input.now ?? Date.now;
-  const root = await resolveJobsRoot(options.jobsDir).catch(() => undefined);
+  const root = await resolveJobsRoot(input.options.jobsDir).catch(() => undefined);
   if (root === undefined) return undefined;
   for (const id of await listRunning(root)) {
-    const jobLog = log.child({ job: id });
+    const jobLog = input.log.child({ job: id });
     try {
-      const paths = await resolveJobPaths(options.jobsDir, id, false);
-      const state = await inspectClaim(paths.resultsDir, input.identity, options.claimLeaseMs, now());
-      if (state.kind === 'live') continue;
-      if (state.kind === 'finished') {
-        await settleFinished(links, input, paths, state, jobLog);
-        continue;
-      }
-      const stored = state.previous ? storedRequestOf(state.previous, input) : undefined;
-      if (!stored) {
-        await removeRunning(root, id); // nothing was claimed, or by a version that kept no request
-        continue;
-      }
-      jobLog.warn(`taking over from the index of running jobs: ${state.why}`, { attempt: state.attempt });
-      const claim = await acquireClaim(paths.resultsDir, input.identity, state.attempt, new Date(now()), {
-        ...stored.stored,
-        rerun: stored.request.rerun,
-      });
-      if (claim) return runClaimed(links, input, { ...stored, paths, claim });
+      const ran = await lookAtRunning(links, input, root, id, jobLog);
+      if (ran) return ran;
     } catch (error) {
       // A job folder removed meanwhile has nothing left to run or publish.
       if (isWorkerError(error, ErrorCode.JOB_NOT_FOUND)) await removeRunning(root, id);
@@ -441,6 +430,40 @@ async function takeOverOrphan(links: Links, input: WorkerInput): Promise<WorkerO
     }
   }
   return undefined;
+}
+
+/** One entry of the index: left alone (live), settled (finished), or taken over and run here. */
+async function lookAtRunning(
+  links: Links,
+  input: WorkerInput,
+  root: string,
+  id: string,
+  log: Logger,
+): Promise<WorkerOutcome | undefined> {
+  const now = input.now ?? Date.now;
+  const folder = await openJobFolder(input.options.jobsDir, id, false);
+  let claim: Claim | undefined;
+  try {
+    const state = await inspectClaim(folder.results.path, input.identity, input.options.claimLeaseMs, now());
+    if (state.kind === 'live') return undefined;
+    if (state.kind === 'finished') {
+      await settleFinished(links, input, folder, state, log);
+      return undefined;
+    }
+    const stored = state.previous ? storedRequestOf(state.previous, input) : undefined;
+    if (!stored) {
+      await removeRunning(root, id); // nothing was claimed, or by a version that kept no request
+      return undefined;
+    }
+    log.warn(`taking over from the index of running jobs: ${state.why}`, { attempt: state.attempt });
+    claim = await acquireClaim(folder.results.path, input.identity, state.attempt, new Date(now()), {
+      ...stored.stored,
+      rerun: stored.request.rerun,
+    });
+    return claim ? await runClaimed(links, input, { ...stored, folder, claim }) : undefined;
+  } finally {
+    if (!claim) await folder.results.close();
+  }
 }
 
 /** The request a dead worker's claim holds, checked against this worker's rules (signatures aside: it was). */
@@ -465,7 +488,7 @@ function storedRequestOf(
 
 interface ClaimedJob {
   readonly request: JobRequest;
-  readonly paths: JobPaths;
+  readonly folder: JobFolder;
   readonly claim: Claim;
   readonly stored: StoredRequest;
   /** The delivery that brought it; none for a job taken over from the index. */
@@ -504,7 +527,8 @@ async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJob): Pr
     const outcome = await runJob(input.config, {
       request,
       attempt: claim.attempt,
-      paths: job.paths,
+      paths: job.folder.paths,
+      results: job.folder.results,
       log: jobLog,
       signal: stop.signal,
       onEvent: (e: JobEvent) => event(e.type, eventFields(e)),
@@ -524,6 +548,7 @@ async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJob): Pr
   } finally {
     input.signal.removeEventListener('abort', onInterrupt);
     await control;
+    await job.folder.results.close();
   }
 }
 
@@ -551,7 +576,7 @@ async function completeJob(
   const accepted = await publishResult(via, input, toResultPayload(manifest), job.stored, job.delivery?.ack);
   if (accepted) {
     await job.claim.markPublished();
-    await removeRunning(job.paths.root, manifest.id);
+    await removeRunning(job.folder.paths.root, manifest.id);
   }
   return true;
 }

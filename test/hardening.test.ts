@@ -1,0 +1,126 @@
+import { chmod, chown, mkdir, readdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { runJob } from '../src/job.js';
+import { silentLogger } from '../src/log.js';
+import type { Manifest } from '../src/report.js';
+import { engineFixture } from './helpers/engine.js';
+import { tempDir, writeTree } from './helpers/tmp.js';
+
+// What a step (or anyone who can write a job folder) may try against the root worker: real files, real users.
+
+const isRoot = process.getuid?.() === 0;
+
+/** Temp folders are 0700: let another user reach what lies below `dir`. */
+async function openUpTo(dir: string): Promise<void> {
+  for (let d = dir; d !== path.dirname(d) && d.startsWith('/tmp/'); d = path.dirname(d))
+    await chmod(d, 0o755);
+}
+
+async function asNobody() {
+  const { resolveRunAs } = await import('../src/run-as.js');
+  const user = await resolveRunAs('nobody', true);
+  const fixture = await engineFixture({ runAs: user });
+  await openUpTo(fixture.workspaces);
+  await openUpTo(fixture.jobs);
+  return { user, ...fixture };
+}
+
+// The step swaps results/ for a link to a folder only root may write, then waits: the worker's writes after the
+// steps (logs, artifacts, result.json) must not land there.
+const SWAP =
+  'mv "$JOB_RESULTS_DIR" "$JOB_RESULTS_DIR.moved" && ln -s "$TARGET" "$JOB_RESULTS_DIR" && echo "* * * * * root evil" > evil-cron';
+
+describe.skipIf(!isRoot)('writes after the steps stay in the job folder', () => {
+  it('--run-as: a step that swaps results/ for a symlink never makes root write through it', async () => {
+    const { user, jobs, config } = await asNobody();
+    const rootOnly = await tempDir('mfw-root-only-');
+    await writeTree(jobs, { 'j/job.json': JSON.stringify({ steps: [SWAP], env: { TARGET: rootOnly } }) });
+    // The job folder belongs to the step user, as a user's own job folder on a shared drive does.
+    await chown(path.join(jobs, 'j'), user.uid, user.gid);
+    await chown(path.join(jobs, 'j/job.json'), user.uid, user.gid);
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: undefined },
+      attempt: 1,
+      log: silentLogger,
+    });
+    expect(manifest.steps[0]?.status, JSON.stringify(manifest)).toBe('success');
+    expect(await readdir(rootOnly)).toEqual([]);
+    // What the worker wrote is in the folder it opened (now renamed by the step), inside the job folder.
+    const moved = path.join(jobs, 'j/results.moved');
+    expect(JSON.parse(await readFile(path.join(moved, 'result.json'), 'utf8')).status).toBe('success');
+    expect(await readFile(path.join(moved, 'evil-cron'), 'utf8')).toContain('evil');
+  });
+
+  it('without --run-as: a results/ swapped by whoever writes the job folder is not written through either', async () => {
+    const { jobs, config } = await engineFixture();
+    const elsewhere = await tempDir('mfw-elsewhere-');
+    await writeTree(jobs, { 'j/job.json': JSON.stringify({ steps: [SWAP], env: { TARGET: elsewhere } }) });
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: undefined },
+      attempt: 1,
+      log: silentLogger,
+    });
+    expect(manifest.status).toBe('success');
+    expect(await readdir(elsewhere)).toEqual([]);
+    expect(await readdir(path.join(jobs, 'j/results.moved'))).toEqual(
+      expect.arrayContaining(['result.json', 'step_0.log', 'evil-cron']),
+    );
+  });
+
+  it('a folder inside results/ swapped for a link during the sync is never written through', async () => {
+    const { jobs, config } = await engineFixture();
+    const elsewhere = await tempDir('mfw-elsewhere-');
+    // The step makes out/ in results/ a link before the sync creates it.
+    await writeTree(jobs, {
+      'j/job.json': JSON.stringify({
+        steps: ['mkdir -p out && echo made > out/file.txt && ln -s "$TARGET" "$JOB_RESULTS_DIR/out"'],
+        env: { TARGET: elsewhere },
+      }),
+    });
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: undefined },
+      attempt: 1,
+      log: silentLogger,
+    });
+    expect(manifest.status).toBe('success');
+    expect(manifest.skipped).toEqual([{ path: 'out/file.txt', reason: 'not-a-directory' }]);
+    expect(manifest.artifacts).toEqual([]);
+    expect(await readdir(elsewhere)).toEqual([]);
+  });
+
+  it('--run-as: unchanged inputs and job.json are not copied back', async () => {
+    const { jobs, config } = await asNobody();
+    await writeTree(jobs, {
+      'j/job.json': JSON.stringify({ steps: ['echo new > made.txt'] }),
+      'j/input.txt': 'in',
+      'j/sub/deeper.txt': 'in',
+    });
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: undefined },
+      attempt: 1,
+      log: silentLogger,
+    });
+    expect(manifest.status, JSON.stringify(manifest)).toBe('success');
+    expect(manifest.artifacts.map((a: Manifest['artifacts'][number]) => a.path)).toEqual(['made.txt']);
+  });
+});
+
+describe('file names', () => {
+  it('syncs a file whose name is as long as the filesystem allows', async () => {
+    const { jobs, config } = await engineFixture();
+    const long = `${'n'.repeat(251)}.txt`;
+    await mkdir(path.join(jobs, 'j'));
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: [`echo a > ${long}`, 'mkdir -p d && echo b > d/short'] },
+      attempt: 1,
+      log: silentLogger,
+    });
+    expect(manifest.status, JSON.stringify(manifest.error)).toBe('success');
+    expect(manifest.artifacts.map((a: Manifest['artifacts'][number]) => a.path).sort()).toEqual([
+      'd/short',
+      long,
+    ]);
+    expect(await readFile(path.join(jobs, 'j/results', long), 'utf8')).toBe('a\n');
+  });
+});
