@@ -50,19 +50,37 @@ async function engineConfig(options: Options, env: NodeJS.ProcessEnv): Promise<E
   };
 }
 
+/** The options, with the secrets kept in files read (once, here): they must be masked from the first line on. */
 async function resolve(flags: OptionFlags): Promise<Options> {
   const options = resolveOptions(flags, process.env, { cwd: process.cwd(), hostname: hostname() });
-  return options.secretFile ? Object.freeze({ ...options, secret: await sharedSecret(options) }) : options;
+  if (!options.secretFile && !options.passwordFile) return options;
+  return Object.freeze({
+    ...options,
+    secret: options.secretFile ? await readSecret(options.secretFile, '--secret-file') : options.secret,
+    password: options.passwordFile
+      ? await readSecret(options.passwordFile, '--password-file')
+      : options.password,
+    passwordFile: undefined,
+  });
 }
 
-/** Values never to print: the broker password, the shared secret, `--mask`. */
-function maskedValues(options: Pick<Options, 'password' | 'secret' | 'mask'>): string[] {
-  return [options.password, options.secret, ...options.mask].filter(
+/** Values never to print: the broker password (also one inside --url), the shared secret, `--mask`. */
+function maskedValues(options: Pick<Options, 'password' | 'secret' | 'mask' | 'url'>): string[] {
+  return [options.password, urlPassword(options.url), options.secret, ...options.mask].filter(
     (v): v is string => v !== undefined && v !== '',
   );
 }
 
-function logger(options: Pick<Options, 'logFormat' | 'password' | 'secret' | 'mask'>): Logger {
+function urlPassword(url: string): string | undefined {
+  try {
+    const { password } = new URL(url);
+    return password ? decodeURIComponent(password) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function logger(options: Pick<Options, 'logFormat' | 'password' | 'secret' | 'mask' | 'url'>): Logger {
   const secrets = maskedValues(options).sort((a, b) => b.length - a.length);
   return createLogger({
     format: options.logFormat,
@@ -72,16 +90,15 @@ function logger(options: Pick<Options, 'logFormat' | 'password' | 'secret' | 'ma
   });
 }
 
-/** The shared secret, from --secret or --secret-file. */
-async function sharedSecret(options: Options): Promise<string | undefined> {
-  if (!options.secretFile) return options.secret;
+/** A secret kept in a file (Docker secrets): its content without one trailing newline. */
+async function readSecret(file: string, option: string): Promise<string> {
   try {
     const { readFile } = await import('node:fs/promises');
-    return (await readFile(options.secretFile, 'utf8')).replace(/\r?\n$/, '');
+    return (await readFile(file, 'utf8')).replace(/\r?\n$/, '');
   } catch (error) {
     throw new WorkerError(
       ErrorCode.INVALID_OPTION,
-      `--secret-file: cannot read ${options.secretFile}: ${(error as NodeJS.ErrnoException).code}`,
+      `${option}: cannot read ${file}: ${(error as NodeJS.ErrnoException).code ?? error}`,
     );
   }
 }
@@ -166,6 +183,11 @@ async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<nu
   // Before anything else: a second process with this id must not sweep, kill or delete what the holder owns.
   const lock = await lockWorkerId(options.id);
   const log = logger(options).child({ worker: options.id });
+  if (flags.password !== undefined) {
+    log.warn(
+      '--password on the command line is visible to every user of this host (ps); use --password-file or MQTT_PASSWORD',
+    );
+  }
   const interrupt = interruptOnSignals();
   try {
     const outcome = await runWorker({
@@ -260,6 +282,7 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
     steps: parseStepsFlag(submitFlags.steps) as never,
     topic: options.topic,
     resultsTopic: options.resultsTopic,
+    rejectedTopic: options.rejectedTopic,
     ...(submitFlags.rerun ? { rerun: (await import('node:crypto')).randomUUID() } : {}),
     wait: submitFlags.wait ?? false,
     timeoutMs,
@@ -274,6 +297,10 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
     return ExitCode.TIMEOUT;
   }
   if (outcome.kind === 'published') return ExitCode.OK;
+  if (outcome.kind === 'rejected') {
+    writeStdio(1, `${JSON.stringify(outcome.rejection)}\n`);
+    return ExitCode.JOB_NOT_SUCCESSFUL;
+  }
   writeStdio(1, `${JSON.stringify(outcome.result)}\n`);
   return outcome.result.status === 'success' ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
 }

@@ -261,6 +261,21 @@ export type RequestParse =
   | { readonly ok: false; readonly id: string | undefined; readonly error: WorkerError };
 
 const MAX_PAYLOAD_PROBLEMS = 20;
+/** An oversized request is still read this far to name its id in the rejection. */
+const MAX_READ_FOR_ID = 4 * 1024 * 1024;
+
+function usableId(value: unknown): string | undefined {
+  return idProblem(value) === undefined ? (value as string) : undefined;
+}
+
+function idOf(payload: Buffer | string): string | undefined {
+  try {
+    const json = JSON.parse(typeof payload === 'string' ? payload : payload.toString('utf8')) as unknown;
+    return json && typeof json === 'object' ? usableId((json as { id?: unknown }).id) : undefined;
+  } catch {
+    return undefined;
+  }
+}
 const MAX_DEPTH = 64;
 
 /** How deeply arrays and objects nest in `value`, without recursion (the input decides the depth). */
@@ -291,7 +306,7 @@ export interface RequestPolicy {
 
 /**
  * Validates a request message. Never throws: a rejected request still says which id it named when that id is
- * usable (and, with a secret, signed), so that an `error` result can be published for it.
+ * usable, so that its rejection can be keyed by it (never a result: the request, not the job, was refused).
  */
 export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {}): RequestParse {
   const maxBytes = policy.maxBytes ?? 256 * 1024;
@@ -303,7 +318,8 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
   const bytes = typeof payload === 'string' ? Buffer.byteLength(payload) : payload.length;
   if (bytes === 0) return reject(ErrorCode.INVALID_PAYLOAD, 'Request is empty; expected {"id": "..."}');
   if (bytes > maxBytes) {
-    return reject(ErrorCode.INVALID_PAYLOAD, `Request is ${bytes} bytes, more than the ${maxBytes} allowed`);
+    const message = `Request is ${bytes} bytes, more than the ${maxBytes} allowed`;
+    return reject(ErrorCode.INVALID_PAYLOAD, message, bytes <= MAX_READ_FOR_ID ? idOf(payload) : undefined);
   }
   let json: unknown;
   try {
@@ -320,7 +336,8 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
   const record = json as Record<string, unknown>;
   if (depthOf(record) > MAX_DEPTH) {
     // Signing walks the request recursively: a deeply nested one would overflow the stack on every redelivery.
-    return reject(ErrorCode.INVALID_PAYLOAD, `Request is nested more than ${MAX_DEPTH} levels deep`);
+    const message = `Request is nested more than ${MAX_DEPTH} levels deep`;
+    return reject(ErrorCode.INVALID_PAYLOAD, message, usableId(record.id));
   }
   if (policy.secret !== undefined) {
     const problem = signatureProblem(
@@ -329,8 +346,9 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
       policy.maxAgeMs ?? 300_000,
       policy.nowMs ?? Date.now(),
     );
-    // An unverified id is not used: no result is published for it, so a forger cannot speak for a real job.
-    if (problem) return reject(ErrorCode.INVALID_SIGNATURE, `Request rejected: ${problem}`);
+    // An unverified id is only a name for the rejection (never a result), so a forger cannot speak for a job.
+    if (problem)
+      return reject(ErrorCode.INVALID_SIGNATURE, `Request rejected: ${problem}`, usableId(record.id));
   }
   const badId = idProblem(record.id);
   if (badId) return reject(ErrorCode.INVALID_ID, `Request rejected: ${badId}`);

@@ -1,6 +1,10 @@
-/** Names of variables whose values are secrets: `DB_PASSWORD`, `GITHUB_TOKEN`, `AWS_SECRET_ACCESS_KEY`, … */
+/**
+ * Names of variables whose values are secrets: `DB_PASSWORD`, `PGPASSWORD`, `GITHUB_TOKEN`,
+ * `AWS_SECRET_ACCESS_KEY`, … The four plainest words count at the end of any name; the others only after `_` or
+ * alone (`OAUTH_CALLBACK_URL` and `MONKEY` are not secrets).
+ */
 export const SECRET_NAME =
-  /(^|_)(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|ACCESS_?KEY|SECRET_?KEY|CREDENTIALS?|AUTH)$/i;
+  /(PASSWORD|PASSWD|SECRET|TOKEN)$|(^|_)(API_?KEY|PRIVATE_?KEY|ACCESS_?KEY|SECRET_?KEY|CREDENTIALS?|AUTH)$/i;
 
 /** Shorter values are not masked: masking "1" or "on" would ruin every log and hide nothing. */
 export const MIN_SECRET_LENGTH = 4;

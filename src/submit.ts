@@ -13,6 +13,8 @@ export interface SubmitInput {
   /** The topic workers subscribe to, e.g. `jobs/pending` (a `$share/group/` prefix is dropped). */
   readonly topic: string;
   readonly resultsTopic: string;
+  /** Where workers refuse requests; with `wait`, a refusal of this very request ends the wait. */
+  readonly rejectedTopic: string;
   readonly wait: boolean;
   /** How long to wait: for a subscriber to take the request, and with `wait` for the result. */
   readonly timeoutMs: number;
@@ -26,6 +28,8 @@ export interface SubmitInput {
 export type SubmitOutcome =
   | { readonly kind: 'published' }
   | { readonly kind: 'result'; readonly result: ResultPayload }
+  /** A worker refused the request itself (invalid, unsigned, too large): its rejection message. */
+  | { readonly kind: 'rejected'; readonly rejection: Record<string, unknown> }
   | { readonly kind: 'timeout'; readonly waitedFor: 'subscriber' | 'result' };
 
 const NO_MATCHING_SUBSCRIBERS = 0x10;
@@ -60,13 +64,21 @@ export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
     clean: true,
   });
   try {
-    let resolveResult: (result: ResultPayload) => void = () => {};
-    const result = new Promise<ResultPayload>((resolve) => {
+    let resolveResult: (outcome: SubmitOutcome) => void = () => {};
+    const result = new Promise<SubmitOutcome>((resolve) => {
       resolveResult = resolve;
     });
     const resultTopic = `${input.resultsTopic}/${input.id}`;
+    const rejectedTopic = `${input.rejectedTopic}/${input.id}`;
+    const sha256 = (await import('node:crypto')).createHash('sha256').update(body).digest('hex');
     if (input.wait) {
       client.on('message', (topic, payload) => {
+        if (topic === rejectedTopic) {
+          // Only a refusal of these very bytes: anyone who may publish requests can have another one refused.
+          const rejection = parseObject(payload);
+          if (rejection?.payloadSha256 === sha256) resolveResult({ kind: 'rejected', rejection });
+          return;
+        }
         if (topic !== resultTopic) return;
         let result: ResultPayload;
         try {
@@ -76,11 +88,13 @@ export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
           return;
         }
         // Anyone who may publish on the results topic could answer for another job: only this id counts.
-        if (result?.id === input.id) resolveResult(result);
+        if (result?.id === input.id) resolveResult({ kind: 'result', result });
         else input.log.warn(`ignoring a result on ${topic} for another id (${JSON.stringify(result?.id)})`);
       });
       await new Promise<void>((resolve, reject) =>
-        client.subscribe(resultTopic, { qos: 1 }, (error) => (error ? reject(error) : resolve())),
+        client.subscribe([resultTopic, rejectedTopic], { qos: 1 }, (error) =>
+          error ? reject(error) : resolve(),
+        ),
       );
     }
     const topic = publishTopic(input.topic);
@@ -104,8 +118,17 @@ export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
     });
     const received = await Promise.race([result, timedOut]);
     clearTimeout(timer);
-    return received ? { kind: 'result', result: received } : { kind: 'timeout', waitedFor: 'result' };
+    return received ?? { kind: 'timeout', waitedFor: 'result' };
   } finally {
     await disconnect(client);
+  }
+}
+
+function parseObject(payload: Buffer): Record<string, unknown> | undefined {
+  try {
+    const value = JSON.parse(payload.toString('utf8')) as unknown;
+    return value && typeof value === 'object' ? (value as Record<string, unknown>) : undefined;
+  } catch {
+    return undefined;
   }
 }

@@ -241,7 +241,24 @@ async function handleSafely(
 }
 
 /**
- * Answers a delivery that cannot run, and acknowledges it: an `error` result for a usable id, otherwise a
+ * Refuses a request, and acknowledges it: on `{rejected}/{id}` when it names a usable id, else on `{rejected}`.
+ * Never a result: whoever may publish requests could otherwise fake another job's failure. The rejection carries
+ * the SHA-256 of the request's bytes, so that its sender (`submit --wait`) knows it is about its own request.
+ */
+function reject(
+  consumer: JobConsumer,
+  delivery: Delivery,
+  input: WorkerInput,
+  id: string | undefined,
+  info: { code: ErrorCode; message: string },
+): void {
+  const topic = id ? `${input.options.rejectedTopic}/${id}` : input.options.rejectedTopic;
+  consumer.fireAndForget(topic, rejection(delivery, input.options.id, id, info.code, info.message));
+  delivery.ack();
+}
+
+/**
+ * Answers a delivery whose job cannot run, and acknowledges it: an `error` result for a usable id, otherwise a
  * rejection on the rejected topic.
  */
 async function answerFailure(
@@ -258,11 +275,7 @@ async function answerFailure(
     const via = viaJobConnection(links.consumer);
     await publishResult(via, input, toResultPayload(manifest), responseOf(delivery), delivery.ack);
   } else {
-    links.consumer.fireAndForget(
-      input.options.rejectedTopic,
-      rejection(delivery, input.options.id, info.code, info.message),
-    );
-    delivery.ack();
+    reject(links.consumer, delivery, input, undefined, info);
   }
 }
 
@@ -297,7 +310,7 @@ async function handleDelivery(
   if (!parsed.ok) {
     const { error, id } = parsed;
     log.error(`rejected a request: ${error.code}: ${error.message}`, { ...(id ? { job: id } : {}) });
-    await answerFailure(links, delivery, input, id, { code: error.code, message: error.message });
+    reject(links.consumer, delivery, input, id, { code: error.code, message: error.message });
     return { kind: 'skipped', id, action: 'rejected' };
   }
   const { request } = parsed;
@@ -605,11 +618,23 @@ function eventFields(event: JobEvent): Record<string, unknown> {
   return fields;
 }
 
-function rejection(delivery: Delivery, workerId: string, code: ErrorCode, message: string): string {
+function rejection(
+  delivery: Delivery,
+  workerId: string,
+  id: string | undefined,
+  code: ErrorCode,
+  message: string,
+): string {
   return JSON.stringify({
+    ...(id ? { id } : {}),
     workerId,
     topic: delivery.topic,
     payloadBytes: delivery.payload.length,
+    payloadSha256: process
+      .getBuiltinModule('node:crypto')
+      .createHash('sha256')
+      .update(delivery.payload)
+      .digest('hex'),
     error: { code, message },
     at: new Date().toISOString(),
   });

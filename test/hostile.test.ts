@@ -51,7 +51,7 @@ describe('hostile input', () => {
       (await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '100ms']))).code,
     ).toBe(0);
     const client = await testClient(broker().url);
-    const rejected = await collect(client, 'jobs/rejected');
+    const rejected = await collect(client, 'jobs/rejected/#');
     const results = await collect(client, 'jobs/results/+');
 
     const cases: [string, string | Buffer, Expect][] = [
@@ -73,11 +73,7 @@ describe('hostile input', () => {
         JSON.stringify({ id: 'big', pad: 'x'.repeat(400 * 1024) }),
         { rejected: 'INVALID_PAYLOAD' },
       ],
-      [
-        'steps of the wrong type',
-        '{"id":"wrong-steps","steps":"rm -rf /"}',
-        { result: 'INVALID_PAYLOAD', id: 'wrong-steps' },
-      ],
+      ['steps of the wrong type', '{"id":"wrong-steps","steps":"rm -rf /"}', { rejected: 'INVALID_PAYLOAD' }],
       [
         'a request nested 100,000 levels deep',
         `{"id":"deep","x":${'['.repeat(100_000)}${']'.repeat(100_000)}}`,
@@ -130,6 +126,11 @@ describe('hostile input', () => {
         });
       }
     }
+
+    // A refused request that names a usable id is refused under that id, never with a result.
+    for (const id of ['big', 'wrong-steps'])
+      expect(rejected.find((r) => r.body.id === id)?.topic, id).toBe(`jobs/rejected/${id}`);
+    expect(results.map((r) => r.body.id)).not.toContain('wrong-steps');
 
     // Symlinks inside a job folder are staged as links and never followed back out.
     await publishJob(client, { id: 'inner-links' });
@@ -195,7 +196,7 @@ describe('hostile input', () => {
     ]);
     await runWorkerOnce(workerArgs(broker().url, dirs, slotId('slot-s'), ['--idle-timeout', '100ms']));
     const client = await testClient(broker().url);
-    const rejected = await collect(client, 'jobs/rejected');
+    const rejected = await collect(client, 'jobs/rejected/#');
     const results = await collect(client, 'jobs/results/+');
     const job = { id: 'signed-1', steps: [`echo run >> ${ledger}`] };
 
@@ -246,24 +247,80 @@ describe('hostile input', () => {
     await client.endAsync();
   });
 
-  it('with --no-payload-steps refuses a request that carries steps, with an error result', async () => {
+  it('with --no-payload-steps refuses a request that carries steps under its id, never with a result', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { 'has-steps': null });
-    await runWorkerOnce(workerArgs(broker().url, dirs, slotId('slot-n'), ['--idle-timeout', '100ms']));
+    const slot = slotId('slot-n');
+    await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '100ms']));
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
+    const rejected = await collect(client, 'jobs/rejected/#');
     await publishJob(client, { id: 'has-steps', steps: ['touch pwned'] });
     const run = await runWorkerOnce(
-      workerArgs(broker().url, dirs, slotId('slot-n'), ['--idle-timeout', '3s', '--no-payload-steps']),
+      workerArgs(broker().url, dirs, slot, ['--idle-timeout', '3s', '--no-payload-steps']),
     );
     expect(run.code).toBe(0);
-    await waitFor(() => results.length === 1);
-    expect(results[0]?.body).toMatchObject({
-      id: 'has-steps',
-      status: 'error',
-      error: { code: 'INVALID_PAYLOAD' },
+    await waitFor(() => rejected.length === 1);
+    expect(rejected[0]).toMatchObject({
+      topic: 'jobs/rejected/has-steps',
+      body: { id: 'has-steps', workerId: slot, error: { code: 'INVALID_PAYLOAD' } },
     });
     expect(await readdir(path.join(dirs.jobs, 'has-steps'))).toEqual([]);
+    // submit --wait hears the refusal of its own request, and only of its own (the bytes' SHA-256 must match).
+    const worker = runWorkerOnce(
+      workerArgs(broker().url, dirs, slot, ['--idle-timeout', '3s', '--no-payload-steps']),
+    );
+    const submitted = await runWorkerOnce([
+      'submit',
+      'has-steps',
+      '--url',
+      broker().url,
+      '--steps',
+      'touch pwned',
+      '--wait',
+      '--timeout',
+      '20s',
+    ]);
+    expect(submitted.code, submitted.stderr).toBe(1);
+    expect(JSON.parse(submitted.stdout)).toMatchObject({
+      id: 'has-steps',
+      error: { code: 'INVALID_PAYLOAD' },
+    });
+    await worker;
+    expect(results).toEqual([]);
+    await client.endAsync();
+  });
+
+  it('masks a password from --password-file or inside --url, and warns about --password on the command line', async () => {
+    const dirs = await fleetDirs();
+    await writeTree(dirs.jobs, { f: null, u: null });
+    const file = path.join(await tempDir(), 'pw');
+    await writeFile(file, 'file-pw-value\n');
+    const client = await testClient(broker().url);
+    const results = await collect(client, 'jobs/results/+');
+    const slot = slotId('slot-pw');
+    const withUrl = broker().url.replace('mqtt://', 'mqtt://u:url-pw-value@');
+    for (const [id, url, extra, secret] of [
+      ['f', broker().url, ['--password-file', file], 'file-pw-value'],
+      ['u', withUrl, [], 'url-pw-value'],
+    ] as const) {
+      const worker = startWorker([...workerArgs(url, dirs, slot), ...extra], { MQTT_USERNAME: 'u' });
+      await worker.sawLog('waiting for one job');
+      await publishJob(client, { id, steps: [`echo "the password: ${secret}"`] });
+      const run = await worker.exited;
+      expect(run.code, run.stderr).toBe(0);
+      expect(await readFile(path.join(dirs.jobs, id, 'results/step_0.log'), 'utf8'), id).toBe(
+        'the password: ***\n',
+      );
+      expect(run.stderr).not.toContain(secret);
+    }
+    await waitFor(() => results.length === 2);
+    const onCommandLine = await runWorkerOnce(
+      workerArgs(broker().url, dirs, slot, ['-p', 'cli-pw-value', '--idle-timeout', '100ms']),
+      { MQTT_USERNAME: 'u' },
+    );
+    expect(onCommandLine.stderr).toContain('visible to every user of this host');
+    expect(onCommandLine.stderr).not.toContain('cli-pw-value');
     await client.endAsync();
   });
 

@@ -181,8 +181,15 @@ describe('parseRequest', () => {
       'an oversized payload',
       JSON.stringify({ id: 'big', pad: 'x'.repeat(300 * 1024) }),
       'INVALID_PAYLOAD',
-      undefined,
+      'big', // named, so that its refusal goes to the rejected topic under its id
     ],
+    [
+      'a request nested too deep',
+      `{"id":"deep","x":${'['.repeat(70)}${']'.repeat(70)}}`,
+      'INVALID_PAYLOAD',
+      'deep',
+    ],
+    ['a re-run token that is not a string', '{"id":"r","rerun":true}', 'INVALID_PAYLOAD', 'r'],
   ] as [string, string | Buffer, string, string | undefined][])('rejects %s', (_name, payload, code, id) => {
     const parsed = parseRequest(payload);
     expect(parsed.ok).toBe(false);

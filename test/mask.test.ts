@@ -30,6 +30,18 @@ describe('secretValues', () => {
     ]);
   });
 
+  it('takes names that end in a secret word without an underscore (PGPASSWORD), and not look-alikes', () => {
+    const env = {
+      PGPASSWORD: 'pg-password',
+      MYSQL_PWD_PASSWD: 'my-passwd',
+      VAULTTOKEN: 'vault-token',
+      OAUTH_CALLBACK_URL: 'https://example.test/cb',
+      MONKEY: 'banana-split',
+      PASSWORDLESS: 'yes-please',
+    };
+    expect(secretValues(env).sort()).toEqual(['my-passwd', 'pg-password', 'vault-token']);
+  });
+
   it('masks every occurrence in a line', () => {
     expect(maskText('user=a pass=hunter22 again hunter22', ['hunter22'])).toBe('user=a pass=*** again ***');
   });
