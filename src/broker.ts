@@ -34,8 +34,13 @@ export interface ConnectInput {
 const NEVER_EXPIRES = 0xffffffff;
 // CONNACK codes that mean "you may not connect like this" (credentials, authorisation, client id, ban) rather
 // than "the broker is not there": MQTT 5 reason codes and MQTT 3.1.1 return codes.
-const REFUSED_V5 = new Set([0x85, 0x86, 0x87, 0x8a, 0x8c]);
-const REFUSED_V3 = new Set([2, 4, 5]);
+// "Unsupported protocol version" (0x84; 1 in 3.1.1, which a 3.1.1-only broker answers an MQTT 5 client with) is
+// a refusal too: retrying will never change it.
+const REFUSED_V5 = new Set([1, 0x84, 0x85, 0x86, 0x87, 0x8a, 0x8c]);
+const REFUSED_V3 = new Set([1, 2, 4, 5]);
+// "Retain not supported" and "QoS not supported": the broker will not carry what loss-free delivery needs (the
+// worker's QoS 1 will, retained presence), whatever the credentials.
+const UNSUITABLE_V5 = new Set([0x9a, 0x9b]);
 const V3_MESSAGES: Record<number, string> = {
   1: 'unacceptable protocol version',
   2: 'client id rejected',
@@ -104,13 +109,27 @@ function classify(error: Error & { code?: unknown }, settings: BrokerSettings): 
   if (typeof error.code === 'number') {
     const code = error.code;
     const v5 = settings.protocol === '5';
+    if (v5 && UNSUITABLE_V5.has(code)) {
+      const reason = error.message.replace(/^Connection refused: /, '');
+      return new WorkerError(
+        ErrorCode.BROKER_UNSUITABLE,
+        `Broker ${where} refused the connection: ${reason} (code ${code}); the worker needs QoS 1 and retained messages`,
+        { cause: error },
+      );
+    }
     const refused = v5 ? REFUSED_V5.has(code) : REFUSED_V3.has(code);
     const reason = v5
       ? error.message.replace(/^Connection refused: /, '')
       : (V3_MESSAGES[code] ?? `return code ${code}`);
+    const hint =
+      code === 0x84 || (v5 && code === 1)
+        ? '; the broker does not speak MQTT 5: try --protocol 3.1.1'
+        : !v5 && code === 1
+          ? '; the broker does not speak MQTT 3.1.1'
+          : '';
     return new WorkerError(
       refused ? ErrorCode.BROKER_REFUSED : ErrorCode.BROKER_UNREACHABLE,
-      `Broker ${where} refused the connection: ${reason} (code ${code})`,
+      `Broker ${where} refused the connection: ${reason} (code ${code})${hint}`,
       { cause: error },
     );
   }
@@ -205,6 +224,10 @@ async function createClient(url: string, options: IClientOptions): Promise<MqttC
 export async function connectBroker(input: ConnectInput): Promise<MqttClient> {
   const options = await clientOptions(input);
   const client = await createClient(input.settings.url, options);
+  // MQTT.js 5.16 keeps `customHandleAcks` only for MQTT 5 and acknowledges every 3.1.1 message on arrival: a
+  // worker on 3.1.1 would never see its job. Its publish handler reads the option at each message, for any
+  // protocol (test/mqtt-surface.test.ts pins both facts).
+  if (input.customHandleAcks) client.options.customHandleAcks = input.customHandleAcks;
   input.onClient?.(client);
   return new Promise<MqttClient>((resolve, reject) => {
     const timer = setTimeout(

@@ -1,5 +1,6 @@
 import type { IClientOptions, IPublishPacket, MqttClient } from 'mqtt';
-import { type BrokerSettings, connectBroker, disconnect, publish } from './broker.js';
+import { type BrokerSettings, connectBroker, disconnect } from './broker.js';
+import { ErrorCode, WorkerError } from './errors.js';
 import type { Logger } from './log.js';
 
 /** One message as delivered, with the means to acknowledge it (which is what removes it from the session). */
@@ -59,25 +60,34 @@ export class JobConsumer {
         inbox.receive({ topic, payload: Buffer.from(payload), packet, ack: () => done(0) }),
     });
     const closed = new Promise<void>((resolve) => client.once('close', () => resolve()));
-    const sessionPresent = Boolean(
-      (client as unknown as { connackPacket?: { sessionPresent?: boolean } }).connackPacket?.sessionPresent,
-    );
+    const connack = (client as unknown as { connackPacket?: Connack }).connackPacket ?? {};
+    const sessionPresent = Boolean(connack.sessionPresent);
     const consumer = new JobConsumer(client, sessionPresent, inbox, closed);
-    const topic = input.topic;
-    if (topic === undefined) return consumer;
-    // A present session still holds the subscription (and may already be delivering): do not wait for a SUBACK
-    // that MQTT.js cannot read while a delivered job is held.
-    const subscribed = new Promise<void>((resolve, reject) => {
-      client.subscribe(topic, { qos: 1 }, (error, granted) => {
-        const code = granted?.[0]?.qos;
-        if (error) reject(error);
-        else if (code !== undefined && code >= 0x80)
-          reject(new Error(`the broker refused the subscription to ${topic} (code ${code})`));
-        else resolve();
+    try {
+      checkGrants(connack, input);
+      const topic = input.topic;
+      if (topic === undefined) return consumer;
+      // A present session still holds the subscription (and may already be delivering): do not wait for a SUBACK
+      // that MQTT.js cannot read while a delivered job is held.
+      const subscribed = new Promise<void>((resolve, reject) => {
+        client.subscribe(topic, { qos: 1 }, (error, granted) => {
+          const code = granted?.[0]?.qos;
+          if (error) reject(error);
+          else if (code !== undefined && code >= 0x80)
+            reject(unsuitable(`the broker refused the subscription to ${topic} (code ${code})`));
+          else if (code === 0)
+            reject(
+              unsuitable(`the broker granted the subscription to ${topic} at QoS 0 only: jobs could be lost`),
+            );
+          else resolve();
+        });
       });
-    });
-    if (!sessionPresent) await subscribed;
-    else subscribed.catch((error: Error) => input.log.warn(`subscription not confirmed: ${error.message}`));
+      if (!sessionPresent) await subscribed;
+      else subscribed.catch((error: Error) => input.log.warn(`subscription not confirmed: ${error.message}`));
+    } catch (error) {
+      await consumer.close({ force: true });
+      throw error;
+    }
     return consumer;
   }
 
@@ -119,18 +129,6 @@ export class JobConsumer {
   /** Publishes at QoS 0 without waiting (progress events, presence): never blocks on a held delivery. */
   fireAndForget(topic: string, payload: string, retain = false): void {
     if (this.client.connected) this.client.publish(topic, payload, { qos: 0, retain }, () => {});
-  }
-
-  /**
-   * Publishes at QoS 1; resolves with the PUBACK reason code (only once the held delivery is acknowledged), or -1
-   * when the connection is lost first.
-   */
-  publishReliably(topic: string, payload: string, properties?: Record<string, unknown>): Promise<number> {
-    // A connection lost before the PUBACK (a broker that died) must not leave the worker waiting forever.
-    return Promise.race([
-      publish(this.client, topic, payload, { qos: 1, ...(properties ? { properties } : {}) }),
-      this.#closed.then(() => -1),
-    ]);
   }
 
   async close(options: { force?: boolean; withWill?: boolean } = {}): Promise<void> {
@@ -183,6 +181,52 @@ class Inbox {
     this.#log.info(
       `another job arrived (message ${delivery.packet.messageId}); it stays queued in this slot's session for the next run`,
       { held: this.#held },
+    );
+  }
+}
+
+/** What a CONNACK says about the session and what the broker allows (MQTT 5 properties; absent on 3.1.1). */
+interface Connack {
+  readonly sessionPresent?: boolean;
+  readonly properties?: {
+    readonly maximumQoS?: number;
+    readonly sessionExpiryInterval?: number;
+    readonly sharedSubscriptionAvailable?: boolean;
+    readonly wildcardSubscriptionAvailable?: boolean;
+    readonly assignedClientIdentifier?: string;
+  };
+}
+
+function unsuitable(message: string): WorkerError {
+  return new WorkerError(ErrorCode.BROKER_UNSUITABLE, message);
+}
+
+/**
+ * Reads what the broker granted on CONNACK: what breaks loss-free delivery stops the worker before it takes a job
+ * (BROKER_UNSUITABLE, its own exit code, so a supervisor does not spin on it); what weakens it is a warning.
+ */
+function checkGrants(connack: Connack, input: ConsumerInput): void {
+  const granted = connack.properties ?? {};
+  const topic = input.topic ?? '';
+  if (granted.maximumQoS === 0)
+    throw unsuitable('the broker allows QoS 0 only: jobs could be lost (maximum QoS 0)');
+  if (topic.startsWith('$share/') && granted.sharedSubscriptionAvailable === false) {
+    throw unsuitable(
+      `the broker has no shared subscriptions, so ${topic} would never deliver a job; use the plain topic (pull dispatch)`,
+    );
+  }
+  if (/[+#]/.test(topic) && granted.wildcardSubscriptionAvailable === false)
+    throw unsuitable(`the broker allows no wildcard subscriptions, and ${topic} has one`);
+  if (granted.assignedClientIdentifier !== undefined && granted.assignedClientIdentifier !== input.clientId) {
+    throw unsuitable(
+      `the broker assigned the client id ${granted.assignedClientIdentifier} instead of ${input.clientId}: the slot's session would not be its own`,
+    );
+  }
+  const asked = input.clean ? 0 : (input.sessionExpirySeconds ?? 0xffffffff);
+  const cap = granted.sessionExpiryInterval;
+  if (cap !== undefined && cap < asked) {
+    input.log.warn(
+      `the broker keeps this slot's session for ${cap}s only (asked for ${asked === 0xffffffff ? 'never expiring' : `${asked}s`}): requests queued for it are lost if it stays away longer`,
     );
   }
 }

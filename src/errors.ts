@@ -17,6 +17,8 @@ export const ExitCode = {
   TIMEOUT: 5,
   /** The worker id is held by another process on this host (one id, one process). */
   ID_IN_USE: 6,
+  /** The broker grants less than loss-free delivery needs (QoS 0 only, no shared subscriptions, …). */
+  BROKER_UNSUITABLE: 7,
   /** A bug or an unexpected failure of the worker itself. */
   INTERNAL: 70,
   /** Interrupted by a signal before the job could finish: 128 + the signal number (130 SIGINT, 143 SIGTERM). */
@@ -46,6 +48,7 @@ export const ErrorCode = {
   BROKER_REFUSED: 'BROKER_REFUSED',
   INTERRUPTED: 'INTERRUPTED',
   ID_IN_USE: 'ID_IN_USE',
+  BROKER_UNSUITABLE: 'BROKER_UNSUITABLE',
   INTERNAL: 'INTERNAL',
 } as const;
 
@@ -56,6 +59,7 @@ const exitCodeOf: Partial<Record<ErrorCode, number>> = {
   BROKER_UNREACHABLE: ExitCode.BROKER_UNREACHABLE,
   BROKER_REFUSED: ExitCode.BROKER_REFUSED,
   ID_IN_USE: ExitCode.ID_IN_USE,
+  BROKER_UNSUITABLE: ExitCode.BROKER_UNSUITABLE,
   INTERNAL: ExitCode.INTERNAL,
 };
 

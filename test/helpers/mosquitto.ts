@@ -170,3 +170,36 @@ export function freshBrokerPerTest(): {
     },
   };
 }
+
+/** A real Aedes broker (npm) in a process of its own, on a free loopback port: the second broker of the suite. */
+export class AedesBroker {
+  readonly port: number;
+  readonly #process: ChildProcess;
+
+  private constructor(port: number, child: ChildProcess) {
+    this.port = port;
+    this.#process = child;
+  }
+
+  static async start(): Promise<AedesBroker> {
+    const port = await freePort();
+    const script = new URL('./aedes-server.mjs', import.meta.url).pathname;
+    const child = spawn(process.execPath, [script, String(port)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    await new Promise<void>((resolve, reject) => {
+      child.stdout?.once('data', () => resolve());
+      child.once('exit', (code) => reject(new Error(`aedes exited with ${code}`)));
+    });
+    return new AedesBroker(port, child);
+  }
+
+  get url(): string {
+    return `mqtt://127.0.0.1:${this.port}`;
+  }
+
+  async stop(): Promise<void> {
+    if (this.#process.exitCode !== null) return;
+    const exited = new Promise<void>((resolve) => this.#process.once('exit', () => resolve()));
+    this.#process.kill('SIGKILL');
+    await exited;
+  }
+}

@@ -1,0 +1,143 @@
+import { mkdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { AedesBroker, Mosquitto } from './helpers/mosquitto.js';
+import { sleep, waitFor } from './helpers/tmp.js';
+import {
+  collect,
+  fleetDirs,
+  publishJob,
+  pullArgs,
+  type Running,
+  runWorkerOnce,
+  slot,
+  slotLoop,
+  testClient,
+} from './helpers/worker.js';
+
+// What the worker does on brokers other than the reference setup: MQTT 3.1.1 on Mosquitto, Aedes (3.1.1 only, no
+// shared subscriptions), and grants that break the promise.
+
+const stops: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  await Promise.all(stops.splice(0).map((stop) => stop()));
+});
+
+async function mosquitto(globalLines: string[] = [], listenerLines: string[] = []): Promise<Mosquitto> {
+  const broker = await Mosquitto.start({
+    globalLines,
+    listenerLines: ['allow_anonymous true', ...listenerLines],
+  });
+  stops.push(() => broker.dispose());
+  return broker;
+}
+
+async function aedes(): Promise<AedesBroker> {
+  const broker = await AedesBroker.start();
+  stops.push(() => broker.stop());
+  return broker;
+}
+
+type Args = (
+  url: string,
+  dirs: { jobs: string; workspaces: string },
+  id: string,
+  extra?: string[],
+) => string[];
+const v311: Args = (url, dirs, id, extra = []) => pullArgs(url, dirs, id, ['--protocol', '3.1.1', ...extra]);
+
+/** Slots in restart loops on `url`, jobs published, SIGKILLs at random: every job one success, none lost. */
+async function killAndCount(url: string, names: string[], count: number, kills: number): Promise<void> {
+  const dirs = await fleetDirs();
+  const slots = names.map(slot);
+  for (const id of slots) {
+    const run = await runWorkerOnce(v311(url, dirs, id, ['--idle-timeout', '100ms']));
+    expect(run.code, run.stderr).toBe(0);
+  }
+  const client = await testClient(url, { protocolVersion: 4 });
+  const results = await collect(client, 'jobs/results/+');
+  const jobs = Array.from({ length: count }, (_, i) => `v3-${i}`);
+  for (const id of jobs) await mkdir(path.join(dirs.jobs, id));
+  for (const id of jobs) await publishJob(client, { id, steps: ['sleep 0.4'] });
+  const loops = slots.map((id) => slotLoop(() => v311(url, dirs, id)));
+  let killed = 0;
+  while (killed < kills) {
+    const victim = loops[killed % loops.length]?.current() as Running;
+    await victim.sawLog('step 0 started', 60_000).catch(() => undefined);
+    if (victim.child.exitCode === null && victim.child.kill('SIGKILL')) killed++;
+    await sleep(100);
+  }
+  try {
+    await waitFor(() => new Set(results.map((r) => r.body.id)).size === jobs.length, 120_000, 100);
+  } finally {
+    const runs = (await Promise.all(loops.map((loop) => loop.stop()))).flat();
+    const done = new Set(results.map((r) => r.body.id));
+    const missing = jobs.filter((id) => !done.has(id));
+    if (missing.length > 0)
+      console.error(`missing ${missing.join(' ')}\n${runs.map((r) => r.stderr).join('\n---\n')}`);
+  }
+  expect(new Set(results.map((r) => r.body.id))).toEqual(new Set(jobs));
+  expect(results.every((r) => r.body.status === 'success')).toBe(true);
+  for (const id of jobs) {
+    const manifest = JSON.parse(await readFile(path.join(dirs.jobs, id, 'results/result.json'), 'utf8'));
+    expect(manifest.status, id).toBe('success');
+  }
+  await client.endAsync();
+}
+
+describe('MQTT 3.1.1', () => {
+  it('loses no job on Mosquitto with max_inflight_messages 1, with SIGKILLs mid-job (pull)', {
+    timeout: 180_000,
+  }, async () => {
+    const broker = await mosquitto(['max_inflight_messages 1']);
+    await killAndCount(broker.url, ['m311-1', 'm311-2', 'm311-3'], 15, 4);
+  });
+
+  it('never acknowledges a request it has not taken: a second job waits in the session for the next run', async () => {
+    const broker = await mosquitto(['max_inflight_messages 1']);
+    const dirs = await fleetDirs();
+    const id = slot('v3-one');
+    await runWorkerOnce(v311(broker.url, dirs, id, ['--idle-timeout', '100ms']));
+    const client = await testClient(broker.url, { protocolVersion: 4 });
+    const results = await collect(client, 'jobs/results/+');
+    await publishJob(client, { id: 'first', steps: ['sleep 0.5'] });
+    await publishJob(client, { id: 'second', steps: ['true'] });
+    expect((await runWorkerOnce(v311(broker.url, dirs, id))).code).toBe(0);
+    await waitFor(() => results.length === 1);
+    expect((await runWorkerOnce(v311(broker.url, dirs, id, ['--idle-timeout', '5s']))).code).toBe(0);
+    await waitFor(() => results.length === 2);
+    expect(results.map((r) => r.body.id)).toEqual(['first', 'second']);
+    await client.endAsync();
+  });
+});
+
+describe('Aedes (a second, real broker: MQTT 3.1.1 only, no shared subscriptions)', () => {
+  it('refuses an MQTT 5 worker with exit 4 and says which protocol to use', async () => {
+    const broker = await aedes();
+    const dirs = await fleetDirs();
+    const run = await runWorkerOnce(
+      pullArgs(broker.url, dirs, slot('aedes-v5'), ['--connect-timeout', '5s']),
+    );
+    expect(run.code, run.stderr).toBe(4);
+    expect(run.stderr).toContain('BROKER_REFUSED');
+    expect(run.stderr).toContain('--protocol 3.1.1');
+  });
+
+  it('runs jobs end to end in pull mode and loses none when slots are SIGKILLed mid-job', {
+    timeout: 180_000,
+  }, async () => {
+    const broker = await aedes();
+    await killAndCount(broker.url, ['aedes-1', 'aedes-2'], 10, 3);
+  });
+});
+
+describe('what the broker grants', () => {
+  it('stops before taking a job when the broker allows QoS 0 only (exit 7)', async () => {
+    const broker = await mosquitto([], ['max_qos 0']);
+    const dirs = await fleetDirs();
+    const run = await runWorkerOnce(pullArgs(broker.url, dirs, slot('qos0'), ['--idle-timeout', '1s']));
+    expect(run.code, run.stderr).toBe(7);
+    expect(run.stderr).toMatch(/BROKER_UNSUITABLE: .*QoS not supported \(code 155\)/);
+    expect(run.stderr).not.toMatch(/\n\s+at /);
+  });
+});
