@@ -37,6 +37,11 @@ export interface JobRequest {
   readonly steps: readonly RawStep[] | undefined;
   /** A re-run token: a finished job runs again once for each distinct token (see the README's "Re-runs"). */
   readonly rerun?: string;
+  /**
+   * The MQTT 5 response topic the request's body names: with signed requests, the response topic property is
+   * honoured only when the signed body names the same topic (properties are not signed).
+   */
+  readonly responseTopic?: string;
 }
 
 export const MAX_STEPS = 1000;
@@ -364,7 +369,12 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
       id,
     );
   }
-  const base = rerun === undefined ? { id } : { id, rerun };
+  const responseTopic = typeof record.responseTopic === 'string' ? record.responseTopic : undefined;
+  const base = {
+    id,
+    ...(rerun === undefined ? {} : { rerun }),
+    ...(responseTopic === undefined ? {} : { responseTopic }),
+  };
   if (record.steps === undefined) return { ok: true, request: { ...base, steps: undefined } };
   if (policy.allowSteps === false) {
     return reject(

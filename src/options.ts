@@ -32,6 +32,8 @@ export interface Options {
   readonly cancelTopic: string;
   readonly presenceTopic: string;
   readonly rejectedTopic: string;
+  /** MQTT 5 response topics are honoured only under this prefix; undefined: never. */
+  readonly responseTopicPrefix: string | undefined;
   /** Grace between SIGTERM and SIGKILL when a step is stopped. */
   readonly killGraceMs: number;
   /** Per-step log cap; past it the step keeps running and its log ends with a marker line. */
@@ -263,8 +265,16 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     key: 'rejectedTopic',
     flags: '--rejected-topic <topic>',
     env: 'MQTT_REJECTED_TOPIC',
-    description: 'where requests without a usable id are reported',
+    description: 'refused requests are reported on {root}/{id}, or {root} without a usable id',
     kind: topic('jobs/rejected'),
+  },
+  {
+    key: 'responseTopicPrefix',
+    flags: '--response-topic-prefix <prefix>',
+    env: 'MQTT_RESPONSE_TOPIC_PREFIX',
+    description: 'honour MQTT 5 response topics only under this prefix ("off": never)',
+    kind: { type: 'optional' },
+    defaultText: '{results-topic}/',
   },
   {
     key: 'killGraceMs',
@@ -458,6 +468,22 @@ export function resolveOptions(
     }
   } catch {
     problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
+  }
+  const prefix = options.responseTopicPrefix;
+  (options as { responseTopicPrefix: string | undefined }).responseTopicPrefix =
+    prefix === undefined
+      ? `${options.resultsTopic}/`
+      : OFF.has(prefix.trim().toLowerCase())
+        ? undefined
+        : prefix;
+  if (
+    prefix !== undefined &&
+    !OFF.has(prefix.trim().toLowerCase()) &&
+    (/[+#\0]/.test(prefix) || prefix.startsWith('$'))
+  ) {
+    problems.push(
+      `--response-topic-prefix: expected a topic prefix without wildcards, not starting with $, got ${describeValue(prefix)}`,
+    );
   }
   if (/^dry-run-\d+$/.test(options.id)) {
     problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);

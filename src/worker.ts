@@ -263,7 +263,7 @@ async function answerFailure(
     const { newManifest } = await loadEngine();
     const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
     manifest.error = info;
-    await publishResult(links.sidecar, input, toResultPayload(manifest), responseOf(delivery));
+    await publishResult(links.sidecar, input, toResultPayload(manifest), responseOf(delivery, input));
     delivery.ack(); // whatever the broker said: this delivery must not come back
   } else {
     reject(links.consumer, delivery, input, undefined, info);
@@ -271,16 +271,36 @@ async function answerFailure(
 }
 
 /**
- * Where a request's MQTT 5 response goes, if anywhere: a response topic with wildcards or under `$` (`$SYS/…`,
- * `$share/…`) is not a topic a client may publish to — the broker would drop the connection — so it is ignored.
+ * Why a request's MQTT 5 response topic is ignored (with a warning), if it is: a response topic with wildcards
+ * or under `$` (`$SYS/…`, `$share/…`: the broker would drop the connection); one outside
+ * `--response-topic-prefix` (a request could otherwise have the worker publish on `jobs/cancel/{other}`); with
+ * signed requests, one the signed body does not name (properties are not signed).
  */
-function responseOf(delivery: Delivery, log?: Logger): Omit<StoredRequest, 'request'> {
+function responseProblem(
+  topic: string,
+  input: WorkerInput,
+  request: JobRequest | undefined,
+): string | undefined {
+  const prefix = input.options.responseTopicPrefix;
+  if (/[+#\0]/.test(topic) || topic.startsWith('$')) return 'not a topic to publish to';
+  if (prefix === undefined || !topic.startsWith(prefix))
+    return `not under --response-topic-prefix (${prefix ?? 'off'})`;
+  if (input.requestPolicy?.secret !== undefined && request?.responseTopic !== topic)
+    return 'the signed request does not name it (responseTopic)';
+  return undefined;
+}
+
+function responseOf(
+  delivery: Delivery,
+  input: WorkerInput,
+  request?: JobRequest,
+  log?: Logger,
+): Omit<StoredRequest, 'request'> {
   const { correlationData } = delivery.packet.properties ?? {};
   let { responseTopic } = delivery.packet.properties ?? {};
-  if (responseTopic !== undefined && (/[+#\0]/.test(responseTopic) || responseTopic.startsWith('$'))) {
-    log?.warn(
-      `ignoring the request's response topic ${JSON.stringify(responseTopic)}: not a topic to publish to`,
-    );
+  const problem = responseTopic === undefined ? undefined : responseProblem(responseTopic, input, request);
+  if (problem) {
+    log?.warn(`ignoring the request's response topic ${JSON.stringify(responseTopic)}: ${problem}`);
     responseTopic = undefined;
   }
   return {
@@ -319,7 +339,10 @@ async function handleDelivery(
   let claim: Claim | undefined;
   try {
     state = await inspectClaim(folder.results.path, input.identity, options.claimLeaseMs, now());
-    const stored: StoredRequest = { request: JSON.stringify(request), ...responseOf(delivery, jobLog) };
+    const stored: StoredRequest = {
+      request: JSON.stringify(request),
+      ...responseOf(delivery, input, request, jobLog),
+    };
     claim = await claimOrSettle(links, input, folder, state, request, stored, jobLog);
     if (claim) return await runClaimed(links, input, { request, folder, claim, stored, delivery });
   } finally {

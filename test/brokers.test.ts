@@ -1,3 +1,4 @@
+import { execFile } from 'node:child_process';
 import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -12,6 +13,7 @@ import {
   runWorkerOnce,
   slot,
   slotLoop,
+  startWorker,
   testClient,
 } from './helpers/worker.js';
 
@@ -139,5 +141,35 @@ describe('what the broker grants', () => {
     expect(run.code, run.stderr).toBe(7);
     expect(run.stderr).toMatch(/BROKER_UNSUITABLE: .*QoS not supported \(code 155\)/);
     expect(run.stderr).not.toMatch(/\n\s+at /);
+  });
+});
+
+describe('an independent MQTT 5 client (Paho for Python)', () => {
+  it('gets the result on its response topic with its correlation data, signed with non-ASCII steps', {
+    timeout: 60_000,
+  }, async () => {
+    const broker = await mosquitto();
+    const dirs = await fleetDirs();
+    const secret = 'paho-shared-secret';
+    const worker = startWorker(
+      pullArgs(broker.url, dirs, slot('paho'), ['--secret', secret, '--response-topic-prefix', 'replies/']),
+    );
+    await worker.sawLog('waiting for one job');
+    const request = { id: 'from-python', steps: ['echo "héllo ✓" > out.txt'], responseTopic: 'replies/py-1' };
+    const script = new URL('./helpers/paho-request.py', import.meta.url).pathname;
+    const port = String(broker.port);
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile(
+        '/usr/bin/python3',
+        [script, '127.0.0.1', port, JSON.stringify(request), 'replies/py-1', 'corr-42', secret],
+        (error, stdout, stderr) =>
+          error ? reject(new Error(`${error.message}\n${stderr}`)) : resolve(stdout),
+      ),
+    );
+    const response = JSON.parse(out) as { payload: Record<string, unknown>; correlation: string };
+    expect(response.correlation).toBe('corr-42');
+    expect(response.payload).toMatchObject({ id: 'from-python', status: 'success' });
+    expect(await readFile(path.join(dirs.jobs, 'from-python/results/out.txt'), 'utf8')).toBe('héllo ✓\n');
+    expect((await worker.exited).code).toBe(0);
   });
 });

@@ -156,7 +156,7 @@ describe('hostile input', () => {
 
   it('ignores a response topic it may not publish to ($SYS, $share, wildcards) and keeps working', async () => {
     const dirs = await fleetDirs();
-    await writeTree(dirs.jobs, { a: null, b: null, c: null, good: null });
+    await writeTree(dirs.jobs, { a: null, b: null, c: null, d: null, good: null });
     const slot = slotId('slot-r');
     const client = await testClient(broker().url);
     const results = await collect(client, 'jobs/results/+');
@@ -164,21 +164,26 @@ describe('hostile input', () => {
     await worker.sawLog('waiting for one job');
     await publishJob(client, { id: 'a', steps: ['true'] }, { responseTopic: '$SYS/broker/x' });
     expect((await worker.exited).code).toBe(0);
+    const cancels = await collect(client, 'jobs/cancel/#');
     for (const [id, responseTopic] of [
       ['b', '$share/g/replies'],
       ['c', 'replies/#'],
+      // Outside --response-topic-prefix (default: the results root): it would cancel another job.
+      ['d', 'jobs/cancel/victim'],
     ] as const) {
       await publishJob(client, { id, steps: ['true'] }, { responseTopic });
       const run = await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '3s']));
       expect(run.code, run.stderr).toBe(0);
       expect(run.stderr).toContain('ignoring the request');
     }
-    await waitFor(() => results.length === 3);
+    await waitFor(() => results.length === 4);
     expect(results.map((r) => [r.body.id, r.body.status])).toEqual([
       ['a', 'success'],
       ['b', 'success'],
       ['c', 'success'],
+      ['d', 'success'],
     ]);
+    expect(cancels).toEqual([]);
     await client.endAsync();
   });
 

@@ -42,7 +42,9 @@ describe('the broker worker', () => {
     const events = await collect(client, 'jobs/status/job_1');
     const presence = await collect(client, 'jobs/workers/+');
     const responses = await collect(client, 'replies/mine');
-    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
+    const worker = startWorker(
+      workerArgs(broker().url, dirs, slot('slot-a'), ['--response-topic-prefix', 'replies/']),
+    );
     await worker.sawLog('waiting for one job');
     await publishJob(
       client,
