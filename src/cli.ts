@@ -246,6 +246,7 @@ interface SubmitFlags {
   wait?: boolean;
   timeout?: string;
   rerun?: boolean;
+  confirm?: string;
 }
 
 function parseStepsFlag(steps: string[] | undefined): unknown[] | undefined {
@@ -273,6 +274,13 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
       `--timeout: expected a duration like "10m", got ${JSON.stringify(submitFlags.timeout)}`,
     );
   }
+  const confirmMs = submitFlags.confirm === undefined ? undefined : parseDuration(submitFlags.confirm);
+  if (submitFlags.confirm !== undefined && confirmMs === undefined) {
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--confirm: expected a duration like "30s", got ${JSON.stringify(submitFlags.confirm)}`,
+    );
+  }
   const { submit } = await import('./submit.js');
   const log = logger(options);
   const outcome = await submit({
@@ -283,6 +291,8 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
     topic: options.topic,
     resultsTopic: options.resultsTopic,
     rejectedTopic: options.rejectedTopic,
+    statusTopic: options.statusTopic,
+    ...(confirmMs !== undefined ? { confirmMs } : {}),
     ...(submitFlags.rerun ? { rerun: (await import('node:crypto')).randomUUID() } : {}),
     wait: submitFlags.wait ?? false,
     timeoutMs,
@@ -397,6 +407,10 @@ function buildProgram(
       .option('--steps <steps...>', 'steps to run instead of job.json (commands, or one JSON array)')
       .option('--wait', 'wait for the result and exit 0 on success, 1 otherwise')
       .option('--rerun', 'run the job again even if it finished (each --rerun request runs once)')
+      .option(
+        '--confirm <duration>',
+        'publish again (backing off) until a worker took the request; connect again after a broker crash',
+      )
       .option('--timeout <duration>', 'give up waiting after this', '1h'),
   ).action((id: string, parsed: Record<string, unknown>) =>
     run(() => runSubmit(id, parsed as SubmitFlags, flagsOf(parsed))),

@@ -385,7 +385,7 @@ async function claimOrSettle(
       state = { kind: 'free', attempt: state.claim.attempt + 1 };
     }
     if (state.kind === 'finished') {
-      await settleFinished(links, input, folder, state, log);
+      await settleFinished(links, input, folder, state, log, stored);
       return undefined;
     }
     if (state.kind === 'live') {
@@ -406,18 +406,27 @@ async function claimOrSettle(
   return undefined;
 }
 
-/** A finished attempt: nothing to do, unless its result never reached the broker and its runner is gone. */
+/**
+ * A finished attempt: nothing to publish on the results topic, unless its result never reached the broker and its
+ * runner is gone. A request that asks for an answer on its own response topic gets the stored result there (a
+ * controller that missed the result, or asks about a finished job, learns it; the results topic stays one message
+ * per run).
+ */
 async function settleFinished(
   links: Links,
   input: WorkerInput,
   folder: JobFolder,
   state: Extract<ClaimState, { kind: 'finished' }>,
   log: Logger,
+  asking?: Omit<StoredRequest, 'request'>,
 ): Promise<void> {
   const { manifest, claim } = state;
   const what = `attempt ${manifest.attempt}, ${manifest.status}`;
   if (state.published) {
-    log.info(`already finished (${what}); its result was published`);
+    if (asking?.responseTopic) {
+      log.info(`already finished (${what}); answering on the request's response topic`);
+      await publishResult(links.sidecar, input, toResultPayload(manifest), asking, { responseOnly: true });
+    } else log.info(`already finished (${what}); its result was published`);
     await removeRunning(folder.paths.root, manifest.id);
     return;
   }
@@ -663,9 +672,10 @@ async function publishResult(
   input: WorkerInput,
   result: ResultPayload,
   response: Omit<StoredRequest, 'request'>,
+  { responseOnly = false } = {},
 ): Promise<boolean> {
   const body = JSON.stringify(result);
-  const sent = [via.publish(`${input.options.resultsTopic}/${result.id}`, body)];
+  const sent = responseOnly ? [] : [via.publish(`${input.options.resultsTopic}/${result.id}`, body)];
   if (response.responseTopic) {
     const correlationData = response.correlationData
       ? Buffer.from(response.correlationData, 'base64')
@@ -678,7 +688,9 @@ async function publishResult(
       `the broker did not accept the result of ${result.id} (codes ${codes.join(', ')}); result.json holds it`,
     );
   }
-  return (codes[0] ?? -1) >= 0 && (codes[0] ?? 0x80) < 0x80;
+  // What counts is the results topic: a response topic the broker refuses must not keep the job from settling.
+  const main = codes[0] ?? -1;
+  return responseOnly || (main >= 0 && main < 0x80);
 }
 
 /**

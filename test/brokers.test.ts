@@ -173,3 +173,47 @@ describe('an independent MQTT 5 client (Paho for Python)', () => {
     expect((await worker.exited).code).toBe(0);
   });
 });
+
+describe('end-to-end confirmation', () => {
+  it('submit --confirm loses no job when the broker is SIGKILLed while requests come in', {
+    timeout: 180_000,
+  }, async () => {
+    const broker = await mosquitto();
+    const dirs = await fleetDirs();
+    const slots = ['crash-1', 'crash-2'].map(slot);
+    for (const id of slots) await runWorkerOnce(pullArgs(broker.url, dirs, id, ['--idle-timeout', '100ms']));
+    const loops = slots.map((id) =>
+      slotLoop(() => pullArgs(broker.url, dirs, id, ['--connect-timeout', '2s'])),
+    );
+    const ids = Array.from({ length: 10 }, (_, i) => `crash-${i}`);
+    const submits = ids.map((id, i) =>
+      sleep(i * 100).then(() =>
+        runWorkerOnce([
+          'submit',
+          id,
+          '--url',
+          broker.url,
+          '--steps',
+          'sleep 0.2',
+          '--wait',
+          '--confirm',
+          '2s',
+          '--timeout',
+          '120s',
+          '--connect-timeout',
+          '2s',
+        ]),
+      ),
+    );
+    await sleep(400);
+    await broker.stop('SIGKILL');
+    await sleep(700);
+    await broker.resume();
+    const runs = await Promise.all(submits);
+    await Promise.all(loops.map((loop) => loop.stop()));
+    for (const [i, run] of runs.entries()) {
+      expect(run.code, `${ids[i]}: ${run.stderr}`).toBe(0);
+      expect(JSON.parse(run.stdout)).toMatchObject({ id: ids[i], status: 'success' });
+    }
+  });
+});
