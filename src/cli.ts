@@ -3,6 +3,7 @@ import path from 'node:path';
 import { Command, Option } from 'commander';
 import { ErrorCode, ExitCode, isWorkerError, WorkerError } from './errors.js';
 import type { EngineConfig } from './job.js';
+import type { LimitSettings } from './limits/index.js';
 import { createLogger, type Logger } from './log.js';
 import { maskText } from './mask.js';
 import { OPTION_DEFS, type OptionFlags, type Options, resolveOptions } from './options.js';
@@ -182,6 +183,13 @@ async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<nu
   ]);
   // Before anything else: a second process with this id must not sweep, kill or delete what the holder owns.
   const lock = await lockWorkerId(options.id);
+  const config = await engineConfig(options, process.env);
+  // What would fail every job: checked before connecting, so the requests stay for slots that can run them.
+  await (await import('./preflight.js')).preflight({
+    jobsDir: options.jobsDir,
+    workspacesDir: options.workspacesDir,
+    limits: config.limits as LimitSettings,
+  });
   const log = logger(options).child({ worker: options.id });
   if (flags.password !== undefined) {
     log.warn(
@@ -192,7 +200,7 @@ async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<nu
   try {
     const outcome = await runWorker({
       options,
-      config: await engineConfig(options, process.env),
+      config,
       identity: selfIdentity(options.id, hostname(), process.pid),
       requestPolicy: {
         ...(options.secret ? { secret: options.secret } : {}),
@@ -209,6 +217,9 @@ async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<nu
         return ExitCode.OK;
       case 'connection-lost':
         return ExitCode.BROKER_UNREACHABLE;
+      case 'not-ready':
+        log.error(`NOT_READY: ${outcome.why}; job ${outcome.id} stays queued for a slot that can run it`);
+        return ExitCode.NOT_READY;
       case 'interrupted': {
         const name = interrupt.received() ?? 'SIGTERM';
         log.warn(

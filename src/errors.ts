@@ -19,6 +19,8 @@ export const ExitCode = {
   ID_IN_USE: 6,
   /** The broker grants less than loss-free delivery needs (QoS 0 only, no shared subscriptions, …). */
   BROKER_UNSUITABLE: 7,
+  /** The machine cannot run jobs (the jobs directory is missing, a workspace cannot be written): nothing was taken. */
+  NOT_READY: 8,
   /** A bug or an unexpected failure of the worker itself. */
   INTERNAL: 70,
   /** Interrupted by a signal before the job could finish: 128 + the signal number (130 SIGINT, 143 SIGTERM). */
@@ -49,6 +51,7 @@ export const ErrorCode = {
   INTERRUPTED: 'INTERRUPTED',
   ID_IN_USE: 'ID_IN_USE',
   BROKER_UNSUITABLE: 'BROKER_UNSUITABLE',
+  NOT_READY: 'NOT_READY',
   INTERNAL: 'INTERNAL',
 } as const;
 
@@ -60,6 +63,7 @@ const exitCodeOf: Partial<Record<ErrorCode, number>> = {
   BROKER_REFUSED: ExitCode.BROKER_REFUSED,
   ID_IN_USE: ExitCode.ID_IN_USE,
   BROKER_UNSUITABLE: ExitCode.BROKER_UNSUITABLE,
+  NOT_READY: ExitCode.NOT_READY,
   INTERNAL: ExitCode.INTERNAL,
 };
 

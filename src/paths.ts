@@ -1,5 +1,5 @@
 import { constants } from 'node:fs';
-import { access, lstat, mkdir, open, realpath } from 'node:fs/promises';
+import { access, lstat, mkdir, open, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from './errors.js';
 import { assertJobId } from './ids.js';
@@ -143,4 +143,18 @@ export async function holdResults(resultsDir: string): Promise<HeldDir> {
     throw new WorkerError(ErrorCode.RESULTS_NOT_DIRECTORY, `${resultsDir} changed while it was opened`);
   }
   return held;
+}
+
+/** Why the jobs directory cannot serve jobs (missing, not a directory, unreadable), or undefined. */
+export async function jobsDirProblem(jobsDir: string): Promise<string | undefined> {
+  try {
+    if (!(await stat(jobsDir)).isDirectory()) return `the jobs directory ${jobsDir} is not a directory`;
+    await access(jobsDir, constants.R_OK | constants.W_OK | constants.X_OK);
+    return undefined;
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    return code === 'ENOENT'
+      ? `the jobs directory ${jobsDir} does not exist (is the shared drive mounted?)`
+      : `the jobs directory ${jobsDir} cannot be used: ${code}`;
+  }
 }

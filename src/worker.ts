@@ -17,7 +17,14 @@ import type { EngineConfig, JobEvent } from './job.js';
 import { type JobRequest, parseRequest, type RequestPolicy } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { Options } from './options.js';
-import { type HeldDir, holdResults, type JobPaths, resolveJobPaths, resolveJobsRoot } from './paths.js';
+import {
+  type HeldDir,
+  holdResults,
+  type JobPaths,
+  jobsDirProblem,
+  resolveJobPaths,
+  resolveJobsRoot,
+} from './paths.js';
 import { type Manifest, type ResultPayload, toResultPayload } from './report.js';
 import { addRunning, listRunning, removeRunning } from './running-index.js';
 
@@ -41,7 +48,9 @@ export type WorkerOutcome =
   /** The connection was lost (while waiting, or before a job's result could be published): exit 3. */
   | { readonly kind: 'connection-lost'; readonly id: string | undefined }
   /** Told to stop during a job: the job was stopped, not acknowledged, and runs again on the slot's next run. */
-  | { readonly kind: 'interrupted'; readonly id: string };
+  | { readonly kind: 'interrupted'; readonly id: string }
+  /** The jobs directory went away (an NFS mount gone): the request was left unacknowledged for a slot that can. */
+  | { readonly kind: 'not-ready'; readonly id: string; readonly why: string };
 
 /** What became of a delivery the process did not run: it was answered or left, and acknowledged. */
 type Skipped = { readonly kind: 'skipped'; readonly id: string | undefined; readonly action: string };
@@ -331,6 +340,11 @@ async function handleDelivery(
   try {
     folder = await openJobFolder(options.jobsDir, request.id, request.steps !== undefined);
   } catch (error) {
+    // Not this job's problem but the machine's: leave the request for a slot that can run it.
+    const gone = isWorkerError(error, ErrorCode.JOB_NOT_FOUND)
+      ? await jobsDirProblem(options.jobsDir)
+      : undefined;
+    if (gone) return { kind: 'not-ready', id: request.id, why: gone };
     const info = toErrorInfo(error);
     jobLog.error(`${info.code}: ${info.message}`);
     await answerFailure(links, delivery, input, request.id, info);

@@ -307,7 +307,14 @@ describe('chaos in pull mode', () => {
     const ledger = await tempDir('mfw-ledger-');
     const slots = ['pc-1', 'pc-2', 'pc-3', 'pc-4'].map(slot);
     await registerAll(dirs, slots);
-    const client = await testClient(broker().url, { reconnectPeriod: 200 });
+    // A persistent session of its own: results published while the broker restarts and this client reconnects
+    // wait for it instead of going by.
+    const client = await testClient(broker().url, {
+      reconnectPeriod: 200,
+      clean: false,
+      clientId: slot('chaos-watcher'),
+      properties: { sessionExpiryInterval: 3600 },
+    });
     const results = await collect(client, 'jobs/results/+');
     const jobs = Array.from({ length: 40 }, (_, i) => `pc-${i}`);
     for (const id of jobs) await mkdir(path.join(dirs.jobs, id));
@@ -343,8 +350,19 @@ describe('chaos in pull mode', () => {
         kills++;
       }
     }
-    await waitFor(() => new Set(ids(results)).size === jobs.length, 180_000, 200);
-    await Promise.all(loops.slice(0, 3).map((loop) => loop.stop()));
+    try {
+      await waitFor(() => new Set(ids(results)).size === jobs.length, 180_000, 200);
+    } finally {
+      const runs = (await Promise.all(loops.slice(0, 3).map((loop) => loop.stop()))).flat();
+      const missing = jobs.filter((id) => !ids(results).includes(id));
+      if (missing.length > 0) {
+        const found = await Promise.all(
+          missing.map((id) => readdir(path.join(dirs.jobs, id, 'results')).catch(() => [])),
+        );
+        console.error(`missing ${missing.map((id, i) => `${id}: ${found[i]?.join(',')}`).join('; ')}`);
+        console.error(runs.map((r) => r.stderr).join('\n---\n'));
+      }
+    }
     expect(kills).toBeGreaterThan(5);
     expect(new Set(ids(results))).toEqual(new Set(jobs));
     expect(results.every((r) => r.body.status === 'success')).toBe(true);
@@ -352,6 +370,45 @@ describe('chaos in pull mode', () => {
       const manifest = JSON.parse(await readFile(path.join(dirs.jobs, id, 'results/result.json'), 'utf8'));
       expect(manifest.status, id).toBe('success');
     }
+    await client.endAsync();
+  });
+});
+
+describe('preflight: a slot that cannot run jobs takes none', () => {
+  it('exits 8 before connecting when the jobs directory is missing, and 2 for defaults above the ceilings', async () => {
+    const dirs = await fleetDirs();
+    const missing = { ...dirs, jobs: path.join(dirs.jobs, 'not-mounted') };
+    const run = await runWorkerOnce(pullArgs(broker().url, missing, slot('pre-1'), ['--idle-timeout', '1s']));
+    expect(run.code, run.stderr).toBe(8);
+    expect(run.stderr).toContain('NOT_READY: the jobs directory');
+    expect(run.stderr).toContain('is the shared drive mounted?');
+    expect(run.stderr).not.toContain('connected to the broker');
+    const ceilings = await runWorkerOnce(
+      pullArgs(broker().url, dirs, slot('pre-1'), ['--cpus', '3', '--max-cpus', '2', '--idle-timeout', '1s']),
+    );
+    expect(ceilings.code, ceilings.stderr).toBe(2);
+    expect(ceilings.stderr).toContain("--cpus is 3, above the worker's ceiling of 2");
+  });
+
+  it('leaves a request unacknowledged and exits 8 when the jobs directory goes away while it waits', async () => {
+    const dirs = await fleetDirs();
+    const id = slot('pre-2');
+    const client = await testClient(broker().url);
+    const results = await collect(client, 'jobs/results/+');
+    const worker = startWorker(pullArgs(broker().url, dirs, id));
+    await worker.sawLog('waiting for one job');
+    const { rename } = await import('node:fs/promises');
+    await rename(dirs.jobs, `${dirs.jobs}.away`);
+    await publishJob(client, { id: 'kept', steps: ['true'] });
+    const exit = await worker.exited;
+    expect(exit.code, exit.stderr).toBe(8);
+    expect(exit.stderr).toContain('job kept stays queued');
+    // The drive is back: the slot's next run gets the same request and runs it.
+    await rename(`${dirs.jobs}.away`, dirs.jobs);
+    const next = await runWorkerOnce(pullArgs(broker().url, dirs, id, ['--idle-timeout', '5s']));
+    expect(next.code, next.stderr).toBe(0);
+    await waitFor(() => results.length === 1);
+    expect(results[0]?.body).toMatchObject({ id: 'kept', status: 'success' });
     await client.endAsync();
   });
 });

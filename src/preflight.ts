@@ -1,0 +1,45 @@
+import { constants } from 'node:fs';
+import { access, mkdir } from 'node:fs/promises';
+import { ErrorCode, WorkerError } from './errors.js';
+import { effectiveLimits, type LimitSettings } from './limits/index.js';
+import { jobsDirProblem } from './paths.js';
+
+// What would make a worker fail every job it takes: checked before it connects, so that a misconfigured slot
+// leaves the queue to the slots that can run it, instead of answering every request with an error.
+
+export interface PreflightInput {
+  readonly jobsDir: string;
+  readonly workspacesDir: string;
+  readonly limits: LimitSettings;
+}
+
+/** Throws NOT_READY (the machine: directories) or INVALID_OPTION (the settings) naming every problem found. */
+export async function preflight(input: PreflightInput): Promise<void> {
+  const settings: string[] = [];
+  try {
+    // The worker's own defaults must fit its own ceilings, or every job that asks for nothing is refused.
+    effectiveLimits({}, input.limits);
+  } catch (error) {
+    settings.push(
+      ...(error as WorkerError).problems.map((p) => p.replace(/^limits\.(\w+) defaults to/, '--$1 is')),
+    );
+  }
+  if (settings.length > 0) {
+    throw new WorkerError(ErrorCode.INVALID_OPTION, settings.join('\n'), { problems: settings });
+  }
+  const machine = [await jobsDirProblem(input.jobsDir), await workspacesProblem(input.workspacesDir)].filter(
+    (p): p is string => p !== undefined,
+  );
+  if (machine.length > 0)
+    throw new WorkerError(ErrorCode.NOT_READY, machine.join('\n'), { problems: machine });
+}
+
+async function workspacesProblem(dir: string): Promise<string | undefined> {
+  try {
+    await mkdir(dir, { recursive: true });
+    await access(dir, constants.W_OK | constants.X_OK);
+    return undefined;
+  } catch (error) {
+    return `the workspaces directory ${dir} cannot be written: ${(error as NodeJS.ErrnoException).code}`;
+  }
+}
