@@ -133,3 +133,17 @@ await build({
   plugins: [nodeOnly],
 });
 await build({ ...common, entryPoints: { launch: 'src/launch.ts' } });
+// The library API (`exports["."]`) as one ES module too, so that the package needs no runtime dependencies:
+// everything it uses is in dist/. Its CommonJS parts (fast-glob, commander…) require Node's modules through a
+// require made for the bundle.
+await build({
+  entryPoints: { index: 'src/index.ts' },
+  outdir: 'dist',
+  bundle: true,
+  format: 'esm',
+  platform: 'node',
+  target: 'node20',
+  logLevel: 'warning',
+  banner: { js: "import { createRequire as __mfwRequire } from 'node:module'; const require = __mfwRequire(import.meta.url);" },
+  plugins: [nodeOnly],
+});

@@ -395,7 +395,19 @@ function buildProgram(
       '--dry-run [payload-file]',
       'run the job in a local payload file, no broker (default: ./test-payload.json)',
     )
-    .action((parsed: Record<string, unknown>) => {
+    // A word that is no command reaches the action (not commander's "too many arguments"): say what it is.
+    .allowExcessArguments(true)
+    .action((parsed: Record<string, unknown>, command: Command) => {
+      const [word] = command.args;
+      if (word !== undefined) {
+        run(async () => {
+          throw new WorkerError(
+            ErrorCode.INVALID_OPTION,
+            `unknown command '${word}' (commands: validate, submit, drain, help; see --help)`,
+          );
+        });
+        return;
+      }
       const dryRun = parsed.dryRun as string | boolean | undefined;
       if (dryRun !== undefined)
         run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', flagsOf(parsed), hooks));
@@ -457,13 +469,24 @@ export async function main(argv: readonly string[] = process.argv, hooks: MainHo
     await program.parseAsync([...argv]);
     code = pending ? await pending : ExitCode.OK;
   } catch (error) {
-    code = reportError(error);
+    code = reportError(error, jsonLog(argv, process.env));
   }
   await stdioFlushed();
   return code;
 }
 
-function reportError(error: unknown): number {
+/** Whether fatal errors are to be JSON lines: `--log-format json` or MQTT_LOG_FORMAT=json (read without options). */
+function jsonLog(argv: readonly string[], env: NodeJS.ProcessEnv): boolean {
+  const at = argv.lastIndexOf('--log-format');
+  const given = at >= 0 ? argv[at + 1] : argv.find((a) => a.startsWith('--log-format='))?.slice(13);
+  return (given ?? env.MQTT_LOG_FORMAT) === 'json';
+}
+
+function reportError(error: unknown, json: boolean): number {
+  const line = (code: string, message: string, extra: Record<string, unknown> = {}): string =>
+    json
+      ? `${JSON.stringify({ time: new Date().toISOString(), level: 'error', msg: message, code, ...extra })}\n`
+      : `mqtt-fs-worker: ${code}: ${message}\n`;
   const commanderCode = (error as { code?: string }).code;
   if (typeof commanderCode === 'string' && commanderCode.startsWith('commander.')) {
     // commander already printed its message (or the help/version text).
@@ -471,9 +494,15 @@ function reportError(error: unknown): number {
     return exitCode === 0 ? ExitCode.OK : ExitCode.USAGE;
   }
   if (isWorkerError(error)) {
-    for (const problem of error.problems) writeStdio(2, `mqtt-fs-worker: ${error.code}: ${problem}\n`);
+    for (const problem of error.problems) writeStdio(2, line(error.code, problem));
     return error.exitCode;
   }
-  writeStdio(2, `mqtt-fs-worker: INTERNAL: unexpected error\n${(error as Error)?.stack ?? String(error)}\n`);
+  const stack = (error as Error)?.stack ?? String(error);
+  writeStdio(
+    2,
+    json
+      ? line('INTERNAL', 'unexpected error', { stack })
+      : `mqtt-fs-worker: INTERNAL: unexpected error\n${stack}\n`,
+  );
   return ExitCode.INTERNAL;
 }

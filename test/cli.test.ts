@@ -211,6 +211,21 @@ describe('the installed command', () => {
     expect(env.stderr).toContain('--url: expected an mqtt://');
   });
 
+  it('says "unknown command" for a word that is no command, and writes fatal errors as JSON with --log-format json', async () => {
+    const unknown = await cli(['sumbit', 'job_1']);
+    expect(unknown.code).toBe(2);
+    expect(unknown.stderr.trim()).toBe(
+      "mqtt-fs-worker: INVALID_OPTION: unknown command 'sumbit' (commands: validate, submit, drain, help; see --help)",
+    );
+    const json = await cli(['--dry-run', '--kill-grace', 'soon', '--log-format', 'json']);
+    expect(json.code).toBe(2);
+    expect(JSON.parse(json.stderr.trim())).toMatchObject({
+      level: 'error',
+      code: 'INVALID_OPTION',
+      msg: '--kill-grace: expected a duration like "10s", got "soon" (string)',
+    });
+  });
+
   it('exits 2 for an unknown option and for a missing payload file', async () => {
     expect((await cli(['--bogus'])).code).toBe(2);
     const cwd = await tempDir();

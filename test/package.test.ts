@@ -27,7 +27,8 @@ describe('the npm package', () => {
     expect(pkg.engines.node).toBe('>=20.16.0');
     expect(pkg.type).toBe('module');
     const [packed] = JSON.parse(
-      execFileSync('npm', ['pack', '--dry-run', '--json'], {
+      // --ignore-scripts: the prepack build would replace dist/ under the tests that run beside this one.
+      execFileSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], {
         cwd: root,
         encoding: 'utf8',
         stdio: ['ignore', 'pipe', 'ignore'],
@@ -44,6 +45,15 @@ describe('the npm package', () => {
     expect(
       files.every((f) => /^(bin|dist)\//.test(f) || ['README.md', 'LICENSE', 'package.json'].includes(f)),
     ).toBe(true);
+  });
+
+  it('installs as itself alone: everything it runs is in its bundle, no dependency is installed again', async () => {
+    const installed = path.join(path.dirname(bin), '..', 'lib', 'node_modules', 'mqtt-fs-worker');
+    expect(existsSync(path.join(installed, 'dist/bundle/cli.cjs'))).toBe(true);
+    expect(existsSync(path.join(installed, 'node_modules'))).toBe(false);
+    // The library API loads from the installed package alone too.
+    const api = await import(path.join(installed, 'dist/index.js'));
+    expect(typeof api.runJob).toBe('function');
   });
 
   it('validates every example job and dry-runs the hello example from the installed command', async () => {
