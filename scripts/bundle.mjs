@@ -144,6 +144,8 @@ await build({
   platform: 'node',
   target: 'node20',
   logLevel: 'warning',
-  banner: { js: "import { createRequire as __mfwRequire } from 'node:module'; const require = __mfwRequire(import.meta.url);" },
+  banner: {
+    js: "import { createRequire as __mfwRequire } from 'node:module'; const require = __mfwRequire(import.meta.url);",
+  },
   plugins: [nodeOnly],
 });
