@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# mqtt-fs-worker: one job per container start; run it with `restart: always`. Limits need a writable cgroupfs:
-#   docker run --cgroupns=private --security-opt writable-cgroups=true --init ...   (Docker Engine >= 28)
-#   docker run --privileged ...                                                      (older engines)
+# mqtt-fs-worker: a slot that stays up (MQTT_RESPAWN=true) and runs each job in a fresh worker process, so Docker's
+# restart delays never throttle it; run it with `restart: always` for crashes. tini is PID 1 (no --init needed).
+# Limits need a writable cgroupfs:
+#   docker run --cgroupns=private --security-opt writable-cgroups=true ...   (Docker Engine >= 28)
+#   docker run --privileged ...                                              (older engines)
 
 ARG NODE_VERSION=24
 
@@ -34,6 +36,7 @@ RUN ln -s /opt/mqtt-fs-worker/bin/mqtt-fs-worker.js /usr/local/bin/mqtt-fs-worke
  && mkdir -p /jobs /workspaces
 ENV MQTT_JOBS_DIR=/jobs \
     MQTT_WORKSPACES_DIR=/workspaces \
+    MQTT_RESPAWN=true \
     NODE_ENV=production
 VOLUME ["/workspaces"]
 ENTRYPOINT ["tini", "--", "mqtt-fs-worker"]

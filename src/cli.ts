@@ -173,8 +173,32 @@ async function runDry(payloadFile: string, flags: OptionFlags, hooks: MainHooks)
   }
 }
 
-async function runBrokerWorker(flags: OptionFlags, hooks: MainHooks): Promise<number> {
+/** --respawn: this process stays up and runs each job in a fresh worker process (see respawn.ts). */
+async function runRespawn(options: Options, argv: readonly string[]): Promise<number> {
+  const { respawn } = await import('./respawn.js');
+  const log = logger(options).child({ worker: options.id });
+  const interrupt = interruptOnSignals();
+  try {
+    return await respawn({
+      command: process.execPath,
+      args: argv.slice(1).filter((arg) => arg !== '--respawn'),
+      env: { ...process.env, MQTT_RESPAWN: 'false' },
+      log,
+      signal: interrupt.signal,
+      received: interrupt.received,
+    });
+  } finally {
+    interrupt.dispose();
+  }
+}
+
+async function runBrokerWorker(
+  flags: OptionFlags,
+  hooks: MainHooks,
+  argv: readonly string[],
+): Promise<number> {
   const options = await resolve(flags);
+  if (options.respawn) return runRespawn(options, argv);
   const [{ runWorker }, { selfIdentity }, { constants }, { lockWorkerId }] = await Promise.all([
     import('./worker.js'),
     import('./claim.js'),
@@ -411,7 +435,7 @@ function buildProgram(
       const dryRun = parsed.dryRun as string | boolean | undefined;
       if (dryRun !== undefined)
         run(() => runDry(typeof dryRun === 'string' ? dryRun : 'test-payload.json', flagsOf(parsed), hooks));
-      else run(() => runBrokerWorker(flagsOf(parsed), hooks));
+      else run(() => runBrokerWorker(flagsOf(parsed), hooks, argv));
     });
   program
     .command('validate')

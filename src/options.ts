@@ -23,6 +23,8 @@ export interface Options {
   readonly connectTimeoutMs: number;
   /** Seconds the broker keeps this worker's session (and its queued jobs) while it is away; undefined: never expires. */
   readonly sessionExpirySeconds: number | undefined;
+  /** Run each job in a fresh worker process under this one, which never exits between jobs. */
+  readonly respawn: boolean;
   /** Exit 0 when no job came within this time; undefined: wait forever. */
   readonly idleTimeoutMs: number | undefined;
   /** A claim whose heartbeat is older than this belongs to a dead worker. */
@@ -218,6 +220,15 @@ export const OPTION_DEFS: readonly OptionDef[] = [
       'how long the broker keeps the session of an absent worker ("never" or a duration; default: 1d, never with $share/)',
     kind: duration('never', true),
     defaultText: 'auto',
+  },
+  {
+    key: 'respawn',
+    flags: '--respawn',
+    env: 'MQTT_RESPAWN',
+    description:
+      'stay up: run each job in a fresh worker process, one after another, backing off on failures',
+    kind: { type: 'boolean' },
+    defaultText: 'false',
   },
   {
     key: 'idleTimeoutMs',

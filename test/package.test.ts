@@ -4,7 +4,7 @@ import { cp, readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, inject, it } from 'vitest';
-import { parse } from 'yaml';
+import { parse, parseAllDocuments } from 'yaml';
 import { OPTION_DEFS } from '../src/options.js';
 import { tempDir } from './helpers/tmp.js';
 
@@ -83,6 +83,8 @@ describe('deployment files', () => {
     expect(mosquitto.volumes).toContain('./mosquitto.conf:/mosquitto/config/mosquitto.conf:ro');
     expect(existsSync(path.join(root, 'examples/mosquitto.conf'))).toBe(true);
     expect(worker.restart).toBe('always');
+    // Docker's own wait after SIGTERM must outlast the worker's --kill-grace (10 s).
+    expect(Number.parseInt(worker.stop_grace_period, 10)).toBeGreaterThan(10);
     expect(worker.deploy.replicas).toBe(3);
     expect(worker.build).toBe('..');
     expect(existsSync(path.join(root, 'Dockerfile'))).toBe(true);
@@ -115,8 +117,9 @@ describe('deployment files', () => {
     for (const line of [
       'Environment=WORKER_ID=%i',
       'StartLimitIntervalSec=0',
+      'Environment=MQTT_RESPAWN=true',
       'Restart=always',
-      'RestartSec=0',
+      'RestartSec=1',
       'Delegate=yes',
       'KillMode=mixed',
       'WantedBy=multi-user.target',
@@ -129,6 +132,28 @@ describe('deployment files', () => {
       expect(documentedEnv.has(match[1] as string), match[1]).toBe(true);
     const analyze = ['/usr/bin/systemd-analyze', '/bin/systemd-analyze'].find(existsSync);
     if (analyze) execFileSync(analyze, ['verify', file], { stdio: 'pipe' });
+  });
+
+  it('the Kubernetes example is a StatefulSet whose pod names are the worker ids, with documented variables only', async () => {
+    const docs = parseAllDocuments(
+      await readFile(path.join(root, 'examples/kubernetes/statefulset.yaml'), 'utf8'),
+    );
+    expect(docs.every((doc) => doc.errors.length === 0)).toBe(true);
+    const set = docs[0]?.toJS();
+    expect(set).toMatchObject({ apiVersion: 'apps/v1', kind: 'StatefulSet' });
+    const pod = set.spec.template.spec;
+    expect(set.spec.selector.matchLabels).toEqual(set.spec.template.metadata.labels);
+    expect(pod.terminationGracePeriodSeconds).toBeGreaterThan(10);
+    const [container] = pod.containers;
+    const env = new Map(container.env.map((e: { name: string }) => [e.name, e]));
+    expect(env.get('WORKER_ID')).toEqual({
+      name: 'WORKER_ID',
+      valueFrom: { fieldRef: { fieldPath: 'metadata.name' } },
+    });
+    expect(env.get('MQTT_RESPAWN')).toMatchObject({ value: 'true' });
+    for (const name of env.keys()) expect(documentedEnv.has(name as string), name as string).toBe(true);
+    const mounts = container.volumeMounts.map((m: { name: string }) => m.name).sort();
+    expect(mounts).toEqual(pod.volumes.map((v: { name: string }) => v.name).sort());
   });
 
   it('the Dockerfile builds on the current Node LTS and copies only what exists', async () => {
