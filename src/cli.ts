@@ -213,6 +213,7 @@ async function runBrokerWorker(
     jobsDir: options.jobsDir,
     workspacesDir: options.workspacesDir,
     limits: config.limits as LimitSettings,
+    cgroupName: `mqtt-fs-worker-${options.id}`,
   });
   const log = logger(options).child({ worker: options.id });
   if (flags.password !== undefined) {
@@ -256,6 +257,15 @@ async function runBrokerWorker(
     interrupt.dispose();
     lock.release();
   }
+}
+
+async function runDoctor(flags: OptionFlags): Promise<number> {
+  const options = await resolve(flags);
+  const { doctor } = await import('./doctor.js');
+  const checks = await doctor(options, await engineConfig(options, process.env));
+  for (const check of checks)
+    writeStdio(1, `${check.ok ? 'ok  ' : 'FAIL'}  ${check.name.padEnd(20)} ${check.detail}\n`);
+  return checks.every((check) => check.ok) ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
 }
 
 async function runValidate(target: string): Promise<number> {
@@ -427,7 +437,7 @@ function buildProgram(
         run(async () => {
           throw new WorkerError(
             ErrorCode.INVALID_OPTION,
-            `unknown command '${word}' (commands: validate, submit, drain, help; see --help)`,
+            `unknown command '${word}' (commands: validate, submit, doctor, drain, help; see --help)`,
           );
         });
         return;
@@ -462,6 +472,13 @@ function buildProgram(
   ).action((id: string, parsed: Record<string, unknown>) =>
     run(() => runSubmit(id, parsed as SubmitFlags, flagsOf(parsed))),
   );
+  withWorkerOptions(
+    program
+      .command('doctor')
+      .description(
+        'check what a worker needs here (folders, limits, cgroups, the broker) and print each check',
+      ),
+  ).action((parsed: Record<string, unknown>) => run(() => runDoctor(flagsOf(parsed))));
   withWorkerOptions(
     program
       .command('drain')

@@ -186,7 +186,13 @@ class Inbox {
 }
 
 /** What a CONNACK says about the session and what the broker allows (MQTT 5 properties; absent on 3.1.1). */
-interface Connack {
+/** What the grants are checked against: the slot's client id, session and jobs topic. */
+export type GrantsInput = Pick<
+  ConsumerInput,
+  'clientId' | 'clean' | 'sessionExpirySeconds' | 'topic' | 'log'
+>;
+
+export interface Connack {
   readonly sessionPresent?: boolean;
   readonly properties?: {
     readonly maximumQoS?: number;
@@ -205,7 +211,7 @@ function unsuitable(message: string): WorkerError {
  * Reads what the broker granted on CONNACK: what breaks loss-free delivery stops the worker before it takes a job
  * (BROKER_UNSUITABLE, its own exit code, so a supervisor does not spin on it); what weakens it is a warning.
  */
-function checkGrants(connack: Connack, input: ConsumerInput): void {
+export function checkGrants(connack: Connack, input: GrantsInput): void {
   const granted = connack.properties ?? {};
   const topic = input.topic ?? '';
   if (granted.maximumQoS === 0)

@@ -496,6 +496,22 @@ export function resolveOptions(
       `--response-topic-prefix: expected a topic prefix without wildcards, not starting with $, got ${describeValue(prefix)}`,
     );
   }
+  const filter = options.topic.replace(/^\$share\/[^/]+\//, '');
+  for (const key of [
+    'resultsTopic',
+    'statusTopic',
+    'cancelTopic',
+    'presenceTopic',
+    'rejectedTopic',
+  ] as const) {
+    // A jobs topic that also takes the worker's own messages would treat every result as a request.
+    if (topicMatches(filter, `${options[key]}/x`) || topicMatches(filter, options[key])) {
+      problems.push(
+        `--topic: ${describeValue(options.topic)} also matches the worker's own messages on ${options[key]}/…; use a topic of its own, e.g. jobs/pending`,
+      );
+      break;
+    }
+  }
   if (/^dry-run-\d+$/.test(options.id)) {
     problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
   }
@@ -513,6 +529,17 @@ export function resolveOptions(
     throw new WorkerError(ErrorCode.INVALID_OPTION, problems.join('\n'), { problems });
   }
   return Object.freeze(options);
+}
+
+/** Does an MQTT topic filter match a topic? */
+function topicMatches(filter: string, topic: string): boolean {
+  const f = filter.split('/');
+  const t = topic.split('/');
+  for (let i = 0; i < f.length; i++) {
+    if (f[i] === '#') return true;
+    if (i >= t.length || (f[i] !== '+' && f[i] !== t[i])) return false;
+  }
+  return f.length === t.length;
 }
 
 function resolveOne(

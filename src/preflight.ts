@@ -1,7 +1,7 @@
 import { constants } from 'node:fs';
 import { access, mkdir } from 'node:fs/promises';
 import { ErrorCode, WorkerError } from './errors.js';
-import { effectiveLimits, type LimitSettings } from './limits/index.js';
+import { type EffectiveLimits, effectiveLimits, type LimitSettings, openJobLimits } from './limits/index.js';
 import { jobsDirProblem } from './paths.js';
 
 // What would make a worker fail every job it takes: checked before it connects, so that a misconfigured slot
@@ -11,14 +11,17 @@ export interface PreflightInput {
   readonly jobsDir: string;
   readonly workspacesDir: string;
   readonly limits: LimitSettings;
+  /** The job cgroups' name (`mqtt-fs-worker-{id}`): probed when limits are required. */
+  readonly cgroupName: string;
 }
 
 /** Throws NOT_READY (the machine: directories) or INVALID_OPTION (the settings) naming every problem found. */
 export async function preflight(input: PreflightInput): Promise<void> {
   const settings: string[] = [];
+  let defaults: EffectiveLimits | undefined;
   try {
     // The worker's own defaults must fit its own ceilings, or every job that asks for nothing is refused.
-    effectiveLimits({}, input.limits);
+    defaults = effectiveLimits({}, input.limits);
   } catch (error) {
     settings.push(
       ...(error as WorkerError).problems.map((p) => p.replace(/^limits\.(\w+) defaults to/, '--$1 is')),
@@ -27,11 +30,30 @@ export async function preflight(input: PreflightInput): Promise<void> {
   if (settings.length > 0) {
     throw new WorkerError(ErrorCode.INVALID_OPTION, settings.join('\n'), { problems: settings });
   }
-  const machine = [await jobsDirProblem(input.jobsDir), await workspacesProblem(input.workspacesDir)].filter(
-    (p): p is string => p !== undefined,
-  );
+  const machine = [
+    await jobsDirProblem(input.jobsDir),
+    await workspacesProblem(input.workspacesDir),
+    defaults && (await cgroupsProblem(input, defaults)),
+  ].filter((p): p is string => p !== undefined);
   if (machine.length > 0)
     throw new WorkerError(ErrorCode.NOT_READY, machine.join('\n'), { problems: machine });
+}
+
+/**
+ * Where every job needs cgroups (`--limits required`, or a default limit with `auto`), whether they can be made
+ * here: the job's own set-up is tried once and undone (a few milliseconds, and only when limits are in play).
+ */
+async function cgroupsProblem(input: PreflightInput, defaults: EffectiveLimits): Promise<string | undefined> {
+  const { policy } = input.limits;
+  const anyDefault = defaults.cpus !== null || defaults.memoryBytes !== null || defaults.pids !== null;
+  if (policy !== 'required' && !(policy === 'auto' && anyDefault)) return undefined;
+  try {
+    const opened = await openJobLimits(defaults, policy, input.cgroupName);
+    await opened.cgroups?.close();
+    return undefined;
+  } catch (error) {
+    return `limits are required but cgroups cannot be used: ${(error as Error).message}`;
+  }
 }
 
 async function workspacesProblem(dir: string): Promise<string | undefined> {

@@ -390,6 +390,18 @@ describe('preflight: a slot that cannot run jobs takes none', () => {
     expect(ceilings.stderr).toContain("--cpus is 3, above the worker's ceiling of 2");
   });
 
+  it('doctor prints each check: all ok here, and a FAIL line with exit 1 for a missing jobs directory', async () => {
+    const dirs = await fleetDirs();
+    const args = (jobs: string) => ['doctor', ...pullArgs(broker().url, { ...dirs, jobs }, slot('doc'))];
+    const good = await runWorkerOnce(args(dirs.jobs));
+    expect(good.code, good.stdout + good.stderr).toBe(0);
+    for (const name of ['jobs directory', 'workspaces directory', 'limits', 'cgroups', 'broker'])
+      expect(good.stdout).toMatch(new RegExp(`^ok {2}${name}`, 'm'));
+    const bad = await runWorkerOnce(args(path.join(dirs.jobs, 'gone')));
+    expect(bad.code).toBe(1);
+    expect(bad.stdout).toMatch(/^FAIL {2}jobs directory .*does not exist/m);
+  });
+
   it('leaves a request unacknowledged and exits 8 when the jobs directory goes away while it waits', async () => {
     const dirs = await fleetDirs();
     const id = slot('pre-2');

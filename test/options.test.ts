@@ -63,6 +63,14 @@ describe('resolveOptions', () => {
     expect(() => resolveOptions({}, { MQTT_RESULTS_TOPIC: '$SYS/x' }, context)).toThrow(/MQTT_RESULTS_TOPIC/);
   });
 
+  it('refuses a jobs topic that would also take the worker own messages', () => {
+    for (const topic of ['jobs/#', '$share/g/jobs/#', 'jobs/+/+', '#'])
+      expect(() => resolveOptions({ topic }, {}, context), topic).toThrow(
+        /also matches the worker's own messages/,
+      );
+    expect(resolveOptions({ topic: 'jobs/pending/+' }, {}, context).topic).toBe('jobs/pending/+');
+  });
+
   it('keeps dry-run-N ids for dry runs', () => {
     expect(() => resolveOptions({ id: 'dry-run-1' }, {}, context)).toThrow(/kept for dry runs/);
     expect(resolveOptions({ id: 'dry-run-box' }, {}, context).id).toBe('dry-run-box');

@@ -1,0 +1,89 @@
+import { constants } from 'node:fs';
+import { access, mkdir } from 'node:fs/promises';
+import { connectBroker, disconnect } from './broker.js';
+import { type Connack, checkGrants } from './consume.js';
+import type { EngineConfig } from './job.js';
+import { effectiveLimits, openJobLimits } from './limits/index.js';
+import type { Logger } from './log.js';
+import type { Options } from './options.js';
+import { jobsDirProblem } from './paths.js';
+
+// `doctor`: the worker's preflight, the cgroup mode and the broker connection, checked and printed for a human.
+// It never subscribes to the jobs topic (a probe on a clean session could take a real job and lose it).
+
+export interface Check {
+  readonly name: string;
+  readonly ok: boolean;
+  readonly detail: string;
+}
+
+export async function doctor(options: Options, config: EngineConfig): Promise<Check[]> {
+  const checks: Check[] = [];
+  const add = (name: string, problem: string | undefined, detail: string): void => {
+    checks.push({ name, ok: problem === undefined, detail: problem ?? detail });
+  };
+  add('jobs directory', await jobsDirProblem(options.jobsDir), options.jobsDir);
+  add(
+    'workspaces directory',
+    await mkdir(options.workspacesDir, { recursive: true })
+      .then(() => access(options.workspacesDir, constants.W_OK | constants.X_OK))
+      .then(
+        () => undefined,
+        (error: NodeJS.ErrnoException) => `${options.workspacesDir} cannot be written: ${error.code}`,
+      ),
+    options.workspacesDir,
+  );
+  const settings = config.limits ?? { policy: 'off' as const, defaults: {}, ceilings: {} };
+  let defaults: ReturnType<typeof effectiveLimits> | undefined;
+  try {
+    defaults = effectiveLimits({}, settings);
+    add('limits', undefined, `defaults ${JSON.stringify(defaults)} within the ceilings`);
+  } catch (error) {
+    add('limits', (error as Error).message, '');
+  }
+  if (defaults) {
+    try {
+      const opened = await openJobLimits(defaults, settings.policy, `mqtt-fs-worker-${options.id}.doctor`);
+      await opened.cgroups?.close();
+      add('cgroups', undefined, `${opened.mode}${opened.reason ? ` (${opened.reason})` : ''}`);
+    } catch (error) {
+      add('cgroups', (error as Error).message, '');
+    }
+  }
+  checks.push(await brokerCheck(options));
+  return checks;
+}
+
+async function brokerCheck(options: Options): Promise<Check> {
+  const warnings: string[] = [];
+  const log: Logger = {
+    debug: () => {},
+    info: () => {},
+    warn: (message) => warnings.push(message),
+    error: (message) => warnings.push(message),
+    child: () => log,
+  };
+  try {
+    const client = await connectBroker({ settings: options, clientId: `${options.id}.doctor`, clean: true });
+    try {
+      const connack = (client as unknown as { connackPacket?: Connack }).connackPacket ?? {};
+      checkGrants(connack, {
+        clientId: `${options.id}.doctor`,
+        clean: options.clean,
+        sessionExpirySeconds: options.sessionExpirySeconds,
+        topic: options.topic,
+        log,
+      });
+      const granted = await client.subscribeAsync(`${options.statusTopic}/doctor-probe`, { qos: 1 });
+      const qos = granted[0]?.qos ?? 0;
+      if (qos !== 1)
+        return { name: 'broker', ok: false, detail: `a QoS 1 subscription was granted QoS ${qos}` };
+      const extra = warnings.length > 0 ? `; ${warnings.join('; ')}` : '';
+      return { name: 'broker', ok: true, detail: `${options.url} accepted MQTT ${options.protocol}${extra}` };
+    } finally {
+      await disconnect(client);
+    }
+  } catch (error) {
+    return { name: 'broker', ok: false, detail: (error as Error).message };
+  }
+}
