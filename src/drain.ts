@@ -27,10 +27,9 @@ export interface DrainOutcome {
  * the job's claim makes the second delivery harmless.
  */
 export async function drain(input: DrainInput): Promise<DrainOutcome> {
-  if (!input.topic.startsWith('$share/')) {
-    // Pull dispatch: every slot had its own copy of each request, so there is nothing to move; ending the
-    // retired slot's session stops it from piling up copies until it expires.
-    const consumer = await JobConsumer.connect({
+  // The retired slot's own session, without a subscription of its own: drain takes only what the session holds.
+  const asSlot = () =>
+    JobConsumer.connect({
       settings: input.settings,
       clientId: input.slot,
       clean: false,
@@ -38,6 +37,10 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
       topic: undefined,
       log: input.log,
     });
+  if (!input.topic.startsWith('$share/')) {
+    // Pull dispatch: every slot had its own copy of each request, so there is nothing to move; ending the
+    // retired slot's session stops it from piling up copies until it expires.
+    const consumer = await asSlot();
     await endSession(consumer.client);
     input.log.info(`ended slot ${input.slot}'s session (pull dispatch: its requests are every slot's too)`);
     return { moved: 0 };
@@ -52,16 +55,8 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
     for (;;) {
       // One connection per message: a held message blocks MQTT.js's reading, and the next one is delivered
       // only to the session's next connection.
-      // No subscription of its own: drain takes only what the session holds, and removes the slot's
-      // subscription on its first connection so that the broker deals it no new jobs meanwhile.
-      const consumer = await JobConsumer.connect({
-        settings: input.settings,
-        clientId: input.slot,
-        clean: false,
-        sessionExpirySeconds: undefined,
-        topic: undefined,
-        log: input.log,
-      });
+      // The slot's subscription goes on the first connection, so that the broker deals it no new jobs meanwhile.
+      const consumer = await asSlot();
       if (moved === 0) consumer.client.unsubscribe(input.topic);
       const delivery = await Promise.race([
         consumer.next(),

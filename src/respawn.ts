@@ -64,9 +64,11 @@ function runOne(input: RespawnInput): Promise<number> {
       input.log.error(`cannot start the worker: ${error.message}`);
       settle(ExitCode.INTERNAL);
     });
-    child.once('close', (code, signal) =>
-      settle(code ?? ExitCode.SIGNAL_BASE + (signal === 'SIGKILL' ? 9 : 15)),
-    );
+    child.once('close', (code, signal) => {
+      // Killed by the signal it was forwarded before it could handle one: it had not connected, so had no job.
+      if (code === null && input.signal.aborted) settle(ExitCode.OK);
+      else settle(code ?? ExitCode.SIGNAL_BASE + (signal === 'SIGKILL' ? 9 : 15));
+    });
   });
 }
 

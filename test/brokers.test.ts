@@ -6,6 +6,7 @@ import { AedesBroker, Mosquitto } from './helpers/mosquitto.js';
 import { sleep, waitFor } from './helpers/tmp.js';
 import {
   collect,
+  expectAllSucceeded,
   fleetDirs,
   publishJob,
   pullArgs,
@@ -78,12 +79,7 @@ async function killAndCount(url: string, names: string[], count: number, kills: 
     if (missing.length > 0)
       console.error(`missing ${missing.join(' ')}\n${runs.map((r) => r.stderr).join('\n---\n')}`);
   }
-  expect(new Set(results.map((r) => r.body.id))).toEqual(new Set(jobs));
-  expect(results.every((r) => r.body.status === 'success')).toBe(true);
-  for (const id of jobs) {
-    const manifest = JSON.parse(await readFile(path.join(dirs.jobs, id, 'results/result.json'), 'utf8'));
-    expect(manifest.status, id).toBe('success');
-  }
+  await expectAllSucceeded(dirs.jobs, jobs, results);
   await client.endAsync();
 }
 

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { mkdir } from 'node:fs/promises';
+import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import mqtt, { type MqttClient } from 'mqtt';
@@ -226,4 +226,19 @@ export function slotLoop(
  */
 export function slot(name: string): string {
   return `${name}-p${process.pid}`;
+}
+
+/** Every job has a success result message and a success result.json: the fleet lost none. */
+export async function expectAllSucceeded(
+  jobsDir: string,
+  jobs: readonly string[],
+  results: readonly { body: Record<string, unknown> }[],
+): Promise<void> {
+  const { expect } = await import('vitest');
+  expect(new Set(results.map((r) => r.body.id))).toEqual(new Set(jobs));
+  expect(results.every((r) => r.body.status === 'success')).toBe(true);
+  for (const id of jobs) {
+    const manifest = JSON.parse(await readFile(path.join(jobsDir, id, 'results/result.json'), 'utf8'));
+    expect(manifest.status, id).toBe('success');
+  }
 }
