@@ -168,6 +168,21 @@ describe('the broker worker', () => {
     await waitFor(() => results.length === 2);
     expect(results.map((r) => r.body.attempt)).toEqual([1, 2]);
     expect(await readFile(path.join(dirs.jobs, 'f/runs.txt'), 'utf8')).toBe('1\n2\n');
+    // submit --rerun makes a token of its own; without it, submit --wait gets the stored result from a slot.
+    const submit = (extra: string[]) =>
+      runWorkerOnce(['submit', 'f', '--url', broker().url, '--wait', '--timeout', '20s', ...extra]);
+    const worker = startWorker(workerArgs(broker().url, dirs, slot('slot-a')));
+    const again = await submit(['--rerun']);
+    expect(again.code, again.stderr).toBe(0);
+    expect(JSON.parse(again.stdout)).toMatchObject({ id: 'f', status: 'success', attempt: 3 });
+    expect((await worker.exited).code).toBe(0);
+    const idle = startWorker(workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '3s']));
+    const stored = await submit([]);
+    expect(stored.code, stored.stderr).toBe(0);
+    expect(JSON.parse(stored.stdout)).toMatchObject({ id: 'f', status: 'success', attempt: 3 });
+    expect(idle.child.exitCode).toBeNull(); // it ran nothing: the stored result came on submit's reply topic
+    await idle.exited;
+    expect(await readFile(path.join(dirs.jobs, 'f/runs.txt'), 'utf8')).toBe('1\n2\n3\n');
     await client.endAsync();
   });
 
