@@ -186,7 +186,14 @@ export async function inspectClaim(
 ): Promise<ClaimState> {
   const names = await readdir(resultsDir);
   const [claim, manifest] = await Promise.all([currentClaim(resultsDir, names), storedManifest(resultsDir)]);
-  if (!claim) return { kind: 'free', attempt: 1 };
+  if (!claim) {
+    // Claim files that cannot be read (a FIFO, a link, garbage planted in the job folder) block their attempt
+    // numbers (link(2) would fail on them): run the next one.
+    const newest = attemptsOf(names, CLAIM)[0];
+    return newest === undefined
+      ? { kind: 'free', attempt: 1 }
+      : { kind: 'free', attempt: newest + 1, why: `claim file ${newest} is not a readable claim` };
+  }
   const { record, heartbeatMs } = claim;
   const holder = holderState(record, heartbeatMs, self, leaseMs, now);
   if (manifest && manifest.attempt === record.attempt && manifest.worker?.id === record.workerId) {

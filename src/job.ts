@@ -339,6 +339,7 @@ function pendingStep(step: StepSpec): StepRecord {
     peakMemoryBytes: null,
     cpuMs: null,
     oomKilled: null,
+    limitsHit: null,
   };
 }
 
@@ -437,6 +438,7 @@ async function runSteps(
       {
         ...(result.logTruncated ? { logTruncated: true } : {}),
         ...(result.accounting.oomKilled ? { oomKilled: true } : {}),
+        ...(result.accounting.limitsHit?.length ? { limitsHit: result.accounting.limitsHit.join(',') } : {}),
       },
     );
     if (record.status === 'success' || (record.status === 'failed' && step.continueOnError)) continue;

@@ -25,6 +25,7 @@ export interface StepRecord {
   peakMemoryBytes: number | null;
   cpuMs: number | null;
   oomKilled: boolean | null;
+  limitsHit: readonly ('cpus' | 'memory' | 'pids')[] | null;
 }
 
 export interface ErrorInfo {

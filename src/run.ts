@@ -10,12 +10,15 @@ export interface StepAccounting {
   readonly peakMemoryBytes: number | null;
   readonly cpuMs: number | null;
   readonly oomKilled: boolean | null;
+  /** The limits the step ran into (`cpus` throttled, `memory` at its maximum, `pids` refused a fork); null: unknown. */
+  readonly limitsHit: readonly ('cpus' | 'memory' | 'pids')[] | null;
 }
 
 export const NO_ACCOUNTING: StepAccounting = Object.freeze({
   peakMemoryBytes: null,
   cpuMs: null,
   oomKilled: null,
+  limitsHit: null,
 });
 
 /**

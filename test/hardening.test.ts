@@ -1,6 +1,8 @@
+import { execFileSync } from 'node:child_process';
 import { chmod, chown, mkdir, readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
+import { inspectClaim, selfIdentity } from '../src/claim.js';
 import { runJob } from '../src/job.js';
 import { silentLogger } from '../src/log.js';
 import type { Manifest } from '../src/report.js';
@@ -122,5 +124,28 @@ describe('file names', () => {
       long,
     ]);
     expect(await readFile(path.join(jobs, 'j/results', long), 'utf8')).toBe('a\n');
+  });
+});
+
+describe('files planted in results/', () => {
+  it('a FIFO as a claim file or as result.json neither blocks the claim check nor the job', async () => {
+    const { jobs, config } = await engineFixture();
+    const mkfifo = (file: string) => execFileSync('mkfifo', [file]);
+    await writeTree(jobs, {
+      'j/job.json': JSON.stringify({ steps: ['echo ran > ran.txt'] }),
+      'j/results/': null,
+    });
+    mkfifo(path.join(jobs, 'j/results/.mqtt-fs-worker.claim.1'));
+    mkfifo(path.join(jobs, 'j/results/result.json'));
+    const self = selfIdentity(config.workerId, 'test-host', process.pid);
+    const state = await inspectClaim(path.join(jobs, 'j/results'), self, 60_000, Date.now());
+    expect(state).toMatchObject({ kind: 'free', attempt: 2, why: 'claim file 1 is not a readable claim' });
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: undefined },
+      attempt: 2,
+      log: silentLogger,
+    });
+    expect(manifest.status).toBe('success');
+    expect(await readFile(path.join(jobs, 'j/results/ran.txt'), 'utf8')).toBe('ran\n');
   });
 });

@@ -209,6 +209,8 @@ describe('hostile input', () => {
       ['unsigned', job, 'not signed'],
       ['forged', signRequest(job, 'not-the-secret', Date.now()), 'does not match'],
       ['stale', signRequest(job, secret, Date.now() - 3_600_000), 'older than'],
+      // Signing walks the request: nested this deep it overflowed the stack on every redelivery.
+      ['deeply nested', `{"id":"deep","x":${'['.repeat(100_000)}${']'.repeat(100_000)}}`, 'nested more than'],
     ] as const) {
       await publishJob(client, body);
       const run = await runWorkerOnce(args);

@@ -160,13 +160,19 @@ describe('cgroup v2 against a v2-shaped tree', () => {
     );
     await writeFile(
       path.join(leaf, 'cpu.stat'),
-      'usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\n',
+      'usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\nnr_periods 10\nnr_throttled 0\n',
     );
+    await writeFile(path.join(leaf, 'pids.events'), 'max 0\n');
     const exited = new Promise((resolve) => child.once('exit', resolve));
     const closing = sandbox.close();
     await exited;
     await writeFile(path.join(leaf, 'cgroup.procs'), '');
-    expect(await closing).toEqual({ peakMemoryBytes: 123 * MiB, cpuMs: 2500, oomKilled: true });
+    expect(await closing).toEqual({
+      peakMemoryBytes: 123 * MiB,
+      cpuMs: 2500,
+      oomKilled: true,
+      limitsHit: ['memory'], // memory.events max 3; cpu and pids never throttled or refused
+    });
     // The leaf's removal runs on after the step's close; the job's close waits for it.
     await cgroups.close();
     expect(existsSync(leaf)).toBe(false);
@@ -181,7 +187,12 @@ describe('cgroup v2 against a v2-shaped tree', () => {
     await writeFile(path.join(leaf, 'cgroup.kill'), '');
     const sandbox = await cgroups.step(3);
     expect(await readdir(leaf)).toEqual(['cgroup.kill']);
-    expect(await sandbox.close()).toEqual({ peakMemoryBytes: null, cpuMs: null, oomKilled: null });
+    expect(await sandbox.close()).toEqual({
+      peakMemoryBytes: null,
+      cpuMs: null,
+      oomKilled: null,
+      limitsHit: null,
+    });
   });
 
   it("reports a step cgroup that could not be removed when the job's cgroups close", async () => {
@@ -192,7 +203,12 @@ describe('cgroup v2 against a v2-shaped tree', () => {
     );
     const sandbox = await cgroups.step(0);
     // The step's outcome does not wait for the removal; the job's close reports it.
-    expect(await sandbox.close()).toEqual({ peakMemoryBytes: null, cpuMs: null, oomKilled: null });
+    expect(await sandbox.close()).toEqual({
+      peakMemoryBytes: null,
+      cpuMs: null,
+      oomKilled: null,
+      limitsHit: null,
+    });
     await expect(cgroups.close()).rejects.toBe(stuck);
   });
 
@@ -261,6 +277,7 @@ describe.skipIf(!hasV1)('steps in real cgroup v1', () => {
     expect(manifest.limits).toMatchObject({ mode: 'cgroup1', memoryBytes: 64 * MiB });
     expect(manifest.status).toBe('failed');
     expect(manifest.steps[0]).toMatchObject({ status: 'failed', exitCode: 137, oomKilled: true });
+    expect(manifest.steps[0]?.limitsHit).toContain('memory');
     expect(manifest.steps[0]?.peakMemoryBytes).toBeLessThanOrEqual(64 * MiB);
     expect(await leftovers(config.workerId)).toEqual([]);
   });
@@ -309,6 +326,8 @@ describe.skipIf(!hasV1)('steps in real cgroup v1', () => {
     const log = await readFile(path.join(jobs, 'j/results/step_0.log'), 'utf8');
     expect(log).toMatch(/fork|Resource temporarily unavailable/i);
     expect(log).not.toContain('started 200');
+    // The kernel's own counter says which limit the step ran into (pids.events).
+    expect(manifest.steps[0]?.limitsHit).toContain('pids');
   });
 
   it('throttles a CPU quota, visible in cpuMs', async () => {

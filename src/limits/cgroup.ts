@@ -243,18 +243,38 @@ function v2Sandbox(dir: string, remove: () => void): StepSandbox {
       const peak = readNumber(path.join(dir, 'memory.peak'));
       const oomKills = readKeyed(path.join(dir, 'memory.events'), 'oom_kill');
       const usageUsec = readKeyed(path.join(dir, 'cpu.stat'), 'usage_usec');
+      const hit = limitsHit({
+        cpus: readKeyed(path.join(dir, 'cpu.stat'), 'nr_throttled'),
+        memory: readKeyed(path.join(dir, 'memory.events'), 'max'),
+        pids: readKeyed(path.join(dir, 'pids.events'), 'max'),
+      });
       remove();
-      return accounting(peak, oomKills, usageUsec === null ? null : usageUsec / 1000);
+      return accounting(peak, oomKills, usageUsec === null ? null : usageUsec / 1000, hit);
     },
   };
 }
 
-function accounting(peak: number | null, oomKills: number | null, cpuMs: number | null): StepAccounting {
+function accounting(
+  peak: number | null,
+  oomKills: number | null,
+  cpuMs: number | null,
+  hit: StepAccounting['limitsHit'],
+): StepAccounting {
   return {
     peakMemoryBytes: peak,
     cpuMs: cpuMs === null ? null : Math.round(cpuMs),
     oomKilled: oomKills === null ? null : oomKills > 0,
+    limitsHit: hit,
   };
+}
+
+/** The limits a step ran into, from the kernel's own counters (null where none could be read). */
+function limitsHit(counters: Record<'cpus' | 'memory' | 'pids', number | null>): StepAccounting['limitsHit'] {
+  const known = Object.entries(counters).filter(([, count]) => count !== null);
+  if (known.length === 0) return null;
+  return known
+    .filter(([, count]) => (count as number) > 0)
+    .map(([name]) => name as 'cpus' | 'memory' | 'pids');
 }
 
 // ---------------------------------------------------------------------------------------------------- v1 ----
@@ -391,8 +411,16 @@ function v1Sandbox(dirs: Map<string, string>, remove: (unique: string[]) => void
       const peak = memory ? readNumber(path.join(memory, 'memory.max_usage_in_bytes')) : null;
       const oomKills = memory ? readKeyed(path.join(memory, 'memory.oom_control'), 'oom_kill') : null;
       const usageNs = cpuacct ? readNumber(path.join(cpuacct, 'cpuacct.usage')) : null;
+      const cpu = dirs.get('cpu');
+      const pids = dirs.get('pids');
+      const hit = limitsHit({
+        cpus: cpu ? readKeyed(path.join(cpu, 'cpu.stat'), 'nr_throttled') : null,
+        // failcnt counts charges refused at the limit; an OOM kill is one too, whatever failcnt shows.
+        memory: memory ? (readNumber(path.join(memory, 'memory.failcnt')) ?? 0) + (oomKills ?? 0) : null,
+        pids: pids ? readKeyed(path.join(pids, 'pids.events'), 'max') : null,
+      });
       remove(unique);
-      return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6);
+      return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6, hit);
     },
   };
 }

@@ -56,6 +56,9 @@ export interface JobLimits {
 }
 
 const NONE: EffectiveLimits = { cpus: null, memoryBytes: null, pids: null };
+// What a job without a cgroup must know: the worker kills a step's process group, and nothing that left it.
+const UNCONTAINED =
+  '; without a cgroup, processes a step moved out of its process group (setsid, daemons) are not killed when it ends';
 
 /**
  * Sets up the cgroups of a job (with the limits `effectiveLimits` gave): cgroup v2 where the worker's own cgroup
@@ -69,7 +72,8 @@ export async function openJobLimits(
   name: string,
   layout?: CgroupLayout,
 ): Promise<JobLimits> {
-  if (policy === 'off') return { mode: 'none', limits: NONE, reason: 'limits are off (--limits off)' };
+  if (policy === 'off')
+    return { mode: 'none', limits: NONE, reason: `limits are off (--limits off)${UNCONTAINED}` };
   const anyLimit = limits.cpus !== null || limits.memoryBytes !== null || limits.pids !== null;
   const required = policy === 'required' || (policy === 'auto' && anyLimit);
   try {
@@ -79,7 +83,7 @@ export async function openJobLimits(
   } catch (error) {
     if (required) throw error;
     const reason = error instanceof WorkerError ? error.message : String(error);
-    return { mode: 'none', limits: NONE, reason };
+    return { mode: 'none', limits: NONE, reason: `${reason}${UNCONTAINED}` };
   }
 }
 
