@@ -50,6 +50,7 @@ export const ErrorCode = {
   BROKER_REFUSED: 'BROKER_REFUSED',
   INTERRUPTED: 'INTERRUPTED',
   ID_IN_USE: 'ID_IN_USE',
+  NO_SPACE: 'NO_SPACE',
   BROKER_UNSUITABLE: 'BROKER_UNSUITABLE',
   NOT_READY: 'NOT_READY',
   INTERNAL: 'INTERNAL',
@@ -95,6 +96,11 @@ export function isWorkerError(error: unknown, code?: ErrorCode): error is Worker
 
 /** `{code, message}` for the manifest and result messages; anything that is not a WorkerError is INTERNAL. */
 export function toErrorInfo(error: unknown): { code: ErrorCode; message: string } {
+  // A full drive is the drive's problem, whichever stage met it: say so precisely, never INTERNAL.
+  const errno = (error as { code?: unknown; cause?: { code?: unknown } } | undefined) ?? {};
+  if ([errno.code, errno.cause?.code].some((code) => code === 'ENOSPC' || code === 'EDQUOT')) {
+    return { code: ErrorCode.NO_SPACE, message: `No space left on the drive: ${(error as Error).message}` };
+  }
   if (error instanceof WorkerError) return { code: error.code, message: error.message };
   const message = error instanceof Error ? error.message : String(error);
   return { code: ErrorCode.INTERNAL, message: `Internal error: ${message}` };

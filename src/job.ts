@@ -215,8 +215,9 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
       if (manifest.status !== 'error') {
         manifest.status = 'error';
         manifest.exitCode = 1;
+        const info = toErrorInfo(error);
         manifest.error = {
-          code: ErrorCode.REPORT_FAILED,
+          code: info.code === ErrorCode.NO_SPACE ? ErrorCode.NO_SPACE : ErrorCode.REPORT_FAILED,
           message: `Cannot write result.json: ${(error as Error).message}`,
         };
       }

@@ -34,6 +34,8 @@ export class LogSink extends Writable {
   /** Bytes the step produced in all. */
   received = 0;
   truncated = false;
+  /** The drive filled up: the log was cut back to make room for the marker and result.json. */
+  noSpace = false;
   readonly #handle: FileHandle;
   readonly #maxBytes: number;
   readonly #masker: StreamMasker | undefined;
@@ -59,6 +61,11 @@ export class LogSink extends Writable {
 
   /** Writes (masked) chunks up to the cap. */
   #write(chunks: Buffer[], callback: (error?: Error | null) => void): void {
+    // Once the drive is full the step's output is counted and dropped, never left to block or SIGPIPE the step.
+    if (this.noSpace) {
+      callback();
+      return;
+    }
     const buffers: Buffer[] = [];
     for (const chunk of chunks) {
       const room = this.#maxBytes - this.written;
@@ -76,7 +83,32 @@ export class LogSink extends Writable {
       }
     }
     if (buffers.length === 0) callback();
-    else this.#writeAll(buffers).then(() => callback(), callback);
+    else
+      this.#writeAll(buffers).then(
+        () => callback(),
+        (error: NodeJS.ErrnoException) =>
+          error.code === 'ENOSPC' || error.code === 'EDQUOT' ? this.#cutForSpace(callback) : callback(error),
+      );
+  }
+
+  /**
+   * The drive is full: cut the log back by 64 KiB, so that the marker line and result.json still fit, and drop
+   * the rest of the step's output (the step keeps running).
+   */
+  #cutForSpace(callback: (error?: Error | null) => void): void {
+    this.noSpace = true;
+    this.truncated = true;
+    const marker = Buffer.from('\n[mqtt-fs-worker] log cut: the drive is full; the step keeps running\n');
+    (async () => {
+      const { size } = await this.#handle.stat();
+      const keep = Math.max(0, size - 64 * 1024);
+      await this.#handle.truncate(keep);
+      this.written = keep;
+      await this.#handle.write(marker, 0, marker.length, keep).catch(() => {});
+    })().then(
+      () => callback(),
+      () => callback(),
+    );
   }
 
   override _write(chunk: Buffer, _encoding: BufferEncoding, callback: (error?: Error | null) => void): void {

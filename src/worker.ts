@@ -232,7 +232,8 @@ async function handleSafely(
     const id = parsed.ok ? parsed.request.id : undefined;
     input.log.error(`${info.code}: ${info.message}`, {
       ...(id ? { job: id } : {}),
-      stack: (error as Error).stack,
+      // A stack trace is for a bug, not for a full drive.
+      ...(info.code === ErrorCode.INTERNAL ? { stack: (error as Error).stack } : {}),
     });
     if (!links.consumer.connected) return { kind: 'connection-lost', id };
     await answerFailure(links, delivery, input, id, info);

@@ -149,3 +149,31 @@ describe('files planted in results/', () => {
     expect(await readFile(path.join(jobs, 'j/results/ran.txt'), 'utf8')).toBe('ran\n');
   });
 });
+
+describe.skipIf(!isRoot)('a full drive', () => {
+  it('cuts a log that fills the drive, lets the step finish, and still writes result.json', {
+    timeout: 60_000,
+  }, async () => {
+    const mount = await tempDir('mfw-tmpfs-');
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=8m', 'tmpfs', mount]);
+    try {
+      const { config } = await engineFixture({ jobsDir: mount, maxLogBytes: 100 * 1024 * 1024 });
+      await mkdir(path.join(mount, 'j'));
+      const { manifest, manifestWritten } = await runJob(config, {
+        // 20 MB of output into an 8 MB drive; the step then reports it was not cut short.
+        request: { id: 'j', steps: ['head -c 20000000 /dev/zero | tr "\\0" a; echo done-printing >&2'] },
+        attempt: 1,
+        log: silentLogger,
+      });
+      expect(manifestWritten).toBe(true);
+      expect(manifest.steps[0]).toMatchObject({ status: 'success', exitCode: 0, logTruncated: true });
+      const written = JSON.parse(await readFile(path.join(mount, 'j/results/result.json'), 'utf8'));
+      expect(written.status).toBe('success');
+      const log = await readFile(path.join(mount, 'j/results/step_0.log'), 'utf8');
+      expect(log).toContain('[mqtt-fs-worker] log cut: the drive is full');
+      expect(await readdir(path.join(mount, 'j/results'))).toEqual(['result.json', 'step_0.log']);
+    } finally {
+      execFileSync('umount', [mount]);
+    }
+  });
+});
