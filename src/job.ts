@@ -199,6 +199,12 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     manifest.status = 'error';
     manifest.exitCode = 1;
     manifest.error = toErrorInfo(error);
+    // A sync that failed half-way: the manifest lists exactly what it copied.
+    const partial = (error as { partial?: { artifacts: Artifact[]; skipped: SkippedEntry[] } }).partial;
+    if (partial) {
+      manifest.artifacts = [...partial.artifacts];
+      manifest.skipped = [...manifest.skipped, ...partial.skipped];
+    }
     if (!(error instanceof WorkerError)) log.error('unexpected error', { stack: (error as Error).stack });
   }
 

@@ -85,34 +85,51 @@ async function linkTarget(workspace: string, relative: string): Promise<string |
  * written through, and each file lands by rename, so a reader never sees half of it.
  */
 export async function syncResults(input: SyncInput): Promise<SyncResult> {
+  const done: Progress = { artifacts: [], skipped: [], bytes: 0 };
   try {
-    return await copyChanges(input);
+    await copyChanges(input, done);
+    return sorted(done);
   } catch (error) {
-    if (error instanceof WorkerError) throw error;
-    throw new WorkerError(
-      ErrorCode.SYNC_FAILED,
-      `Sync to ${input.resultsDir} failed: ${(error as Error).message}`,
-      {
-        cause: error,
-      },
-    );
+    // What was copied before the failure is in results/: the manifest lists exactly that.
+    const failure =
+      error instanceof WorkerError
+        ? error
+        : new WorkerError(ErrorCode.SYNC_FAILED, `Sync to results/ failed: ${(error as Error).message}`, {
+            cause: error,
+          });
+    throw Object.assign(failure, { partial: sorted(done) });
   }
 }
 
-async function copyChanges(input: SyncInput): Promise<SyncResult> {
+function sorted(result: SyncResult): SyncResult {
+  const byPath = <T extends { path: string }>(a: T, b: T) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0);
+  return {
+    ...result,
+    artifacts: [...result.artifacts].sort(byPath),
+    skipped: [...result.skipped].sort(byPath),
+  };
+}
+
+/** What a sync has done so far: filled in as it goes, so that a failure still knows what was copied. */
+interface Progress {
+  artifacts: Artifact[];
+  skipped: SkippedEntry[];
+  bytes: number;
+}
+
+async function copyChanges(input: SyncInput, done: Progress): Promise<void> {
   const { changed, skipped } = await findChanges(input);
-  const artifacts: Artifact[] = [];
+  done.skipped.push(...skipped);
   const dirs = new SafeDirs(input.resultsDir);
-  let bytes = 0;
   try {
     await forEachLimit(changed, SYNC_CONCURRENCY, async ({ path: relative, stats }) => {
       if (!relative.includes('/') && RESERVED.test(relative)) {
-        skipped.push({ path: relative, reason: 'reserved-name' });
+        done.skipped.push({ path: relative, reason: 'reserved-name' });
         return;
       }
       const parent = await dirs.ensure(path.posix.dirname(relative));
       if (parent === undefined) {
-        skipped.push({ path: relative, reason: 'not-a-directory' });
+        done.skipped.push({ path: relative, reason: 'not-a-directory' });
         return;
       }
       const sha256 = await copyHashed(
@@ -121,18 +138,15 @@ async function copyChanges(input: SyncInput): Promise<SyncResult> {
         stats,
       );
       if (sha256 === undefined) {
-        skipped.push({ path: relative, reason: 'unreadable' });
+        done.skipped.push({ path: relative, reason: 'unreadable' });
         return;
       }
-      artifacts.push({ path: relative, bytes: stats.size, sha256 });
-      bytes += stats.size;
+      done.artifacts.push({ path: relative, bytes: stats.size, sha256 });
+      done.bytes += stats.size;
     });
   } finally {
     await dirs.close();
   }
-  artifacts.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
-  skipped.sort((a, b) => (a.path < b.path ? -1 : a.path > b.path ? 1 : 0));
-  return { artifacts, skipped, bytes };
 }
 
 /** Copies `from` to `to` through a temp file and a rename; undefined when the source cannot be read. */

@@ -176,4 +176,30 @@ describe.skipIf(!isRoot)('a full drive', () => {
       execFileSync('umount', [mount]);
     }
   });
+
+  it('a sync that fills the drive is NO_SPACE, and the manifest lists exactly what was copied', {
+    timeout: 60_000,
+  }, async () => {
+    const mount = await tempDir('mfw-tmpfs-');
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m', 'tmpfs', mount]);
+    try {
+      const { config } = await engineFixture({ jobsDir: mount });
+      await mkdir(path.join(mount, 'j'));
+      const { manifest } = await runJob(config, {
+        request: { id: 'j', steps: ['echo small > a-small.txt && head -c 9000000 /dev/zero > z-big.bin'] },
+        attempt: 1,
+        log: silentLogger,
+      });
+      expect(manifest).toMatchObject({ status: 'error', error: { code: 'NO_SPACE' } });
+      const onDisk = (await readdir(path.join(mount, 'j/results'))).filter(
+        (n) => !/^(result\.json|step_\d+\.log)$/.test(n),
+      );
+      expect(manifest.artifacts.map((a: Manifest['artifacts'][number]) => a.path)).toEqual(onDisk.sort());
+      expect(onDisk).toEqual(['a-small.txt']); // no half-written z-big.bin or temp file left behind
+      const written = JSON.parse(await readFile(path.join(mount, 'j/results/result.json'), 'utf8'));
+      expect(written.error.code).toBe('NO_SPACE');
+    } finally {
+      execFileSync('umount', [mount]);
+    }
+  });
 });
