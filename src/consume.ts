@@ -2,6 +2,7 @@ import type { IClientOptions, IPublishPacket, MqttClient } from 'mqtt';
 import { type BrokerSettings, connectBroker, disconnect } from './broker.js';
 import { ErrorCode, WorkerError } from './errors.js';
 import type { Logger } from './log.js';
+import { isShared } from './topics.js';
 
 /** One message as delivered, with the means to acknowledge it (which is what removes it from the session). */
 export interface Delivery {
@@ -216,7 +217,7 @@ export function checkGrants(connack: Connack, input: GrantsInput): void {
   const topic = input.topic ?? '';
   if (granted.maximumQoS === 0)
     throw unsuitable('the broker allows QoS 0 only: jobs could be lost (maximum QoS 0)');
-  if (topic.startsWith('$share/') && granted.sharedSubscriptionAvailable === false) {
+  if (isShared(topic) && granted.sharedSubscriptionAvailable === false) {
     throw unsuitable(
       `the broker has no shared subscriptions, so ${topic} would never deliver a job; use the plain topic (pull dispatch)`,
     );

@@ -3,6 +3,7 @@ import type { MqttClient } from 'mqtt';
 import { type BrokerSettings, connectBroker, disconnect, publish } from './broker.js';
 import { type Delivery, JobConsumer } from './consume.js';
 import type { Logger } from './log.js';
+import { isShared } from './topics.js';
 
 export interface DrainInput {
   readonly settings: BrokerSettings;
@@ -37,7 +38,7 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
       topic: undefined,
       log: input.log,
     });
-  if (!input.topic.startsWith('$share/')) {
+  if (!isShared(input.topic)) {
     // Pull dispatch: every slot had its own copy of each request, so there is nothing to move; ending the
     // retired slot's session stops it from piling up copies until it expires.
     const consumer = await asSlot();

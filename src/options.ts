@@ -1,6 +1,7 @@
 import path from 'node:path';
 import { describeValue, ErrorCode, WorkerError } from './errors.js';
 import { idProblem, MAX_ID_LENGTH } from './ids.js';
+import { isShared, plainTopic, topicMatches } from './topics.js';
 import { parseDuration, parseSizeValue } from './units.js';
 
 /** Everything the worker can be told, after defaults and validation. Frozen. */
@@ -447,7 +448,7 @@ export function longFlag(def: OptionDef): string {
  * subscription's session holds the only copy of each job dealt to it: it never expires (retire it with drain).
  */
 function defaultSessionExpiryMs(topic: string): number | undefined {
-  return topic.startsWith('$share/') ? undefined : 24 * 60 * 60 * 1000;
+  return isShared(topic) ? undefined : 24 * 60 * 60 * 1000;
 }
 
 export function resolveOptions(
@@ -496,7 +497,7 @@ export function resolveOptions(
       `--response-topic-prefix: expected a topic prefix without wildcards, not starting with $, got ${describeValue(prefix)}`,
     );
   }
-  const filter = options.topic.replace(/^\$share\/[^/]+\//, '');
+  const filter = plainTopic(options.topic);
   for (const key of [
     'resultsTopic',
     'statusTopic',
@@ -529,17 +530,6 @@ export function resolveOptions(
     throw new WorkerError(ErrorCode.INVALID_OPTION, problems.join('\n'), { problems });
   }
   return Object.freeze(options);
-}
-
-/** Does an MQTT topic filter match a topic? */
-function topicMatches(filter: string, topic: string): boolean {
-  const f = filter.split('/');
-  const t = topic.split('/');
-  for (let i = 0; i < f.length; i++) {
-    if (f[i] === '#') return true;
-    if (i >= t.length || (f[i] !== '+' && f[i] !== t[i])) return false;
-  }
-  return f.length === t.length;
 }
 
 function resolveOne(

@@ -1,4 +1,4 @@
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import type { MqttClient } from 'mqtt';
 import { type BrokerSettings, connectBroker, disconnect, publish } from './broker.js';
 import { ErrorCode, WorkerError } from './errors.js';
@@ -6,6 +6,7 @@ import { parseRequest, type RawStep } from './job-spec.js';
 import type { Logger } from './log.js';
 import type { ResultPayload } from './report.js';
 import { signRequest } from './signing.js';
+import { plainTopic } from './topics.js';
 
 export interface SubmitInput {
   readonly settings: BrokerSettings;
@@ -38,12 +39,6 @@ export type SubmitOutcome =
   | { readonly kind: 'timeout'; readonly waitedFor: 'subscriber' | 'result' };
 
 const NO_MATCHING_SUBSCRIBERS = 0x10;
-
-/** `$share/group/jobs/pending` → `jobs/pending`: requests are published to the plain topic. */
-export function publishTopic(subscription: string): string {
-  const match = /^\$share\/[^/]+\/(.+)$/.exec(subscription);
-  return match ? (match[1] as string) : subscription;
-}
 
 /**
  * Publishes a job request, retrying while the broker answers that nobody is subscribed (it would drop the
@@ -81,8 +76,7 @@ export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
   }
 }
 
-const sha256 = (text: string): string =>
-  process.getBuiltinModule('node:crypto').createHash('sha256').update(text).digest('hex');
+const sha256 = (text: string): string => createHash('sha256').update(text).digest('hex');
 
 /** One request on its way: its connection (made again when lost, with `confirmMs`), what came back, what was sent. */
 class Submission {
@@ -179,7 +173,7 @@ class Submission {
 
   async #publish(deadline: number, closed: Promise<'closed'>): Promise<'published' | 'timeout' | 'closed'> {
     const client = this.#client as MqttClient;
-    const topic = publishTopic(this.#input.topic);
+    const topic = plainTopic(this.#input.topic);
     for (let delay = 200; ; delay = Math.min(delay * 2, 5000)) {
       const body = this.#sign();
       this.#sent.add(sha256(body));

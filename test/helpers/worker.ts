@@ -3,6 +3,7 @@ import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import mqtt, { type MqttClient } from 'mqtt';
+import { topicMatches } from '../../src/topics.js';
 import { tempDir } from './tmp.js';
 
 export const BIN = fileURLToPath(new URL('../../bin/mqtt-fs-worker.js', import.meta.url));
@@ -146,7 +147,7 @@ export async function collect(
 ): Promise<{ topic: string; body: Record<string, unknown>; properties?: unknown }[]> {
   const seen: { topic: string; body: Record<string, unknown>; properties?: unknown }[] = [];
   client.on('message', (topic, payload, packet) => {
-    if (!mqttMatch(filter, topic)) return;
+    if (!topicMatches(filter, topic)) return;
     try {
       seen.push({ topic, body: JSON.parse(payload.toString()), properties: packet.properties });
     } catch {
@@ -155,16 +156,6 @@ export async function collect(
   });
   await client.subscribeAsync(filter, { qos: 1 });
   return seen;
-}
-
-function mqttMatch(filter: string, topic: string): boolean {
-  const f = filter.split('/');
-  const t = topic.split('/');
-  for (let i = 0; i < f.length; i++) {
-    if (f[i] === '#') return true;
-    if (f[i] !== '+' && f[i] !== t[i]) return false;
-  }
-  return f.length === t.length;
 }
 
 export async function publishJob(
