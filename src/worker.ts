@@ -27,6 +27,7 @@ import {
 } from './paths.js';
 import { type Manifest, type ResultPayload, toResultPayload } from './report.js';
 import { addRunning, listRunning, removeRunning } from './running-index.js';
+import { isShared } from './topics.js';
 
 export interface WorkerInput {
   readonly options: Options;
@@ -125,10 +126,6 @@ function warnAboutSettings(options: Options, log: Logger): void {
       `--session-expiry ${options.sessionExpirySeconds}s with a shared subscription: the jobs dealt to this slot are lost if it stays away longer`,
     );
   }
-}
-
-export function isShared(topic: string): boolean {
-  return topic.startsWith('$share/');
 }
 
 function presenceTopic(options: Options): string {
@@ -337,7 +334,6 @@ async function handleDelivery(
   const { request } = parsed;
   const jobLog = log.child({ job: request.id });
   let folder: JobFolder;
-  let state: ClaimState;
   try {
     folder = await openJobFolder(options.jobsDir, request.id, request.steps !== undefined);
   } catch (error) {
@@ -353,7 +349,7 @@ async function handleDelivery(
   }
   let claim: Claim | undefined;
   try {
-    state = await inspectClaim(folder.results.path, input.identity, options.claimLeaseMs, now());
+    const state = await inspectFolder(folder, input);
     const stored: StoredRequest = {
       request: JSON.stringify(request),
       ...responseOf(delivery, input, request, jobLog),
@@ -378,6 +374,23 @@ async function openJobFolder(jobsDir: string, id: string, create: boolean): Prom
   return { paths, results: await holdResults(paths.resultsDir) };
 }
 
+function inspectFolder(folder: JobFolder, input: WorkerInput): Promise<ClaimState> {
+  const now = (input.now ?? Date.now)();
+  return inspectClaim(folder.results.path, input.identity, input.options.claimLeaseMs, now);
+}
+
+/** Claims `attempt` of the job in `folder` for this process, keeping the request that asked for it. */
+function claimAttempt(
+  folder: JobFolder,
+  input: WorkerInput,
+  attempt: number,
+  stored: StoredRequest,
+  request: JobRequest,
+): Promise<Claim | undefined> {
+  const now = new Date((input.now ?? Date.now)());
+  return acquireClaim(folder.results.path, input.identity, attempt, now, { ...stored, rerun: request.rerun });
+}
+
 /**
  * Takes the job's next attempt when it is free (or finished, for a new re-run token); otherwise settles what the
  * claim says (a finished result its dead runner never published is published by exactly one slot) and returns
@@ -392,7 +405,6 @@ async function claimOrSettle(
   stored: StoredRequest,
   log: Logger,
 ): Promise<Claim | undefined> {
-  const now = input.now ?? Date.now;
   let state = first;
   for (let tries = 0; tries < 3; tries++) {
     if (state.kind === 'finished' && request.rerun !== undefined && request.rerun !== state.claim.rerun) {
@@ -411,12 +423,9 @@ async function claimOrSettle(
     }
     if (state.why) log.warn(`taking over: ${state.why}`, { attempt: state.attempt });
     await addRunning(folder.paths.root, request.id);
-    const claim = await acquireClaim(folder.results.path, input.identity, state.attempt, new Date(now()), {
-      ...stored,
-      rerun: request.rerun,
-    });
+    const claim = await claimAttempt(folder, input, state.attempt, stored, request);
     if (claim) return claim;
-    state = await inspectClaim(folder.results.path, input.identity, input.options.claimLeaseMs, now());
+    state = await inspectFolder(folder, input);
   }
   return undefined;
 }
@@ -491,11 +500,10 @@ async function lookAtRunning(
   id: string,
   log: Logger,
 ): Promise<WorkerOutcome | undefined> {
-  const now = input.now ?? Date.now;
   const folder = await openJobFolder(input.options.jobsDir, id, false);
   let claim: Claim | undefined;
   try {
-    const state = await inspectClaim(folder.results.path, input.identity, input.options.claimLeaseMs, now());
+    const state = await inspectFolder(folder, input);
     if (state.kind === 'live') return undefined;
     if (state.kind === 'finished') {
       await settleFinished(links, input, folder, state, log);
@@ -507,10 +515,7 @@ async function lookAtRunning(
       return undefined;
     }
     log.warn(`taking over from the index of running jobs: ${state.why}`, { attempt: state.attempt });
-    claim = await acquireClaim(folder.results.path, input.identity, state.attempt, new Date(now()), {
-      ...stored.stored,
-      rerun: stored.request.rerun,
-    });
+    claim = await claimAttempt(folder, input, state.attempt, stored.stored, stored.request);
     return claim ? await runClaimed(links, input, { ...stored, folder, claim }) : undefined;
   } finally {
     if (!claim) await folder.results.close();
