@@ -1,5 +1,3 @@
-import { constants } from 'node:fs';
-import { access, mkdir } from 'node:fs/promises';
 import { connectBroker, disconnect } from './broker.js';
 import { type Connack, checkGrants } from './consume.js';
 import type { EngineConfig } from './job.js';
@@ -7,6 +5,7 @@ import { effectiveLimits, openJobLimits } from './limits/index.js';
 import type { Logger } from './log.js';
 import type { Options } from './options.js';
 import { jobsDirProblem } from './paths.js';
+import { workspacesProblem } from './preflight.js';
 
 // `doctor`: the worker's preflight, the cgroup mode and the broker connection, checked and printed for a human.
 // It never subscribes to the jobs topic (a probe on a clean session could take a real job and lose it).
@@ -23,16 +22,7 @@ export async function doctor(options: Options, config: EngineConfig): Promise<Ch
     checks.push({ name, ok: problem === undefined, detail: problem ?? detail });
   };
   add('jobs directory', await jobsDirProblem(options.jobsDir), options.jobsDir);
-  add(
-    'workspaces directory',
-    await mkdir(options.workspacesDir, { recursive: true })
-      .then(() => access(options.workspacesDir, constants.W_OK | constants.X_OK))
-      .then(
-        () => undefined,
-        (error: NodeJS.ErrnoException) => `${options.workspacesDir} cannot be written: ${error.code}`,
-      ),
-    options.workspacesDir,
-  );
+  add('workspaces directory', await workspacesProblem(options.workspacesDir), options.workspacesDir);
   const settings = config.limits ?? { policy: 'off' as const, defaults: {}, ceilings: {} };
   let defaults: ReturnType<typeof effectiveLimits> | undefined;
   try {

@@ -56,7 +56,8 @@ async function cgroupsProblem(input: PreflightInput, defaults: EffectiveLimits):
   }
 }
 
-async function workspacesProblem(dir: string): Promise<string | undefined> {
+/** Why the workspaces directory cannot be used (it is created when missing), or undefined. */
+export async function workspacesProblem(dir: string): Promise<string | undefined> {
   try {
     await mkdir(dir, { recursive: true });
     await access(dir, constants.W_OK | constants.X_OK);
