@@ -134,7 +134,7 @@ await build({
 });
 await build({ ...common, entryPoints: { launch: 'src/launch.ts' } });
 // The library API (`exports["."]`) as one ES module too, so that the package needs no runtime dependencies:
-// everything it uses is in dist/. Its CommonJS parts (fast-glob, commander…) require Node's modules through a
+// everything it uses is in dist/. Its CommonJS parts (picomatch, commander…) require Node's modules through a
 // require made for the bundle.
 await build({
   entryPoints: { index: 'src/index.ts' },

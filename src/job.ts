@@ -83,7 +83,7 @@ export interface JobOutcome {
 
 const LIMITS_OFF: LimitSettings = { policy: 'off', defaults: {}, ceilings: {} };
 
-// The sync stage's code (fast-glob and its pattern compilers, ~1.5 ms to load) loads while the first step runs.
+// The sync stage's code (picomatch, its pattern compiler, ~1 ms to load) loads while the first step runs.
 const loadSync = () => import('./sync.js');
 
 /** Names in `results/` that survive the reset at the start of a run (the claim, see claim.ts). */
@@ -347,6 +347,7 @@ function pendingStep(step: StepSpec): StepRecord {
     cpuMs: null,
     oomKilled: null,
     limitsHit: null,
+    leftoversKilled: 0,
   };
 }
 
@@ -432,6 +433,7 @@ async function runSteps(
       logBytes: result.logBytes,
       logTruncated: result.logTruncated,
       ...result.accounting,
+      leftoversKilled: result.leftoversKilled,
     });
     emit({
       type: 'step-ended',
@@ -446,6 +448,7 @@ async function runSteps(
         ...(result.logTruncated ? { logTruncated: true } : {}),
         ...(result.accounting.oomKilled ? { oomKilled: true } : {}),
         ...(result.accounting.limitsHit?.length ? { limitsHit: result.accounting.limitsHit.join(',') } : {}),
+        ...(result.leftoversKilled ? { leftoversKilled: result.leftoversKilled } : {}),
       },
     );
     if (record.status === 'success' || (record.status === 'failed' && step.continueOnError)) continue;

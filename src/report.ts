@@ -26,6 +26,8 @@ export interface StepRecord {
   cpuMs: number | null;
   oomKilled: boolean | null;
   limitsHit: readonly ('cpus' | 'memory' | 'pids')[] | null;
+  /** Without a cgroup: processes the step left behind outside its process group, found by their tag and killed. */
+  leftoversKilled: number;
 }
 
 export interface ErrorInfo {

@@ -2,6 +2,7 @@ import { spawn } from 'node:child_process';
 import { constants as osConstants } from 'node:os';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { killTagged, newStepTag, TAG_VARIABLE } from './leftovers.js';
 import { LogSink } from './log-sink.js';
 import { StreamMasker } from './mask.js';
 
@@ -71,6 +72,8 @@ export interface StepOutcome {
   readonly accounting: StepAccounting;
   /** The step could not be started at all (shell missing, workspace gone). */
   readonly spawnError: string | null;
+  /** Without a sandbox: how many processes the step left behind outside its process group, killed by their tag. */
+  readonly leftoversKilled: number;
 }
 
 // The gate, `sh -c GATE name command n file… [setpriv argument…]`: wait for one line on stdin (sent once the log is
@@ -114,9 +117,11 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   const gate = ['-c', GATE, 'mqtt-fs-worker-step', input.command, String(selfJoin.length), ...selfJoin];
   // node:child_process rather than execa: the gate needs raw control of the child (its own process group, stdin
   // as the release, output streamed, the bare exit event) and execa's load time would be paid on every job.
+  // Without a sandbox, the environment tag is what finds the processes that left the step's group (leftovers.ts).
+  const tag = sandbox ? undefined : newStepTag();
   const subprocess = spawn('/bin/sh', [...gate, ...(input.setpriv ?? [])], {
     cwd: input.cwd,
-    env: input.env,
+    env: tag ? { ...input.env, [TAG_VARIABLE]: tag } : input.env,
     // Descriptor 3 carries what went wrong if the gate could not move itself into the sandbox.
     stdio: ['pipe', 'pipe', 'ignore', ...(selfJoin.length > 0 ? (['pipe'] as const) : [])],
     detached: true,
@@ -180,6 +185,7 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     input.signal?.removeEventListener('abort', onAbort);
     // Whatever the step left behind (background jobs, daemons) dies with it.
     if (pid !== undefined) killGroup(pid, 'SIGKILL');
+    const leftoversKilled = tag && pid !== undefined ? killTagged(tag, pid) : 0;
     const accounting = input.sandbox ? await input.sandbox.close() : NO_ACCOUNTING;
     clearTimeout(graceTimer);
     await drain(output, sink, subprocess.stdout);
@@ -191,6 +197,7 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
       logTruncated: sink.truncated,
       accounting,
       spawnError,
+      leftoversKilled,
     };
   } finally {
     clearTimeout(timeoutTimer);

@@ -1,8 +1,8 @@
-import { constants, type ReadStream, type Stats } from 'node:fs';
+import { constants, type Dirent, lstatSync, type ReadStream, readdirSync, type Stats } from 'node:fs';
 import { chmod, mkdir, open, readlink, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
-import fg from 'fast-glob';
+import picomatch from 'picomatch';
 import { ErrorCode, WorkerError } from './errors.js';
 import { type HeldDir, holdDirectory } from './paths.js';
 import { fileFingerprint, linkFingerprint, type SkippedEntry, type Snapshot } from './stage.js';
@@ -41,22 +41,11 @@ export async function findChanges(input: Omit<SyncInput, 'resultsDir'>): Promise
   changed: { path: string; stats: Stats }[];
   skipped: SkippedEntry[];
 }> {
-  const entries = await fg(input.include as string[], {
-    cwd: input.workspace,
-    dot: true,
-    onlyFiles: false,
-    followSymbolicLinks: false,
-    ignore: input.exclude as string[],
-    stats: true,
-    objectMode: true,
-    unique: true,
-    suppressErrors: true,
-  });
+  const entries = walkWorkspace(input.workspace, input.include, input.exclude);
   const changed: { path: string; stats: Stats }[] = [];
   const skipped: SkippedEntry[] = [];
   for (const entry of entries) {
     const stats = entry.stats;
-    if (!stats || stats.isDirectory()) continue;
     const before = input.snapshot.get(entry.path);
     if (stats.isFile()) {
       if (before !== fileFingerprint(stats)) changed.push({ path: entry.path, stats });
@@ -73,6 +62,53 @@ export async function findChanges(input: Omit<SyncInput, 'resultsDir'>): Promise
     }
   }
   return { changed, skipped };
+}
+
+/**
+ * Every non-directory entry under `root` that the patterns select, with its lstat. The job's patterns are matched
+ * with `.` matching a newline too, so a name with one is a name like any other (fast-glob's own matching of `**`
+ * never selects such a name, nor anything below a folder so named: the sync walks the workspace itself). A
+ * directory an exclude matches is not entered, as with a glob's ignore.
+ */
+function walkWorkspace(
+  root: string,
+  include: readonly string[],
+  exclude: readonly string[],
+): { path: string; stats: Stats }[] {
+  const options = { dot: true, flags: 's' };
+  const included = picomatch(include as string[], options);
+  const excluded = exclude.length > 0 ? picomatch(exclude as string[], options) : () => false;
+  const found: { path: string; stats: Stats }[] = [];
+  // Synchronous calls: the workspace is local and its metadata cached after the steps, so each call takes a few
+  // microseconds where a promise through the thread pool costs tens (bench/run's 20,000-file row: 257 ms, against
+  // 340 ms with fast-glob and 598 ms with promises).
+  const visit = (relative: string): void => {
+    let entries: Dirent[];
+    try {
+      entries = readdirSync(path.join(root, relative), { withFileTypes: true });
+    } catch {
+      return; // removed while listed, or unreadable: nothing to sync there
+    }
+    for (const entry of entries) {
+      const rel = relative ? `${relative}/${entry.name}` : entry.name;
+      if (excluded(rel)) continue;
+      if (entry.isDirectory()) visit(rel);
+      else if (included(rel)) {
+        const stats = lstatOrUndefined(path.join(root, rel));
+        if (stats) found.push({ path: rel, stats });
+      }
+    }
+  };
+  visit('');
+  return found;
+}
+
+function lstatOrUndefined(file: string): Stats | undefined {
+  try {
+    return lstatSync(file);
+  } catch {
+    return undefined; // gone since the listing
+  }
 }
 
 async function linkTarget(workspace: string, relative: string): Promise<string | undefined> {

@@ -1,5 +1,5 @@
 import { execFileSync } from 'node:child_process';
-import { chmod, chown, mkdir, readdir, readFile } from 'node:fs/promises';
+import { chmod, chown, mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { inspectClaim, selfIdentity } from '../src/claim.js';
@@ -124,6 +124,27 @@ describe('file names', () => {
       long,
     ]);
     expect(await readFile(path.join(jobs, 'j/results', long), 'utf8')).toBe('a\n');
+  });
+
+  it('syncs names with a newline or a tab like any other, by the default and by a pattern', async () => {
+    const { jobs, config } = await engineFixture();
+    await mkdir(path.join(jobs, 'j'));
+    const make = `printf x > "$(printf 'new\\nline')"; mkdir -p "d/$(printf 'sub\\ndir')"; printf y > "d/$(printf 'sub\\ndir')/f"; printf z > "$(printf 'tab\\tname')"`;
+    const run = async (artifacts?: object) => {
+      await writeFile(path.join(jobs, 'j/job.json'), JSON.stringify({ steps: [make], artifacts }));
+      const { manifest } = await runJob(config, {
+        request: { id: 'j', steps: undefined },
+        attempt: 1,
+        log: silentLogger,
+      });
+      expect(manifest.status, JSON.stringify(manifest.error)).toBe('success');
+      expect(manifest.skipped).toEqual([]);
+      return manifest.artifacts.map((a: Manifest['artifacts'][number]) => a.path).sort();
+    };
+    expect(await run()).toEqual(['d/sub\ndir/f', 'new\nline', 'tab\tname']);
+    expect(await readFile(path.join(jobs, 'j/results/d/sub\ndir/f'), 'utf8')).toBe('y');
+    expect(await run({ include: ['d/**'] })).toEqual(['d/sub\ndir/f']);
+    expect(await run({ exclude: ['d/**', 'tab*'] })).toEqual(['new\nline']);
   });
 });
 

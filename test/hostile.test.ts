@@ -154,6 +154,70 @@ describe('hostile input', () => {
     await client.endAsync();
   });
 
+  it('after each message that used to freeze a slot, SIGTERM stops the worker within the grace, and the slot then runs a good job', {
+    timeout: 180_000,
+  }, async () => {
+    const dirs = await fleetDirs();
+    await writeTree(dirs.jobs, {
+      'share-reply': null,
+      'sys-reply': null,
+      'fifo-claim/job.json': '{"steps":["true"]}',
+    });
+    await mkdir(path.join(dirs.jobs, 'fifo-claim/results'));
+    execFileSync('mkfifo', [path.join(dirs.jobs, 'fifo-claim/results/.mqtt-fs-worker.claim.1')]);
+    const slot = slotId('slot-t');
+    const grace = ['--kill-grace', '10s', '--secret', 'k3y', '--idle-timeout', '10m'];
+    const client = await testClient(broker().url);
+    const results = await collect(client, 'jobs/results/+');
+    const deep = `{"id":"deep","x":${'['.repeat(100_000)}${']'.repeat(100_000)}}`;
+    const signed = (id: string) => JSON.stringify(signRequest({ id, steps: ['true'] }, 'k3y', Date.now()));
+    // Rejected ones leave the worker waiting for the next request; the others run, publish and exit.
+    const cases: [string, string, Record<string, string>, 'waiting' | 'exited'][] = [
+      ['deeply nested JSON with --secret', deep, {}, 'waiting'],
+      ['a 1 MB request', JSON.stringify({ id: 'huge', pad: 'x'.repeat(1024 * 1024) }), {}, 'waiting'],
+      [
+        'a response topic under $share',
+        signed('share-reply'),
+        { responseTopic: '$share/g/replies' },
+        'exited',
+      ],
+      ['a response topic under $SYS', signed('sys-reply'), { responseTopic: '$SYS/x' }, 'exited'],
+      ['a FIFO as a claim file', signed('fifo-claim'), {}, 'exited'],
+    ];
+    for (const [name, payload, properties, expected] of cases) {
+      const before = results.length;
+      const worker = startWorker(workerArgs(broker().url, dirs, slot, grace));
+      await worker.sawLog('waiting for one job');
+      await publishJob(client, payload, properties);
+      // Answered: rejected and acknowledged (the worker waits for the next), or run and published (it exits).
+      const settled = await Promise.race([
+        worker.sawLog(/rejected|INVALID|nested more than/).then(() => 'waiting' as const),
+        worker.exited.then(() => 'exited' as const),
+      ]);
+      expect(settled, name).toBe(expected);
+      if (settled === 'waiting') {
+        const stopped = Date.now();
+        worker.child.kill('SIGTERM');
+        const exit = await worker.exited;
+        expect(Date.now() - stopped, name).toBeLessThan(10_000);
+        expect(exit.code, `${name}: ${exit.stderr}`).toBe(0);
+      } else {
+        expect((await worker.exited).code, name).toBe(0);
+        await waitFor(() => results.length > before, 5000);
+      }
+      expect((await worker.exited).stderr, name).not.toMatch(/\n\s+at /);
+      // The same slot runs a good job next: the hostile message neither came back nor blocked anything.
+      const good = `good-${cases.findIndex((c) => c[0] === name)}`;
+      await writeTree(dirs.jobs, { [good]: null });
+      await publishJob(client, signed(good));
+      const next = await runWorkerOnce(workerArgs(broker().url, dirs, slot, grace));
+      expect(next.code, `${name}: ${next.stderr}`).toBe(0);
+      await waitFor(() => results.some((r) => r.body.id === good));
+      expect(results.find((r) => r.body.id === good)?.body, name).toMatchObject({ status: 'success' });
+    }
+    await client.endAsync();
+  });
+
   it('ignores a response topic it may not publish to ($SYS, $share, wildcards) and keeps working', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, { a: null, b: null, c: null, d: null, good: null });

@@ -112,16 +112,32 @@ describe('runStep', () => {
     await waitFor(() => !isAlive(pid), 2000);
   });
 
-  it('does not wait forever for output held open by a process that escaped the group', async () => {
+  it('without a sandbox, kills setsid and double-forked daemons by their environment tag', async () => {
     const { dir, base } = await setup();
-    const started = Date.now();
     const outcome = await runStep({
       ...base,
-      command: `setsid sh -c 'echo $$ > ${dir}/escaped.pid; sleep 30' & sleep 0.2; echo main done`,
+      command: [
+        `setsid sh -c 'echo $$ > ${dir}/escaped.pid; exec sleep 300' &`,
+        `sh -c "setsid sh -c 'echo \\$\\$ > ${dir}/forked.pid; exec sleep 300' & exit 0" &`,
+        `until [ -s ${dir}/escaped.pid ] && [ -s ${dir}/forked.pid ]; do sleep 0.05; done; echo main done`,
+      ].join('\n'),
     });
-    expect(outcome.exitCode).toBe(0);
-    expect(Date.now() - started).toBeLessThan(8000);
+    expect(outcome).toMatchObject({ exitCode: 0, leftoversKilled: 2 });
+    for (const name of ['escaped.pid', 'forked.pid']) {
+      const pid = Number(await readFile(path.join(dir, name), 'utf8'));
+      await waitFor(() => !isAlive(pid), 2000);
+    }
+  });
+
+  it('does not wait forever for output held open by a process that escaped the group and its tag', async () => {
+    const { dir, base } = await setup();
+    const outcome = await runStep({
+      ...base,
+      command: `env -i setsid sh -c 'echo $$ > ${dir}/escaped.pid; sleep 30' & sleep 0.2; echo main done`,
+    });
+    expect(outcome).toMatchObject({ exitCode: 0, leftoversKilled: 0 });
     const pid = Number(await readFile(path.join(dir, 'escaped.pid'), 'utf8'));
+    expect(isAlive(pid)).toBe(true); // what the README and limits.reason warn about
     process.kill(pid, 'SIGKILL');
   });
 

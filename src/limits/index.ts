@@ -56,9 +56,10 @@ export interface JobLimits {
 }
 
 const NONE: EffectiveLimits = { cpus: null, memoryBytes: null, pids: null };
-// What a job without a cgroup must know: the worker kills a step's process group, and nothing that left it.
+// What a job without a cgroup must know: what a step leaves behind is found by an environment tag (leftovers.ts),
+// which a process can drop.
 const UNCONTAINED =
-  '; without a cgroup, processes a step moved out of its process group (setsid, daemons) are not killed when it ends';
+  '; without a cgroup, processes a step leaves behind (setsid, daemons) are found by an environment tag and killed when it ends, except any that cleared their environment';
 
 /**
  * Sets up the cgroups of a job (with the limits `effectiveLimits` gave): cgroup v2 where the worker's own cgroup
