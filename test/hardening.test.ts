@@ -7,7 +7,7 @@ import { runJob } from '../src/job.js';
 import { silentLogger } from '../src/log.js';
 import type { Manifest } from '../src/report.js';
 import { engineFixture } from './helpers/engine.js';
-import { tempDir, writeTree } from './helpers/tmp.js';
+import { isAlive, tempDir, waitFor, writeTree } from './helpers/tmp.js';
 
 // What a step (or anyone who can write a job folder) may try against the root worker: real files, real users.
 
@@ -222,5 +222,30 @@ describe.skipIf(!isRoot)('a full drive', () => {
     } finally {
       execFileSync('umount', [mount]);
     }
+  });
+});
+
+describe('without cgroups', () => {
+  it('kills a double-forked daemon a step left, counts it, and says what it cannot catch', async () => {
+    const { jobs, config } = await engineFixture(); // no limits settings: --limits off
+    const dir = await tempDir();
+    await writeTree(jobs, {
+      'j/job.json': JSON.stringify({
+        steps: [
+          `sh -c "setsid sh -c 'echo \\$\\$ > ${dir}/daemon.pid; exec sleep 300' & exit 0"; until [ -s ${dir}/daemon.pid ]; do sleep 0.05; done`,
+        ],
+      }),
+    });
+    const { manifest } = await runJob(config, {
+      request: { id: 'j', steps: undefined },
+      attempt: 1,
+      log: silentLogger,
+    });
+    expect(manifest.status, JSON.stringify(manifest.error)).toBe('success');
+    expect(manifest.limits.mode).toBe('none');
+    expect(manifest.limits.reason).toContain('except any that cleared their environment');
+    expect(manifest.steps[0]?.leftoversKilled).toBe(1);
+    const pid = Number(await readFile(path.join(dir, 'daemon.pid'), 'utf8'));
+    await waitFor(() => !isAlive(pid), 2000);
   });
 });
