@@ -10,6 +10,7 @@ export interface DryRunInput {
   readonly log: Logger;
   readonly signal?: AbortSignal;
   readonly onEvent?: (event: JobEvent) => void;
+  readonly onOutput?: (step: number, chunk: Buffer) => void;
 }
 
 /**
@@ -50,5 +51,6 @@ export async function dryRun(input: DryRunInput): Promise<JobOutcome> {
     log,
     ...(input.signal ? { signal: input.signal } : {}),
     ...(input.onEvent ? { onEvent: input.onEvent } : {}),
+    ...(input.onOutput ? { onOutput: input.onOutput } : {}),
   });
 }

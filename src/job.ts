@@ -62,6 +62,8 @@ export interface JobRun {
   /** Aborting stops the running step; its reason (a StopReason) decides the outcome. */
   readonly signal?: AbortSignal;
   readonly onEvent?: (event: JobEvent) => void;
+  /** Each step's output as its log gets it (a dry run's live view). */
+  readonly onOutput?: (step: number, chunk: Buffer) => void;
   /** The job's folder, when the caller resolved it already (the broker worker does, to claim it first). */
   readonly paths?: JobPaths;
   /** Its results/, held open by the caller (see holdResults); the caller closes it. */
@@ -418,6 +420,7 @@ async function runSteps(
       ...(run.signal ? { signal: run.signal } : {}),
       ...(limits.cgroups ? { sandbox: await limits.cgroups.step(step.index) } : {}),
       ...(config.runAs ? { setpriv: setprivArgs(config.runAs) } : {}),
+      ...(run.onOutput ? { onOutput: (chunk: Buffer) => run.onOutput?.(step.index, chunk) } : {}),
       onStarted: () => {
         loadSync().catch(() => {}); // a failure shows where the sync awaits it
       },

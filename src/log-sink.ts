@@ -39,16 +39,24 @@ export class LogSink extends Writable {
   readonly #handle: FileHandle;
   readonly #maxBytes: number;
   readonly #masker: StreamMasker | undefined;
+  readonly #tap: ((chunk: Buffer) => void) | undefined;
 
-  constructor(handle: FileHandle, maxBytes: number, masker?: StreamMasker) {
+  /** `tap` sees every chunk the file gets (masked, up to the cap, the marker included): a dry run's live view. */
+  constructor(handle: FileHandle, maxBytes: number, masker?: StreamMasker, tap?: (chunk: Buffer) => void) {
     super({ highWaterMark: 1024 * 1024 });
     this.#handle = handle;
     this.#maxBytes = maxBytes;
     this.#masker = masker?.active ? masker : undefined;
+    this.#tap = tap;
   }
 
-  static async create(file: string, maxBytes: number, masker?: StreamMasker): Promise<LogSink> {
-    return new LogSink(await createFresh(file), maxBytes, masker);
+  static async create(
+    file: string,
+    maxBytes: number,
+    masker?: StreamMasker,
+    tap?: (chunk: Buffer) => void,
+  ): Promise<LogSink> {
+    return new LogSink(await createFresh(file), maxBytes, masker, tap);
   }
 
   override _writev(chunks: { chunk: Buffer }[], callback: (error?: Error | null) => void): void {
@@ -82,13 +90,16 @@ export class LogSink extends Writable {
         buffers.push(this.#marker());
       }
     }
-    if (buffers.length === 0) callback();
-    else
-      this.#writeAll(buffers).then(
-        () => callback(),
-        (error: NodeJS.ErrnoException) =>
-          error.code === 'ENOSPC' || error.code === 'EDQUOT' ? this.#cutForSpace(callback) : callback(error),
-      );
+    if (buffers.length === 0) {
+      callback();
+      return;
+    }
+    if (this.#tap) for (const buffer of buffers) this.#tap(buffer);
+    this.#writeAll(buffers).then(
+      () => callback(),
+      (error: NodeJS.ErrnoException) =>
+        error.code === 'ENOSPC' || error.code === 'EDQUOT' ? this.#cutForSpace(callback) : callback(error),
+    );
   }
 
   /**

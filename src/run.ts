@@ -57,6 +57,8 @@ export interface RunStepInput {
   readonly secrets?: readonly string[];
   /** setpriv arguments: the gate drops to this user (after joining the sandbox, which needs root). */
   readonly setpriv?: readonly string[];
+  /** Sees the output as the log gets it (masked, up to the cap). */
+  readonly onOutput?: (chunk: Buffer) => void;
   /** Called once the command is released to run: work to overlap with the step. */
   readonly onStarted?: () => void;
 }
@@ -111,7 +113,12 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
  */
 export async function runStep(input: RunStepInput): Promise<StepOutcome> {
   // The log file is opened while the step is spawned and moved into its sandbox: it waits at its gate till then.
-  const opening = LogSink.create(input.logFile, input.maxLogBytes, new StreamMasker(input.secrets ?? []));
+  const opening = LogSink.create(
+    input.logFile,
+    input.maxLogBytes,
+    new StreamMasker(input.secrets ?? []),
+    input.onOutput,
+  );
   const sandbox = input.sandbox;
   const selfJoin = sandbox && 'selfJoin' in sandbox ? sandbox.selfJoin : [];
   const gate = ['-c', GATE, 'mqtt-fs-worker-step', input.command, String(selfJoin.length), ...selfJoin];
