@@ -432,10 +432,68 @@ async function runDrain(quiet: string | undefined, flags: OptionFlags): Promise<
     slot: options.id,
     topic: options.topic,
     quietMs,
+    presenceTopic: `${options.presenceTopic}/${options.id}`,
     log: logger(options),
   });
   writeStdio(1, `${JSON.stringify({ slot: options.id, moved: outcome.moved })}\n`);
   return ExitCode.OK;
+}
+
+interface WorkersFlags {
+  json?: boolean;
+  watch?: boolean;
+  abandonedAfter?: string;
+}
+
+async function runWorkers(workersFlags: WorkersFlags, flags: OptionFlags): Promise<number> {
+  const options = await resolve(flags);
+  const abandonedAfterMs = parseDuration(workersFlags.abandonedAfter ?? '1h');
+  if (abandonedAfterMs === undefined)
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--abandoned-after: expected a duration like "1h", got ${JSON.stringify(workersFlags.abandonedAfter)}`,
+    );
+  const [{ listWorkers, slotRows, formatWorkers }, tty] = await Promise.all([
+    import('./workers.js'),
+    import('node:tty'),
+  ]);
+  const terminal = tty.isatty(1);
+  const show = (slots: Parameters<typeof slotRows>[0], redraw: boolean): void => {
+    const now = Date.now();
+    const rows = slotRows(slots, now, abandonedAfterMs);
+    if (workersFlags.json)
+      writeStdio(1, `${JSON.stringify(rows, null, workersFlags.watch ? undefined : 2)}\n`);
+    else
+      writeStdio(
+        1,
+        `${redraw ? '\u001b[H\u001b[2J' : ''}${formatWorkers(rows, now, terminal && !process.env.NO_COLOR)}`,
+      );
+  };
+  if (!workersFlags.watch) {
+    show(await listWorkers({ settings: options, presenceTopic: options.presenceTopic }), false);
+    return ExitCode.OK;
+  }
+  // Followed until Ctrl-C: the whole list again at each change (redrawn in place on a terminal, one JSON line each
+  // otherwise), and every 5 s on a terminal so that the durations move.
+  const interrupt = interruptOnSignals();
+  let latest: Parameters<typeof slotRows>[0] = [];
+  const redraw = terminal && !workersFlags.json;
+  const ticker = redraw ? setInterval(() => show(latest, true), 5000) : undefined;
+  try {
+    await listWorkers({
+      settings: options,
+      presenceTopic: options.presenceTopic,
+      signal: interrupt.signal,
+      onChange: (slots) => {
+        latest = slots;
+        show(slots, redraw);
+      },
+    });
+    return ExitCode.OK;
+  } finally {
+    clearInterval(ticker);
+    interrupt.dispose();
+  }
 }
 
 function addWorkerOptions(command: Command, keyOf: Map<string, keyof Options>): Command {
@@ -497,7 +555,7 @@ function buildProgram(
         run(async () => {
           throw new WorkerError(
             ErrorCode.INVALID_OPTION,
-            `unknown command '${word}' (commands: validate, submit, doctor, drain, help; see --help)`,
+            `unknown command '${word}' (commands: validate, submit, status, workers, doctor, drain, help; see --help)`,
           );
         });
         return;
@@ -548,6 +606,16 @@ function buildProgram(
         'check what a worker needs here (folders, limits, cgroups, the broker) and print each check',
       ),
   ).action((parsed: Record<string, unknown>) => run(() => runDoctor(flagsOf(parsed))));
+  withWorkerOptions(
+    program
+      .command('workers')
+      .description('list the slots from their retained presence: state, job, step, version, host')
+      .option('--json', 'print JSON (with --watch: one line per change)')
+      .option('--watch', 'follow changes until Ctrl-C')
+      .option('--abandoned-after <duration>', 'call a slot offline for longer than this abandoned', '1h'),
+  ).action((parsed: Record<string, unknown>) =>
+    run(() => runWorkers(parsed as WorkersFlags, flagsOf(parsed))),
+  );
   withWorkerOptions(
     program
       .command('drain')

@@ -13,6 +13,8 @@ export interface DrainInput {
   readonly topic: string;
   /** Stop when no message came for this long. */
   readonly quietMs: number;
+  /** The slot's retained presence topic, cleared at the end so that `workers` no longer lists it. */
+  readonly presenceTopic?: string;
   readonly log: Logger;
 }
 
@@ -42,6 +44,7 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
     // Pull dispatch: every slot had its own copy of each request, so there is nothing to move; ending the
     // retired slot's session stops it from piling up copies until it expires.
     const consumer = await asSlot();
+    await clearPresence(consumer.client, input);
     await endSession(consumer.client);
     input.log.info(`ended slot ${input.slot}'s session (pull dispatch: its requests are every slot's too)`);
     return { moved: 0 };
@@ -64,6 +67,7 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
         new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), input.quietMs)),
       ]);
       if (!delivery) {
+        await clearPresence(consumer.client, input);
         await endSession(consumer.client);
         break;
       }
@@ -98,4 +102,10 @@ async function move(publisher: MqttClient, delivery: Delivery, input: DrainInput
 /** Ends the slot's session: a DISCONNECT with session expiry 0 has the broker discard it. */
 async function endSession(client: MqttClient): Promise<void> {
   await disconnect(client, { sessionExpiry: 0 });
+}
+
+/** An empty retained message removes the slot's presence. */
+async function clearPresence(client: MqttClient, input: DrainInput): Promise<void> {
+  if (input.presenceTopic === undefined) return;
+  await publish(client, input.presenceTopic, '', { qos: 1, retain: true }).catch(() => {});
 }

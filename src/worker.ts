@@ -25,6 +25,7 @@ import {
   resolveJobPaths,
   resolveJobsRoot,
 } from './paths.js';
+import { type PresenceSource, presenceMessage } from './presence.js';
 import { type Manifest, type ResultPayload, toResultPayload } from './report.js';
 import { addRunning, listRunning, removeRunning } from './running-index.js';
 import { isShared } from './topics.js';
@@ -70,6 +71,12 @@ const loadEngine = () => import('./job.js');
 export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
   const { options, log } = input;
   warnAboutSettings(options, log);
+  const source: PresenceSource = {
+    id: options.id,
+    host: input.config.hostname,
+    version: input.config.version,
+    connectedAt: new Date(),
+  };
   const consumer = await JobConsumer.connect({
     settings: options,
     clientId: options.id,
@@ -78,7 +85,7 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
     topic: options.topic,
     will: {
       topic: presenceTopic(options),
-      payload: Buffer.from(presence(options.id, 'offline')),
+      payload: Buffer.from(presenceMessage(source, 'offline')),
       qos: 1,
       retain: true,
       // A delayed will keeps a clean session (and its place in a share group) alive until it fires: the broker
@@ -95,10 +102,10 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
   log.info(`connected to the broker as ${options.id}; waiting for one job on ${options.topic}`, {
     session: consumer.sessionPresent ? 'resumed' : 'new',
   });
-  consumer.fireAndForget(presenceTopic(options), presence(options.id, 'idle'), true);
+  consumer.fireAndForget(presenceTopic(options), presenceMessage(source, 'idle'), true);
   const sidecar = new Sidecar(input);
   try {
-    return await serve({ consumer, sidecar }, input);
+    return await serve({ consumer, sidecar, source }, input);
   } finally {
     await sidecar.close();
   }
@@ -108,6 +115,8 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
 interface Links {
   readonly consumer: JobConsumer;
   readonly sidecar: Sidecar;
+  /** Who this slot says it is in its presence messages. */
+  readonly source: PresenceSource;
 }
 
 function warnAboutSettings(options: Options, log: Logger): void {
@@ -130,10 +139,6 @@ function warnAboutSettings(options: Options, log: Logger): void {
 
 function presenceTopic(options: Options): string {
   return `${options.presenceTopic}/${options.id}`;
-}
-
-function presence(id: string, state: 'idle' | 'busy' | 'offline', job?: string): string {
-  return JSON.stringify({ id, state, ...(job ? { job } : {}), at: new Date().toISOString() });
 }
 
 /** How often an idle slot looks for jobs whose worker died: often enough to take them over "at once". */
@@ -563,7 +568,18 @@ async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJob): Pr
   claim.startHeartbeat(Math.max(1000, Math.floor(options.claimLeaseMs / 4)), (error) =>
     jobLog.warn(`claim heartbeat failed: ${error.message}`),
   );
-  consumer.fireAndForget(presenceTopic(options), presence(options.id, 'busy', request.id), true);
+  const busy = { job: request.id, attempt: claim.attempt, jobStartedAt: new Date(now()) };
+  const announce = (step?: { index: number; name: string }): void =>
+    consumer.fireAndForget(
+      presenceTopic(options),
+      presenceMessage(
+        links.source,
+        'busy',
+        step ? { ...busy, step: { ...step, startedAt: new Date(now()) } } : busy,
+      ),
+      true,
+    );
+  announce();
   const event = statusEvents(consumer, input, request.id);
   event('claimed', { attempt: claim.attempt });
 
@@ -587,12 +603,18 @@ async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJob): Pr
       results: job.folder.results,
       log: jobLog,
       signal: stop.signal,
-      onEvent: (e: JobEvent) => event(e.type, eventFields(e)),
+      onEvent: (e: JobEvent) => {
+        event(e.type, eventFields(e));
+        if (e.type === 'step-started') announce({ index: e.step, name: e.name });
+      },
       now,
       // The result goes out as soon as result.json is written; the workspace is removed after.
       onResult: async (manifest) => {
         claim.stopHeartbeat();
         published = await completeJob(links, input, job, manifest, jobLog);
+        // Between jobs the slot is idle: its next process says so again, or its will says offline.
+        if (published)
+          consumer.fireAndForget(presenceTopic(options), presenceMessage(links.source, 'idle'), true);
       },
     });
     if (!published) return { kind: 'connection-lost', id: request.id };
