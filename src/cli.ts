@@ -347,6 +347,7 @@ async function runValidate(target: string): Promise<number> {
 interface SubmitFlags {
   steps?: string[];
   wait?: boolean;
+  follow?: boolean;
   timeout?: string;
   rerun?: boolean;
   confirm?: string;
@@ -370,7 +371,8 @@ function parseStepsFlag(steps: string[] | undefined): unknown[] | undefined {
 
 async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlags): Promise<number> {
   const options = await resolve(flags);
-  const timeoutMs = parseDuration(submitFlags.timeout ?? '1h');
+  // Waiting for a result can take as long as a job; only getting the request to a subscriber is bounded tighter.
+  const timeoutMs = parseDuration(submitFlags.timeout ?? (submitFlags.wait || submitFlags.follow ? '1h' : '5m'));
   if (timeoutMs === undefined) {
     throw new WorkerError(
       ErrorCode.INVALID_OPTION,
@@ -386,6 +388,7 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
   }
   const { submit } = await import('./submit.js');
   const log = logger(options);
+  const follower = submitFlags.follow ? await followerFor(options.jobsDir, id) : undefined;
   const outcome = await submit({
     settings: options,
     ...(options.secret ? { secret: options.secret } : {}),
@@ -397,10 +400,12 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
     statusTopic: options.statusTopic,
     ...(confirmMs !== undefined ? { confirmMs } : {}),
     ...(submitFlags.rerun ? { rerun: (await import('node:crypto')).randomUUID() } : {}),
-    wait: submitFlags.wait ?? false,
+    wait: (submitFlags.wait || submitFlags.follow) ?? false,
     timeoutMs,
     log,
+    ...(follower ? { onStatus: (event: Record<string, unknown>) => follower.event(event) } : {}),
   });
+  await follower?.close();
   if (outcome.kind === 'timeout') {
     log.error(
       outcome.waitedFor === 'subscriber'
@@ -416,6 +421,16 @@ async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlag
   }
   writeStdio(1, `${JSON.stringify(outcome.result)}\n`);
   return outcome.result.status === 'success' ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
+}
+
+/** What `submit --follow` shows: status events, and the step logs where the job's folder is readable here. */
+async function followerFor(jobsDir: string, id: string) {
+  const [{ Follower }, { existsSync }] = await Promise.all([import('./follow.js'), import('node:fs')]);
+  const jobDir = path.resolve(jobsDir, id);
+  return new Follower({
+    jobDir: existsSync(jobDir) ? jobDir : undefined,
+    write: (text) => writeStdio(2, text),
+  });
 }
 
 async function runDrain(quiet: string | undefined, flags: OptionFlags): Promise<number> {
@@ -436,6 +451,40 @@ async function runDrain(quiet: string | undefined, flags: OptionFlags): Promise<
     log: logger(options),
   });
   writeStdio(1, `${JSON.stringify({ slot: options.id, moved: outcome.moved })}\n`);
+  return ExitCode.OK;
+}
+
+interface StatusFlags {
+  json?: boolean;
+  lines?: string;
+}
+
+async function runStatus(id: string, statusFlags: StatusFlags, flags: OptionFlags): Promise<number> {
+  const options = await resolve(flags);
+  const lines = Number(statusFlags.lines ?? '10');
+  if (!Number.isInteger(lines) || lines < 0)
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--lines: expected a whole number, got ${statusFlags.lines}`,
+    );
+  const { jobStatus, formatStatus } = await import('./status.js');
+  let report: Awaited<ReturnType<typeof jobStatus>>;
+  try {
+    report = await jobStatus({
+      jobsDir: options.jobsDir,
+      id,
+      workerIdForLiveness: `status-${process.pid}`,
+      host: hostname(),
+      leaseMs: options.claimLeaseMs,
+      tailLines: lines,
+    });
+  } catch (error) {
+    // No such job (or an id that can be no job's): an answer, not a failure of the command.
+    if (!isWorkerError(error) || error.exitCode !== ExitCode.INTERNAL) throw error;
+    writeStdio(2, `mqtt-fs-worker: ${error.code}: ${error.message}\n`);
+    return ExitCode.JOB_NOT_SUCCESSFUL;
+  }
+  writeStdio(1, statusFlags.json ? `${JSON.stringify(report, null, 2)}\n` : formatStatus(report, Date.now()));
   return ExitCode.OK;
 }
 
@@ -590,12 +639,16 @@ function buildProgram(
       .argument('<id>', 'job id')
       .option('--steps <steps...>', 'steps to run instead of job.json (commands, or one JSON array)')
       .option('--wait', 'wait for the result and exit 0 on success, 1 otherwise')
+      .option(
+        '--follow',
+        "with --wait's outcome: show the job's progress and its step logs (from --jobs-dir) on stderr",
+      )
       .option('--rerun', 'run the job again even if it finished (each --rerun request runs once)')
       .option(
         '--confirm <duration>',
         'publish again (backing off) until a worker took the request; connect again after a broker crash',
       )
-      .option('--timeout <duration>', 'give up waiting after this', '1h'),
+      .option('--timeout <duration>', 'give up after this (default: 1h with --wait, else 5m)'),
   ).action((id: string, parsed: Record<string, unknown>) =>
     run(() => runSubmit(id, parsed as SubmitFlags, flagsOf(parsed))),
   );
@@ -606,6 +659,18 @@ function buildProgram(
         'check what a worker needs here (folders, limits, cgroups, the broker) and print each check',
       ),
   ).action((parsed: Record<string, unknown>) => run(() => runDoctor(flagsOf(parsed))));
+  withWorkerOptions(
+    program
+      .command('status')
+      .description(
+        'one job as the shared drive shows it: claimed by which slot, attempt, step, log tail, result',
+      )
+      .argument('<id>', 'job id')
+      .option('--json', 'print JSON')
+      .option('--lines <n>', 'how many lines of the current step log to show', '10'),
+  ).action((id: string, parsed: Record<string, unknown>) =>
+    run(() => runStatus(id, parsed as StatusFlags, flagsOf(parsed))),
+  );
   withWorkerOptions(
     program
       .command('workers')

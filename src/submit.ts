@@ -29,6 +29,8 @@ export interface SubmitInput {
   readonly statusTopic: string;
   /** Publish again when no worker took the request within this (doubling, up to 5 minutes); undefined: never. */
   readonly confirmMs?: number;
+  /** Each status event of the job (`submit --follow`). */
+  readonly onStatus?: (event: Record<string, unknown>) => void;
 }
 
 export type SubmitOutcome =
@@ -159,6 +161,7 @@ class Submission {
           ...(this.#input.wait ? [result, rejected] : []),
           ...(this.#reply ? [this.#reply] : []),
           ...(this.#input.confirmMs !== undefined ? [status, result] : []),
+          ...(this.#input.onStatus ? [status] : []),
         ];
         if (topics.length > 0) await client.subscribeAsync([...new Set(topics)], { qos: 1 });
         return { closed };
@@ -189,7 +192,10 @@ class Submission {
           `The broker refused the request on ${topic} (code ${code})`,
         );
       if (Date.now() + delay > deadline) return 'timeout';
-      this.#input.log.info(`nobody is subscribed to ${topic} yet; retrying in ${delay} ms`);
+      const left = Math.max(0, Math.round((deadline - Date.now()) / 1000));
+      this.#input.log.info(
+        `nobody is subscribed to ${topic} yet (the broker would drop the request); retrying in ${delay} ms, giving up in ${left}s (--timeout)`,
+      );
       await new Promise((resolve) => setTimeout(resolve, delay));
     }
     this.#published = true;
@@ -200,7 +206,10 @@ class Submission {
   #receive(topic: string, payload: Buffer): void {
     const { result, rejected, status } = this.#topics;
     if (topic === status) {
-      if (parseObject(payload)?.event === 'claimed') this.#confirmed = true;
+      const event = parseObject(payload);
+      if (event?.id !== this.#input.id) return;
+      if (event.event === 'claimed') this.#confirmed = true;
+      this.#input.onStatus?.(event);
       return;
     }
     if (topic === rejected) {
