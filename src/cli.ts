@@ -372,7 +372,9 @@ function parseStepsFlag(steps: string[] | undefined): unknown[] | undefined {
 async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlags): Promise<number> {
   const options = await resolve(flags);
   // Waiting for a result can take as long as a job; only getting the request to a subscriber is bounded tighter.
-  const timeoutMs = parseDuration(submitFlags.timeout ?? (submitFlags.wait || submitFlags.follow ? '1h' : '5m'));
+  const timeoutMs = parseDuration(
+    submitFlags.timeout ?? (submitFlags.wait || submitFlags.follow ? '1h' : '5m'),
+  );
   if (timeoutMs === undefined) {
     throw new WorkerError(
       ErrorCode.INVALID_OPTION,
