@@ -41,6 +41,7 @@ async function engineConfig(options: Options, env: NodeJS.ProcessEnv): Promise<E
     version: VERSION,
     killGraceMs: options.killGraceMs,
     maxLogBytes: options.maxLogBytes,
+    stage: options.stage,
     baseEnv: stepBaseEnv(env),
     mask: maskedValues(options),
     limits: {

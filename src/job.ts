@@ -13,11 +13,12 @@ import {
 import { effectiveLimits, type JobLimits, type LimitSettings, openJobLimits } from './limits/index.js';
 import type { Logger } from './log.js';
 import { secretValues } from './mask.js';
+import type { StageMode } from './overlay.js';
 import { type HeldDir, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
 import { type Manifest, type StepRecord, writeManifest } from './report.js';
 import { runStep, type StepOutcome, type StopReason } from './run.js';
 import { type RunAsUser, setprivArgs } from './run-as.js';
-import { createWorkspace, purgeWorkspace, type SkippedEntry, stageJob } from './stage.js';
+import { createWorkspace, purgeWorkspace, type SkippedEntry, type StageResult, stageJob } from './stage.js';
 import type { Artifact } from './sync.js';
 import { formatBytes, formatDuration } from './units.js';
 
@@ -30,6 +31,8 @@ export interface EngineConfig {
   readonly version: string;
   readonly killGraceMs: number;
   readonly maxLogBytes: number;
+  /** How a job's folder reaches its workspace (see overlay.ts); absent: copy. */
+  readonly stage?: StageMode;
   /** The environment steps inherit (the worker's own, without its broker settings). */
   readonly baseEnv: Readonly<Record<string, string>>;
   /** Create a missing jobs directory (dry runs); a worker treats it as an unmounted shared drive. */
@@ -149,7 +152,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     const staging = (async () => {
       const dir = await createWorkspace(config.workspacesDir, config.workerId, request.id);
       workspace = dir; // for cleanUp, whatever happens next
-      const staged = await stageJob(jobDir, dir, config.runAs);
+      const staged = await stage(config, jobDir, dir, log);
       manifest.phases.stagingMs = now() - stagingStarted;
       return { dir, staged };
     })();
@@ -165,7 +168,9 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     if (opened.value.reason && settings.policy !== 'off')
       log.warn(`running without cgroups: ${opened.value.reason}`);
     log.info(
-      `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${formatDuration(manifest.phases.stagingMs)}`,
+      staged.upper
+        ? `staged ${staged.files} files as an overlay in ${formatDuration(manifest.phases.stagingMs)}`
+        : `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${formatDuration(manifest.phases.stagingMs)}`,
     );
 
     const runningStarted = now();
@@ -180,7 +185,9 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     const syncStarted = now();
     const { syncResults } = await loadSync();
     const synced = await syncResults({
-      workspace: workDir,
+      // From an overlay, what the job wrote is its upper layer: nothing else needs looking at.
+      workspace: staged.upper ?? workDir,
+      ...(staged.upper ? { overlayUpper: true } : {}),
       resultsDir: (results as HeldDir).path,
       snapshot: staged.snapshot,
       include: spec.artifacts.include,
@@ -260,6 +267,41 @@ export function newManifest(config: EngineConfig, id: string, attempt: number, s
     artifacts: [],
     skipped: [],
   };
+}
+
+/** Stages the job folder into `workspace`: an overlay where --stage allows one and it mounts, else a copy. */
+async function stage(
+  config: EngineConfig,
+  jobDir: string,
+  workspace: string,
+  log: Logger,
+): Promise<StageResult & { readonly upper?: string }> {
+  const mode = config.stage ?? 'copy';
+  if (mode !== 'copy') {
+    const overlay = await import('./overlay.js');
+    let why = overlay.overlayRefusal({ jobDir, workspace, runAs: config.runAs !== undefined });
+    if (why === undefined) {
+      const surveyed = await overlay.survey(jobDir);
+      // A small folder copies faster than an overlay mounts: `auto` copies it, silently.
+      if (mode === 'auto' && !overlay.overlayPays(surveyed)) return stageJob(jobDir, workspace, config.runAs);
+      try {
+        const mask = await overlay.ensureMask(config.workspacesDir);
+        const layers = overlay.overlayLayers(config.workspacesDir, config.workerId);
+        return await overlay.stageOverlay(jobDir, workspace, layers, surveyed, mask);
+      } catch (error) {
+        if (mode === 'overlay') throw error;
+        why = (error as Error).message;
+        await overlay.unmountUnder(workspace); // never copy into a half-made mount
+      }
+    }
+    if (mode === 'overlay')
+      throw new WorkerError(
+        ErrorCode.STAGING_FAILED,
+        `--stage overlay: cannot stage by overlay here: ${why}`,
+      );
+    log.info(`staging by copy: ${why}`);
+  }
+  return stageJob(jobDir, workspace, config.runAs);
 }
 
 async function cleanUp(

@@ -50,6 +50,7 @@ export interface Options {
   readonly maxMemoryBytes: number | undefined;
   readonly maxPids: number | undefined;
   readonly limits: 'auto' | 'required' | 'optional' | 'off';
+  readonly stage: 'auto' | 'copy' | 'overlay';
   /** Run steps as this user (the worker must be root). */
   readonly runAs: string | undefined;
   /** Values masked as `***` in step logs and the worker's log. */
@@ -356,6 +357,14 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     env: 'MQTT_LIMITS',
     description: 'required, optional or off; auto: required when any limit is set or asked for',
     kind: { type: 'choice', fallback: 'auto', choices: ['auto', 'required', 'optional', 'off'] },
+  },
+  {
+    key: 'stage',
+    flags: '--stage <mode>',
+    env: 'MQTT_STAGE',
+    description:
+      'overlay: mount the job folder under a private upper layer (root); copy: copy it; auto: overlay where it mounts, else copy',
+    kind: { type: 'choice', fallback: 'auto', choices: ['auto', 'copy', 'overlay'] },
   },
   {
     key: 'runAs',

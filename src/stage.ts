@@ -2,6 +2,7 @@ import { constants, type Dirent } from 'node:fs';
 import { copyFile, lchown, lstat, mkdir, readdir, readlink, rm, symlink, utimes } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from './errors.js';
+import { overlayLayers, unmountUnder } from './overlay.js';
 import { forEachLimit } from './util/pool.js';
 
 /** A path the worker did not copy (staging) or did not sync back, and why. */
@@ -146,7 +147,9 @@ export async function createWorkspace(
 ): Promise<string> {
   const home = workerHome(workspacesDir, workerId);
   try {
-    await rm(home, { recursive: true, force: true, maxRetries: 3 });
+    // An overlay a crashed run left mounted goes first: removing through it would only whiteout the job's files.
+    await unmountUnder(home);
+    await removeHome(workspacesDir, workerId);
     const workspace = path.join(home, jobId);
     await mkdir(workspace, { recursive: true, mode: 0o755 });
     return workspace;
@@ -164,9 +167,18 @@ export async function createWorkspace(
 /** Removes this worker's workspaces; never throws (a purge failure must not hide the job's outcome). */
 export async function purgeWorkspace(workspacesDir: string, workerId: string): Promise<Error | undefined> {
   try {
-    await rm(workerHome(workspacesDir, workerId), { recursive: true, force: true, maxRetries: 3 });
+    await unmountUnder(workerHome(workspacesDir, workerId));
+    await removeHome(workspacesDir, workerId);
     return undefined;
   } catch (error) {
     return error as Error;
   }
+}
+
+/** The worker's home and its overlay layers (unmounted first by the caller). */
+async function removeHome(workspacesDir: string, workerId: string): Promise<void> {
+  await Promise.all([
+    rm(workerHome(workspacesDir, workerId), { recursive: true, force: true, maxRetries: 3 }),
+    rm(overlayLayers(workspacesDir, workerId).base, { recursive: true, force: true, maxRetries: 3 }),
+  ]);
 }

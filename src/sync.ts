@@ -29,6 +29,8 @@ export interface SyncInput {
   readonly snapshot: Snapshot;
   readonly include: readonly string[];
   readonly exclude: readonly string[];
+  /** `workspace` is an overlay's upper layer: its whiteouts (deletions, hidden entries) are no artifacts. */
+  readonly overlayUpper?: boolean;
 }
 
 // Names in results/ that belong to the worker: an artifact never replaces them.
@@ -41,7 +43,9 @@ export async function findChanges(input: Omit<SyncInput, 'resultsDir'>): Promise
   changed: { path: string; stats: Stats }[];
   skipped: SkippedEntry[];
 }> {
-  const entries = walkWorkspace(input.workspace, input.include, input.exclude);
+  const entries = walkWorkspace(input.workspace, input.include, input.exclude).filter(
+    (entry) => !(input.overlayUpper && isWhiteout(entry.stats)),
+  );
   const changed: { path: string; stats: Stats }[] = [];
   const skipped: SkippedEntry[] = [];
   for (const entry of entries) {
@@ -101,6 +105,11 @@ function walkWorkspace(
   };
   visit('');
   return found;
+}
+
+/** An overlay whiteout: a character device with device number 0:0. */
+function isWhiteout(stats: Stats): boolean {
+  return stats.isCharacterDevice() && stats.rdev === 0;
 }
 
 function lstatOrUndefined(file: string): Stats | undefined {

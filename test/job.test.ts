@@ -1,10 +1,10 @@
 import { lstat, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { type JobEvent, JobInterrupted, runJob } from '../src/job.js';
 import { silentLogger } from '../src/log.js';
 import type { Manifest } from '../src/report.js';
-import { engineFixture } from './helpers/engine.js';
+import { engineFixture, leftIn, STAGE_MODES, stageFixturesBy } from './helpers/engine.js';
 import { tempDir, writeTree } from './helpers/tmp.js';
 
 const run = (id: string, steps?: unknown[], extra: Partial<Parameters<typeof runJob>[1]> = {}) => ({
@@ -18,7 +18,9 @@ async function manifestOf(jobs: string, id: string): Promise<Manifest> {
   return JSON.parse(await readFile(path.join(jobs, id, 'results', 'result.json'), 'utf8'));
 }
 
-describe('runJob', () => {
+describe.each(STAGE_MODES)('runJob, staged by %s', (stage) => {
+  beforeAll(() => stageFixturesBy(stage));
+
   it('runs job.json end to end and writes the manifest of schema v1', async () => {
     const { jobs, workspaces, config } = await engineFixture();
     await writeTree(jobs, {
@@ -71,7 +73,7 @@ describe('runJob', () => {
       'done',
     ]);
     // The workspace is gone afterwards.
-    expect(await readdir(workspaces)).toEqual([]);
+    expect(await leftIn(workspaces)).toEqual([]);
   });
 
   it('hands over the result once result.json is written, and removes the workspace only after', async () => {
@@ -88,13 +90,13 @@ describe('runJob', () => {
     );
     expect(manifest.status).toBe('success');
     expect(seen).toEqual(['success', 'success', 'early']);
-    expect(await readdir(workspaces)).toEqual([]);
+    expect(await leftIn(workspaces)).toEqual([]);
 
     // A failing hand-over (a broker gone) still leaves nothing behind.
     await expect(
       runJob(config, run('fails', ['true'], { onResult: async () => Promise.reject(new Error('gone')) })),
     ).rejects.toThrow('gone');
-    expect(await readdir(workspaces)).toEqual([]);
+    expect(await leftIn(workspaces)).toEqual([]);
   });
 
   it('stops at the first failing step and records the rest as skipped', async () => {
@@ -184,7 +186,7 @@ describe('runJob', () => {
       expect(manifest.exitCode).not.toBe(0);
       expect(manifest.error?.code).toBe(code);
       expect(manifest.error?.message).not.toMatch(/\n\s+at /);
-      expect(await readdir(workspaces)).toEqual([]);
+      expect(await leftIn(workspaces)).toEqual([]);
     },
   );
 
@@ -243,7 +245,7 @@ describe('runJob', () => {
     await expect(runJob(config, run('j', undefined, { signal: controller.signal }))).rejects.toBeInstanceOf(
       JobInterrupted,
     );
-    expect(await readdir(workspaces)).toEqual([]);
+    expect(await leftIn(workspaces)).toEqual([]);
     await expect(lstat(path.join(jobs, 'j/results/result.json'))).rejects.toMatchObject({ code: 'ENOENT' });
   });
 
