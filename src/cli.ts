@@ -273,6 +273,8 @@ async function runBrokerWorker(
     workspacesDir: options.workspacesDir,
     limits: config.limits as LimitSettings,
     cgroupName: `mqtt-fs-worker-${options.id}`,
+    stage: options.stage,
+    runAs: config.runAs !== undefined,
   });
   const log = logger(options).child({ worker: options.id });
   if (flags.password !== undefined) {

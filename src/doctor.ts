@@ -40,6 +40,18 @@ export async function doctor(options: Options, config: EngineConfig): Promise<Ch
       add('cgroups', (error as Error).message, '');
     }
   }
+  const { overlayProblem } = await import('./overlay.js');
+  const overlay = await overlayProblem(options.workspacesDir, config.runAs !== undefined);
+  if (options.stage === 'overlay') add('staging', overlay, 'overlay (mounted and unmounted one)');
+  else if (options.stage === 'copy') add('staging', undefined, 'copy (--stage copy)');
+  else
+    add(
+      'staging',
+      undefined,
+      overlay
+        ? `copy (an overlay cannot be used: ${overlay})`
+        : 'overlay for folders of 256 files or 16 MiB and more, copy below',
+    );
   checks.push(await brokerCheck(options));
   return checks;
 }

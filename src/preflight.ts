@@ -13,6 +13,9 @@ export interface PreflightInput {
   readonly limits: LimitSettings;
   /** The job cgroups' name (`mqtt-fs-worker-{id}`): probed when limits are required. */
   readonly cgroupName: string;
+  /** `--stage`: with `overlay`, every job needs one, so it is probed. */
+  readonly stage?: 'auto' | 'copy' | 'overlay';
+  readonly runAs?: boolean;
 }
 
 /** Throws NOT_READY (the machine: directories) or INVALID_OPTION (the settings) naming every problem found. */
@@ -34,6 +37,7 @@ export async function preflight(input: PreflightInput): Promise<void> {
     await jobsDirProblem(input.jobsDir),
     await workspacesProblem(input.workspacesDir),
     defaults && (await cgroupsProblem(input, defaults)),
+    input.stage === 'overlay' ? await stagingProblem(input) : undefined,
   ].filter((p): p is string => p !== undefined);
   if (machine.length > 0)
     throw new WorkerError(ErrorCode.NOT_READY, machine.join('\n'), { problems: machine });
@@ -54,6 +58,13 @@ async function cgroupsProblem(input: PreflightInput, defaults: EffectiveLimits):
   } catch (error) {
     return `limits are required but cgroups cannot be used: ${(error as Error).message}`;
   }
+}
+
+/** With `--stage overlay`, whether one can be mounted here (`auto` copies where it cannot: nothing to check). */
+async function stagingProblem(input: PreflightInput): Promise<string | undefined> {
+  const { overlayProblem } = await import('./overlay.js');
+  const problem = await overlayProblem(input.workspacesDir, input.runAs ?? false);
+  return problem && `--stage overlay, but an overlay cannot be mounted here: ${problem}`;
 }
 
 /** Why the workspaces directory cannot be used (it is created when missing), or undefined. */

@@ -161,6 +161,63 @@ describe.skipIf(!isRoot)('overlay staging', () => {
   });
 });
 
+describe.skipIf(!isRoot)('a slot that needs overlays where none can be mounted', () => {
+  it('--stage overlay refuses to start (NOT_READY, exit 8) before it could take a job; doctor says why', async () => {
+    const base = await tempDir('mfw-ov-');
+    await writeTree(base, { 'jobs/': null, 'workspaces/': null });
+    const common = [
+      '--jobs-dir',
+      'jobs',
+      '--workspaces-dir',
+      'workspaces',
+      '--limits',
+      'off',
+      '--url',
+      'mqtt://127.0.0.1:9',
+    ];
+    const slot = await startProcess(
+      'unshare',
+      [
+        '--user',
+        '--map-root-user',
+        process.execPath,
+        BIN,
+        ...common,
+        '--id',
+        `ov-slot-p${process.pid}`,
+        '--stage',
+        'overlay',
+      ],
+      {},
+      base,
+    ).exited;
+    expect(slot.code, slot.stderr).toBe(8);
+    expect(slot.stderr).toMatch(
+      /NOT_READY: --stage overlay, but an overlay cannot be mounted here: mount: .*permission denied/i,
+    );
+    const doctor = await startProcess(
+      'unshare',
+      [
+        '--user',
+        '--map-root-user',
+        process.execPath,
+        BIN,
+        'doctor',
+        ...common,
+        '--id',
+        `ov-doc-p${process.pid}`,
+      ],
+      {},
+      base,
+    ).exited;
+    expect(doctor.stdout).toMatch(/ok\s+staging\s+copy \(an overlay cannot be used: mount: /);
+    // As root of the host it can: doctor mounts one and says auto will use it for big folders.
+    const here = await runWorkerOnce(['doctor', ...common, '--id', `ov-doc2-p${process.pid}`], {}, base);
+    expect(here.stdout).toMatch(/ok\s+staging\s+overlay for folders of 256 files/);
+    expect(mountsUnder(path.join(base, 'workspaces'))).toEqual([]);
+  });
+});
+
 /** The dry run as root of a user namespace of its own (no mount namespace: mounting is refused). */
 async function runInNamespace(cwd: string, stage: string) {
   return startProcess(
