@@ -330,18 +330,16 @@ describe.skipIf(!hasV1)('steps in real cgroup v1', () => {
     expect(manifest.steps[0]?.limitsHit).toContain('pids');
   });
 
-  it('throttles a CPU quota, visible in cpuMs', async () => {
+  it('throttles a CPU quota: the kernel counts the throttling, and the step never gets more than its share', async () => {
     const { jobs, config } = await limited();
     const burn = { run: 'timeout 2 sh -c "while :; do :; done" || true', timeout: '10s' };
-    await writeTree(jobs, {
-      'half/job.json': JSON.stringify({ steps: [burn], limits: { cpus: 0.25 } }),
-      'full/job.json': JSON.stringify({ steps: [burn], limits: { cpus: 1 } }),
-    });
-    const half = (await runJob(config, job('half'))).manifest.steps[0]?.cpuMs ?? 0;
-    const full = (await runJob(config, job('full'))).manifest.steps[0]?.cpuMs ?? 0;
-    expect(half).toBeGreaterThan(250);
-    expect(half).toBeLessThan(800);
-    expect(full).toBeGreaterThan(1500);
+    await writeTree(jobs, { 'quarter/job.json': JSON.stringify({ steps: [burn], limits: { cpus: 0.25 } }) });
+    const step = (await runJob(config, job('quarter'))).manifest.steps[0];
+    // No fixed CPU figure (a loaded machine gives a step less than it may use): the kernel's own throttling
+    // counter, and the quota's bound over the step's own time (one 100 ms period of slack), which load cannot break.
+    expect(step?.limitsHit).toContain('cpus');
+    expect(step?.cpuMs ?? 0).toBeGreaterThan(0);
+    expect(step?.cpuMs ?? Number.POSITIVE_INFINITY).toBeLessThanOrEqual(0.25 * (step?.durationMs ?? 0) + 100);
   });
 
   it('puts a step in the cpu and pids hierarchies only when they limit it', async () => {
