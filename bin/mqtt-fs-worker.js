@@ -4,7 +4,7 @@
 const { launch } = require('../dist/bundle/launch.cjs');
 
 // process.exit skips tearing down the heap (~2 ms per job); by then the CLI has written all of its output (see
-// src/util/stdio.ts) and closed its connections.
+// src/cli/stdio.ts) and closed its connections.
 launch(require.resolve('../dist/bundle/cli.cjs'), process.argv, process.env).then((code) => {
   process.exit(code);
 });

@@ -120,7 +120,7 @@ const common = {
 };
 await build({
   ...common,
-  entryPoints: { cli: 'src/cli.ts' },
+  entryPoints: { cli: 'src/cli/main.ts' },
   define: { __MFW_VERSION__: JSON.stringify(version) },
   // The launcher compiles the bundle as a plain script, which has no loader for import(): dynamic imports
   // become lazy require()s (they still run only when reached).

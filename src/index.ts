@@ -1,5 +1,7 @@
 // The library API: the engine and its parts, for embedding the worker in another program.
-export { ErrorCode, ExitCode, isWorkerError, WorkerError } from './errors.js';
+
+export { type OptionFlags, type Options, resolveOptions } from './config/options.js';
+export { type Manifest, type ResultPayload, toResultPayload } from './job/report.js';
 export {
   type EngineConfig,
   type JobEvent,
@@ -7,9 +9,8 @@ export {
   type JobOutcome,
   type JobRun,
   runJob,
-} from './job.js';
-export { type JobRequest, type JobSpec, parseJobFile, parseRequest, type StepSpec } from './job-spec.js';
-export { createLogger, type Logger, silentLogger } from './log.js';
-export { type OptionFlags, type Options, resolveOptions } from './options.js';
-export { type Manifest, type ResultPayload, toResultPayload } from './report.js';
-export { validateJobDefinition } from './validate.js';
+} from './job/run-job.js';
+export { type JobRequest, type JobSpec, parseJobFile, parseRequest, type StepSpec } from './job/spec.js';
+export { validateJobDefinition } from './job/validate.js';
+export { ErrorCode, ExitCode, isWorkerError, WorkerError } from './shared/errors.js';
+export { createLogger, type Logger, silentLogger } from './shared/log.js';

@@ -1,8 +1,8 @@
 import { close, existsSync, openSync, write } from 'node:fs';
 import { mkdir, readdir, rmdir } from 'node:fs/promises';
 import path from 'node:path';
-import { ErrorCode, WorkerError } from '../errors.js';
-import type { StepAccounting, StepSandbox } from '../run.js';
+import { ErrorCode, WorkerError } from '../shared/errors.js';
+import type { StepAccounting, StepSandbox } from '../step/run-step.js';
 import { type CgroupLayout, readKernelFile } from './detect.js';
 
 export interface EffectiveLimits {

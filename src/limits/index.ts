@@ -1,6 +1,6 @@
-import { ErrorCode, WorkerError } from '../errors.js';
-import type { RequestedLimits } from '../job-spec.js';
-import { formatBytes } from '../units.js';
+import type { RequestedLimits } from '../job/spec.js';
+import { ErrorCode, WorkerError } from '../shared/errors.js';
+import { formatBytes } from '../shared/units.js';
 import { type EffectiveLimits, type JobCgroups, openCgroupV1, openCgroupV2 } from './cgroup.js';
 import { type CgroupLayout, detectLayout, readKernelFile } from './detect.js';
 

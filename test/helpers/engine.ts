@@ -1,5 +1,5 @@
 import path from 'node:path';
-import type { EngineConfig } from '../../src/job.js';
+import type { EngineConfig } from '../../src/job/run-job.js';
 import { tempDir } from './tmp.js';
 
 let stageMode: EngineConfig['stage'];

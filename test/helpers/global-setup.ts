@@ -17,7 +17,7 @@ const root = fileURLToPath(new URL('../..', import.meta.url));
 // The end-to-end tests run what users install: `npm pack`, then `npm install -g` of that tarball into a temp
 // prefix. Done once for the whole run.
 export default function setup(project: TestProject): () => void {
-  if (!existsSync(path.join(root, 'dist/cli.js'))) {
+  if (!existsSync(path.join(root, 'dist/cli/main.js'))) {
     throw new Error('dist/ is missing: run `npm run build` (npm test does) before the tests');
   }
   const prefix = mkdtempSync(path.join(tmpdir(), 'mfw-prefix-'));

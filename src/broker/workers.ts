@@ -1,0 +1,148 @@
+import { randomBytes } from 'node:crypto';
+import { formatDuration } from '../shared/units.js';
+import { type Presence, parsePresence } from '../worker/presence.js';
+import { type BrokerSettings, connectBroker, disconnect } from './client.js';
+
+// `workers`: the fleet at a glance, from the slots' retained presence messages. The broker hands every retained
+// message over right after the subscription; the list is complete once none came for a short while.
+
+export interface WorkersInput {
+  readonly settings: BrokerSettings;
+  /** The presence root, e.g. `jobs/workers`. */
+  readonly presenceTopic: string;
+  /** With a signal: keep following changes, calling `onChange` with the whole list, until it aborts. */
+  readonly signal?: AbortSignal;
+  readonly onChange?: (slots: readonly Presence[]) => void;
+}
+
+// Retained messages come in one burst after the SUBACK; this much silence ends it (3 s at most).
+const SETTLE_MS = 300;
+const SETTLE_MAX_MS = 3000;
+
+/** The slots' presence, sorted by id; with `signal`, follows changes until it aborts and returns the last list. */
+export async function listWorkers(input: WorkersInput): Promise<Presence[]> {
+  const client = await connectBroker({
+    settings: input.settings,
+    clientId: `workers-${randomBytes(6).toString('hex')}`,
+    clean: true,
+  });
+  const slots = new Map<string, Presence>();
+  const sorted = () => [...slots.values()].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  let changed: () => void = () => {};
+  const prefix = `${input.presenceTopic}/`;
+  client.on('message', (topic, payload) => {
+    const id = topic.slice(prefix.length);
+    const presence = parsePresence(payload);
+    if (presence) slots.set(id, presence);
+    else slots.delete(id); // cleared (drain) or not a presence message
+    changed();
+  });
+  try {
+    const settled = new Promise<void>((resolve) => {
+      let timer = setTimeout(resolve, SETTLE_MS);
+      const cap = setTimeout(resolve, SETTLE_MAX_MS);
+      changed = () => {
+        clearTimeout(timer);
+        timer = setTimeout(() => {
+          clearTimeout(cap);
+          resolve();
+        }, SETTLE_MS);
+      };
+    });
+    await client.subscribeAsync(`${prefix}+`, { qos: 1 });
+    await settled;
+    const signal = input.signal;
+    if (!signal) return sorted();
+    input.onChange?.(sorted());
+    changed = () => input.onChange?.(sorted());
+    await new Promise<void>((resolve) => {
+      if (signal.aborted) resolve();
+      else signal.addEventListener('abort', () => resolve(), { once: true });
+    });
+    return sorted();
+  } finally {
+    await disconnect(client);
+  }
+}
+
+export interface SlotRow {
+  readonly id: string;
+  /** `offline` for longer than the threshold: `abandoned`. */
+  readonly state: 'idle' | 'busy' | 'offline' | 'abandoned';
+  readonly job: string | null;
+  readonly attempt: number | null;
+  readonly step: number | null;
+  readonly stepName: string | null;
+  /** How long the slot has been busy with its job. */
+  readonly forMs: number | null;
+  /**
+   * Online slots: now (the broker would have sent their will otherwise). Offline: the time of their last message,
+   * the will, which is written when the slot's last process connected: they were seen at least that recently.
+   */
+  readonly lastSeen: string;
+  readonly version: string | null;
+  readonly host: string | null;
+}
+
+/** What `workers` shows of each slot at `now`. */
+export function slotRows(slots: readonly Presence[], now: number, abandonedAfterMs: number): SlotRow[] {
+  return slots.map((slot) => {
+    const seen = Date.parse(slot.at);
+    const since = (iso: string | undefined) => (iso ? Math.max(0, now - Date.parse(iso)) : null);
+    const abandoned = slot.state === 'offline' && now - seen > abandonedAfterMs;
+    return {
+      id: slot.id,
+      state: abandoned ? 'abandoned' : slot.state,
+      job: slot.state === 'busy' ? (slot.job ?? null) : null,
+      attempt: slot.state === 'busy' ? (slot.attempt ?? null) : null,
+      step: slot.state === 'busy' ? (slot.step ?? null) : null,
+      stepName: slot.state === 'busy' ? (slot.stepName ?? null) : null,
+      forMs: slot.state === 'busy' ? since(slot.jobStartedAt) : null,
+      lastSeen: slot.state === 'offline' ? slot.at : new Date(now).toISOString(),
+      version: slot.version ?? null,
+      host: slot.host ?? null,
+    };
+  });
+}
+
+/** The table `workers` prints on a terminal, and what to run for abandoned slots. */
+export function formatWorkers(rows: readonly SlotRow[], now: number, color: boolean): string {
+  if (rows.length === 0) return 'no slots have announced themselves on this broker\n';
+  const paint = (code: number, text: string) => (color ? `\u001b[${code}m${text}\u001b[0m` : text);
+  const colours: Record<SlotRow['state'], number> = { idle: 32, busy: 33, offline: 90, abandoned: 31 };
+  const header = ['SLOT', 'STATE', 'JOB', 'STEP', 'FOR', 'LAST SEEN', 'VERSION', 'HOST'];
+  const cells = rows.map((row) => [
+    row.id,
+    row.state,
+    row.job ?? '-',
+    row.step === null ? '-' : `${row.step}${row.stepName ? ` ${row.stepName}` : ''}`,
+    row.forMs === null ? '-' : formatDuration(row.forMs),
+    row.state === 'idle' || row.state === 'busy'
+      ? 'now'
+      : `${formatDuration(Math.max(0, now - Date.parse(row.lastSeen)))} ago`,
+    row.version ?? '-',
+    row.host ?? '-',
+  ]);
+  const widths = header.map((title, column) =>
+    Math.max(title.length, ...cells.map((c) => (c[column] ?? '').length)),
+  );
+  const line = (values: string[], state?: SlotRow['state']) =>
+    values
+      .map((value, column) => {
+        const padded = value.padEnd(widths[column] ?? 0);
+        return column === 1 && state ? paint(colours[state], padded) : padded;
+      })
+      .join('  ')
+      .trimEnd();
+  const lines = [paint(1, line(header)), ...cells.map((c, i) => line(c, rows[i]?.state))];
+  const abandoned = rows.filter((row) => row.state === 'abandoned');
+  if (abandoned.length > 0) {
+    lines.push(
+      '',
+      'Likely abandoned (offline longer than --abandoned-after). To retire one (ends its session and',
+    );
+    lines.push('moves anything queued in it back to the group, then removes it from this list):');
+    for (const row of abandoned) lines.push(`  mqtt-fs-worker drain --id ${row.id}`);
+  }
+  return `${lines.join('\n')}\n`;
+}

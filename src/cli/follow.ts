@@ -1,0 +1,86 @@
+import path from 'node:path';
+import { followLog } from '../job/status.js';
+
+// `submit --follow`: the job's status events as they come from the broker, and, where the shared drive is
+// mounted here too, each step's log as it grows (the broker carries no step output).
+
+export interface FollowerInput {
+  /** The job's folder when this host can read it; undefined: events only. */
+  readonly jobDir: string | undefined;
+  readonly write: (text: string) => void;
+}
+
+export class Follower {
+  readonly #input: FollowerInput;
+  #stopStep: (() => void) | undefined;
+  #tailing: Promise<void> = Promise.resolve();
+  #queue: Promise<void> = Promise.resolve();
+
+  constructor(input: FollowerInput) {
+    this.#input = input;
+  }
+
+  /** One status event (`jobs/status/{id}`), shown in order, after the log lines of the step before it. */
+  event(event: Record<string, unknown>): void {
+    this.#queue = this.#queue.then(() => this.#show(event)).catch(() => {});
+  }
+
+  async #show(event: Record<string, unknown>): Promise<void> {
+    const write = this.#input.write;
+    const step = `step ${String(event.step)}`;
+    switch (event.event) {
+      case 'claimed':
+        write(`claimed by ${String(event.workerId)} (attempt ${String(event.attempt)})\n`);
+        return;
+      case 'step-started':
+        await this.#endStep();
+        write(`${step} started: ${String(event.name)}\n`);
+        this.#tail(Number(event.step), String(event.name));
+        return;
+      case 'step-ended':
+        await this.#endStep();
+        write(`${step} ${String(event.status)} (exit code ${String(event.exitCode)})\n`);
+        return;
+      case 'done':
+        await this.#endStep();
+        write(`done: ${String(event.status)} (exit code ${String(event.exitCode)})\n`);
+        return;
+      default:
+        if (typeof event.event === 'string') write(`${event.event}\n`);
+    }
+  }
+
+  /** Stops following; resolves once the last log bytes were shown. */
+  async close(): Promise<void> {
+    await this.#queue;
+    await this.#endStep();
+  }
+
+  #tail(step: number, name: string): void {
+    if (!this.#input.jobDir) return;
+    let stop: () => void = () => {};
+    const stopped = new Promise<void>((resolve) => {
+      stop = resolve;
+    });
+    this.#stopStep = stop;
+    let pending = '';
+    const file = path.join(this.#input.jobDir, 'results', `step_${step}.log`);
+    this.#tailing = followLog(
+      file,
+      (text) => {
+        const lines = (pending + text).split('\n');
+        pending = lines.pop() ?? '';
+        for (const line of lines) this.#input.write(`${name} | ${line}\n`);
+      },
+      stopped,
+    ).then(() => {
+      if (pending) this.#input.write(`${name} | ${pending}\n`);
+    });
+  }
+
+  async #endStep(): Promise<void> {
+    this.#stopStep?.();
+    this.#stopStep = undefined;
+    await this.#tailing.catch(() => {});
+  }
+}

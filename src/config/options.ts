@@ -1,0 +1,616 @@
+import path from 'node:path';
+import { isShared, plainTopic, topicMatches } from '../broker/topics.js';
+import { describeValue, ErrorCode, WorkerError } from '../shared/errors.js';
+import { idProblem, MAX_ID_LENGTH } from '../shared/ids.js';
+import { parseDuration, parseSizeValue } from '../shared/units.js';
+
+/** Everything the worker can be told, after defaults and validation. Frozen. */
+export interface Options {
+  readonly url: string;
+  readonly username: string | undefined;
+  readonly password: string | undefined;
+  /** A file holding the password (Docker secrets); read when connecting. */
+  readonly passwordFile: string | undefined;
+  readonly caFile: string | undefined;
+  readonly certFile: string | undefined;
+  readonly keyFile: string | undefined;
+  readonly protocol: '5' | '3.1.1';
+  readonly id: string;
+  readonly jobsDir: string;
+  readonly workspacesDir: string;
+  readonly topic: string;
+  readonly clean: boolean;
+  readonly keepaliveMs: number;
+  readonly connectTimeoutMs: number;
+  /** Seconds the broker keeps this worker's session (and its queued jobs) while it is away; undefined: never expires. */
+  readonly sessionExpirySeconds: number | undefined;
+  /** Run each job in a fresh worker process under this one, which never exits between jobs. */
+  readonly respawn: boolean;
+  /** Exit 0 when no job came within this time; undefined: wait forever. */
+  readonly idleTimeoutMs: number | undefined;
+  /** A claim whose heartbeat is older than this belongs to a dead worker. */
+  readonly claimLeaseMs: number;
+  readonly resultsTopic: string;
+  readonly statusTopic: string;
+  readonly cancelTopic: string;
+  readonly presenceTopic: string;
+  readonly rejectedTopic: string;
+  /** MQTT 5 response topics are honoured only under this prefix; undefined: never. */
+  readonly responseTopicPrefix: string | undefined;
+  /** Grace between SIGTERM and SIGKILL when a step is stopped. */
+  readonly killGraceMs: number;
+  /** Per-step log cap; past it the step keeps running and its log ends with a marker line. */
+  readonly maxLogBytes: number;
+  readonly logFormat: 'text' | 'json';
+  /** Default limits of every job, and ceilings no job may ask to exceed (undefined: none). */
+  readonly cpus: number | undefined;
+  readonly memoryBytes: number | undefined;
+  readonly pids: number | undefined;
+  readonly maxCpus: number | undefined;
+  readonly maxMemoryBytes: number | undefined;
+  readonly maxPids: number | undefined;
+  readonly limits: 'auto' | 'required' | 'optional' | 'off';
+  readonly stage: 'auto' | 'copy' | 'overlay';
+  /** Run steps as this user (the worker must be root). */
+  readonly runAs: string | undefined;
+  /** Values masked as `***` in step logs and the worker's log. */
+  readonly mask: readonly string[];
+  /** Shared secret for signed requests (or a file holding it); undefined: requests are not signed. */
+  readonly secret: string | undefined;
+  readonly secretFile: string | undefined;
+  /** A signed request older than this is refused. */
+  readonly maxAgeMs: number;
+  /** Refuse requests that carry their own steps. */
+  readonly noPayloadSteps: boolean;
+}
+
+/** What the command line gave (commander's parsed flags, by option key): strings and booleans, all optional. */
+export type OptionFlags = Partial<Record<keyof Options, string | boolean>>;
+
+type Kind =
+  | { type: 'text'; fallback: string }
+  | { type: 'optional' }
+  | { type: 'file' }
+  | { type: 'boolean' }
+  | { type: 'duration'; fallback: string; off?: boolean }
+  | { type: 'size'; fallback: string }
+  | { type: 'choice'; fallback: string; choices: readonly string[] }
+  | { type: 'dir'; fallback: string }
+  | { type: 'topic'; fallback: string; filter?: boolean }
+  | { type: 'limit'; parse: (value: string) => number | undefined; expected: string }
+  | { type: 'list' };
+
+export interface OptionDef {
+  readonly key: keyof Options;
+  readonly flags: string;
+  readonly env: string;
+  readonly description: string;
+  readonly kind: Kind;
+  /** Shown in help where the default is not a plain value. */
+  readonly defaultText?: string;
+}
+
+const text = (fallback: string): Kind => ({ type: 'text', fallback });
+const duration = (fallback: string, off = false): Kind => ({ type: 'duration', fallback, off });
+const topic = (fallback: string, filter = false): Kind => ({ type: 'topic', fallback, filter });
+const positive = (value: string): number | undefined => {
+  const n = Number(value);
+  return value.trim() !== '' && Number.isFinite(n) && n > 0 ? n : undefined;
+};
+const count = (value: string): number | undefined => {
+  const n = positive(value);
+  return n !== undefined && Number.isSafeInteger(n) ? n : undefined;
+};
+const cpus: Kind = { type: 'limit', parse: positive, expected: 'a number of CPUs like 1.5' };
+const memory: Kind = { type: 'limit', parse: parseSizeValue, expected: 'a size like "2G"' };
+const pids: Kind = { type: 'limit', parse: count, expected: 'a whole number of processes like 512' };
+
+/** The option table: commander's help, the README and `resolveOptions` all follow it. */
+export const OPTION_DEFS: readonly OptionDef[] = [
+  {
+    key: 'url',
+    flags: '-u, --url <url>',
+    env: 'MQTT_URL',
+    description: 'broker URL (mqtt, mqtts, ws, wss)',
+    kind: text('mqtt://localhost:1883'),
+  },
+  {
+    key: 'username',
+    flags: '-n, --username <user>',
+    env: 'MQTT_USERNAME',
+    description: 'broker user',
+    kind: { type: 'optional' },
+  },
+  {
+    key: 'password',
+    flags: '-p, --password <password>',
+    env: 'MQTT_PASSWORD',
+    description: 'broker password',
+    kind: { type: 'optional' },
+  },
+  {
+    key: 'passwordFile',
+    flags: '--password-file <file>',
+    env: 'MQTT_PASSWORD_FILE',
+    description: 'file holding the broker password (Docker secrets)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'caFile',
+    flags: '--ca <file>',
+    env: 'MQTT_CA_FILE',
+    description: 'CA certificate(s) to trust for mqtts/wss (PEM)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'certFile',
+    flags: '--cert <file>',
+    env: 'MQTT_CERT_FILE',
+    description: 'client certificate (PEM)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'keyFile',
+    flags: '--key <file>',
+    env: 'MQTT_KEY_FILE',
+    description: 'client private key (PEM)',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'protocol',
+    flags: '--protocol <version>',
+    env: 'MQTT_PROTOCOL',
+    description: 'MQTT version: 5, or 3.1.1 (the broker must then allow one message in flight)',
+    kind: { type: 'choice', fallback: '5', choices: ['5', '3.1.1'] },
+  },
+  {
+    key: 'id',
+    flags: '-i, --id <id>',
+    env: 'WORKER_ID',
+    description: 'worker id, also the MQTT client id',
+    kind: text(''),
+    defaultText: 'the host name',
+  },
+  {
+    key: 'jobsDir',
+    flags: '-j, --jobs-dir <dir>',
+    env: 'MQTT_JOBS_DIR',
+    description: 'root of job folders (shared drive)',
+    kind: { type: 'dir', fallback: './jobs' },
+  },
+  {
+    key: 'workspacesDir',
+    flags: '-w, --workspaces-dir <dir>',
+    env: 'MQTT_WORKSPACES_DIR',
+    description: 'root of local workspaces',
+    kind: { type: 'dir', fallback: './workspaces' },
+  },
+  {
+    key: 'topic',
+    flags: '-t, --topic <topic>',
+    env: 'MQTT_TOPIC',
+    description: 'subscription, e.g. $share/workers/jobs/pending',
+    kind: topic('jobs/pending', true),
+  },
+  {
+    key: 'clean',
+    flags: '--clean',
+    env: 'MQTT_CLEAN',
+    description: 'clean MQTT session (loses the jobs queued for this worker)',
+    kind: { type: 'boolean' },
+    defaultText: 'false',
+  },
+  {
+    key: 'keepaliveMs',
+    flags: '--keepalive <duration>',
+    env: 'MQTT_KEEPALIVE',
+    description: 'MQTT keepalive',
+    kind: duration('30s'),
+  },
+  {
+    key: 'connectTimeoutMs',
+    flags: '--connect-timeout <duration>',
+    env: 'MQTT_CONNECT_TIMEOUT',
+    description: 'give up connecting to the broker after this',
+    kind: duration('10s'),
+  },
+  {
+    key: 'sessionExpirySeconds',
+    flags: '--session-expiry <duration>',
+    env: 'MQTT_SESSION_EXPIRY',
+    description:
+      'how long the broker keeps the session of an absent worker ("never" or a duration; default: 1d, never with $share/)',
+    kind: duration('never', true),
+    defaultText: 'auto',
+  },
+  {
+    key: 'respawn',
+    flags: '--respawn',
+    env: 'MQTT_RESPAWN',
+    description:
+      'stay up: run each job in a fresh worker process, one after another, backing off on failures',
+    kind: { type: 'boolean' },
+    defaultText: 'false',
+  },
+  {
+    key: 'idleTimeoutMs',
+    flags: '--idle-timeout <duration>',
+    env: 'MQTT_IDLE_TIMEOUT',
+    description: 'exit 0 when no job came within this time ("off" or a duration)',
+    kind: duration('off', true),
+  },
+  {
+    key: 'claimLeaseMs',
+    flags: '--claim-lease <duration>',
+    env: 'MQTT_CLAIM_LEASE',
+    description: "a claim whose heartbeat is older than this is a dead worker's",
+    kind: duration('60s'),
+  },
+  {
+    key: 'resultsTopic',
+    flags: '--results-topic <root>',
+    env: 'MQTT_RESULTS_TOPIC',
+    description: 'results are published to {root}/{id}',
+    kind: topic('jobs/results'),
+  },
+  {
+    key: 'statusTopic',
+    flags: '--status-topic <root>',
+    env: 'MQTT_STATUS_TOPIC',
+    description: 'progress events go to {root}/{id}',
+    kind: topic('jobs/status'),
+  },
+  {
+    key: 'cancelTopic',
+    flags: '--cancel-topic <root>',
+    env: 'MQTT_CANCEL_TOPIC',
+    description: 'a message on {root}/{id} cancels the running job',
+    kind: topic('jobs/cancel'),
+  },
+  {
+    key: 'presenceTopic',
+    flags: '--presence-topic <root>',
+    env: 'MQTT_PRESENCE_TOPIC',
+    description: 'retained presence at {root}/{worker id}',
+    kind: topic('jobs/workers'),
+  },
+  {
+    key: 'rejectedTopic',
+    flags: '--rejected-topic <topic>',
+    env: 'MQTT_REJECTED_TOPIC',
+    description: 'refused requests are reported on {root}/{id}, or {root} without a usable id',
+    kind: topic('jobs/rejected'),
+  },
+  {
+    key: 'responseTopicPrefix',
+    flags: '--response-topic-prefix <prefix>',
+    env: 'MQTT_RESPONSE_TOPIC_PREFIX',
+    description: 'honour MQTT 5 response topics only under this prefix ("off": never)',
+    kind: { type: 'optional' },
+    defaultText: '{results-topic}/',
+  },
+  {
+    key: 'killGraceMs',
+    flags: '--kill-grace <duration>',
+    env: 'MQTT_KILL_GRACE',
+    description: 'time between SIGTERM and SIGKILL when a step is stopped',
+    kind: duration('10s'),
+  },
+  {
+    key: 'maxLogBytes',
+    flags: '--max-log-size <size>',
+    env: 'MQTT_MAX_LOG_SIZE',
+    description: 'per-step log cap; the step keeps running past it',
+    kind: { type: 'size', fallback: '100M' },
+  },
+  {
+    key: 'cpus',
+    flags: '--cpus <n>',
+    env: 'MQTT_CPUS',
+    description: "each job's default CPU limit",
+    kind: cpus,
+    defaultText: 'none',
+  },
+  {
+    key: 'memoryBytes',
+    flags: '--memory <size>',
+    env: 'MQTT_MEMORY',
+    description: "each job's default memory limit",
+    kind: memory,
+    defaultText: 'none',
+  },
+  {
+    key: 'pids',
+    flags: '--pids <n>',
+    env: 'MQTT_PIDS',
+    description: "each job's default process limit",
+    kind: pids,
+    defaultText: 'none',
+  },
+  {
+    key: 'maxCpus',
+    flags: '--max-cpus <n>',
+    env: 'MQTT_MAX_CPUS',
+    description: 'the most CPUs a job may ask for',
+    kind: cpus,
+    defaultText: 'none',
+  },
+  {
+    key: 'maxMemoryBytes',
+    flags: '--max-memory <size>',
+    env: 'MQTT_MAX_MEMORY',
+    description: 'the most memory a job may ask for',
+    kind: memory,
+    defaultText: 'none',
+  },
+  {
+    key: 'maxPids',
+    flags: '--max-pids <n>',
+    env: 'MQTT_MAX_PIDS',
+    description: 'the most processes a job may ask for',
+    kind: pids,
+    defaultText: 'none',
+  },
+  {
+    key: 'limits',
+    flags: '--limits <policy>',
+    env: 'MQTT_LIMITS',
+    description: 'required, optional or off; auto: required when any limit is set or asked for',
+    kind: { type: 'choice', fallback: 'auto', choices: ['auto', 'required', 'optional', 'off'] },
+  },
+  {
+    key: 'stage',
+    flags: '--stage <mode>',
+    env: 'MQTT_STAGE',
+    description:
+      'overlay: mount the job folder under a private upper layer (root); copy: copy it; auto: overlay where it mounts, else copy',
+    kind: { type: 'choice', fallback: 'auto', choices: ['auto', 'copy', 'overlay'] },
+  },
+  {
+    key: 'runAs',
+    flags: '--run-as <user>',
+    env: 'MQTT_RUN_AS',
+    description: 'run steps as this user, with its groups and HOME (the worker must be root)',
+    kind: { type: 'optional' },
+  },
+  {
+    key: 'mask',
+    flags: '--mask <values>',
+    env: 'MQTT_MASK',
+    description: 'comma-separated values to mask as *** in logs',
+    kind: { type: 'list' },
+    defaultText: 'none',
+  },
+  {
+    key: 'secret',
+    flags: '--secret <secret>',
+    env: 'MQTT_SHARED_SECRET',
+    description: 'accept only requests signed with this shared secret (HMAC-SHA256)',
+    kind: { type: 'optional' },
+  },
+  {
+    key: 'secretFile',
+    flags: '--secret-file <file>',
+    env: 'MQTT_SHARED_SECRET_FILE',
+    description: 'file holding the shared secret',
+    kind: { type: 'file' },
+  },
+  {
+    key: 'maxAgeMs',
+    flags: '--max-age <duration>',
+    env: 'MQTT_MAX_AGE',
+    description: 'refuse signed requests older than this',
+    kind: duration('5m'),
+  },
+  {
+    key: 'noPayloadSteps',
+    flags: '--no-payload-steps',
+    env: 'MQTT_NO_PAYLOAD_STEPS',
+    description: "refuse requests that carry their own steps (run only job.json's)",
+    kind: { type: 'boolean' },
+    defaultText: 'false',
+  },
+  {
+    key: 'logFormat',
+    flags: '--log-format <format>',
+    env: 'MQTT_LOG_FORMAT',
+    description: "the worker's own log: text or json",
+    kind: { type: 'choice', fallback: 'text', choices: ['text', 'json'] },
+  },
+];
+
+export interface ResolveContext {
+  /** Directory that relative paths are resolved against. */
+  readonly cwd: string;
+  /** The host name, for the default worker id. */
+  readonly hostname: string;
+}
+
+const TRUE = new Set(['1', 'true', 'yes', 'on']);
+const FALSE = new Set(['0', 'false', 'no', 'off', '']);
+const URL_PROTOCOLS = new Set(['mqtt:', 'mqtts:', 'ws:', 'wss:', 'tcp:', 'ssl:', 'tls:']);
+const OFF = new Set(['off', 'never', 'none', '0']);
+
+/** A worker id from a host name: its safe characters, never empty, within the id length limit. */
+export function defaultWorkerId(hostname: string): string {
+  const safe = hostname
+    .replace(/[^A-Za-z0-9_.-]+/g, '-')
+    .replace(/^[^A-Za-z0-9]+/, '')
+    .slice(0, MAX_ID_LENGTH);
+  return safe || 'worker';
+}
+
+/** The long flag of a definition, for messages (`--kill-grace`). */
+export function longFlag(def: OptionDef): string {
+  return def.flags.split(/[ ,]+/).find((part) => part.startsWith('--')) ?? def.flags;
+}
+
+/**
+ * Merges command-line flags over environment variables over defaults, validates every value and returns a frozen
+ * options object. Pure: the environment, working directory and host name come in as arguments. Every invalid
+ * value is reported at once (INVALID_OPTION), each naming the option, what was expected and what was given.
+ */
+/**
+ * Pull dispatch (a plain topic): every slot's session holds a copy of every request, and the claims on the shared
+ * drive (with the index of running jobs) keep each job safe, so the session of a slot that never returns can
+ * expire: a day outlasts any restart or maintenance, and bounds what an abandoned session piles up. A shared
+ * subscription's session holds the only copy of each job dealt to it: it never expires (retire it with drain).
+ */
+function defaultSessionExpiryMs(topic: string): number | undefined {
+  return isShared(topic) ? undefined : 24 * 60 * 60 * 1000;
+}
+
+export function resolveOptions(
+  flags: OptionFlags,
+  env: Readonly<Record<string, string | undefined>>,
+  context: ResolveContext,
+): Options {
+  const problems: string[] = [];
+  const values: Record<string, unknown> = {};
+  for (const def of OPTION_DEFS) {
+    const fromFlag = flags[def.key];
+    const given = fromFlag ?? env[def.env];
+    const from = fromFlag !== undefined || env[def.env] === undefined ? longFlag(def) : def.env;
+    const problem = (expected: string): void => {
+      problems.push(`${from}: expected ${expected}, got ${describeValue(given)}`);
+    };
+    values[def.key] = resolveOne(def.kind, given, problem, context);
+  }
+
+  const options = values as unknown as Options & { id: string };
+  if (options.id === '') (options as { id: string }).id = defaultWorkerId(context.hostname);
+  const idIssue = idProblem(options.id, 'worker id');
+  if (idIssue) problems.push(`--id: ${idIssue}`);
+  try {
+    if (!URL_PROTOCOLS.has(new URL(options.url).protocol)) {
+      problems.push(
+        `--url: expected an mqtt://, mqtts://, ws:// or wss:// URL, got ${describeValue(options.url)}`,
+      );
+    }
+  } catch {
+    problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
+  }
+  const prefix = options.responseTopicPrefix;
+  (options as { responseTopicPrefix: string | undefined }).responseTopicPrefix =
+    prefix === undefined
+      ? `${options.resultsTopic}/`
+      : OFF.has(prefix.trim().toLowerCase())
+        ? undefined
+        : prefix;
+  if (
+    prefix !== undefined &&
+    !OFF.has(prefix.trim().toLowerCase()) &&
+    (/[+#\0]/.test(prefix) || prefix.startsWith('$'))
+  ) {
+    problems.push(
+      `--response-topic-prefix: expected a topic prefix without wildcards, not starting with $, got ${describeValue(prefix)}`,
+    );
+  }
+  const filter = plainTopic(options.topic);
+  for (const key of [
+    'resultsTopic',
+    'statusTopic',
+    'cancelTopic',
+    'presenceTopic',
+    'rejectedTopic',
+  ] as const) {
+    // A jobs topic that also takes the worker's own messages would treat every result as a request.
+    if (topicMatches(filter, `${options[key]}/x`) || topicMatches(filter, options[key])) {
+      problems.push(
+        `--topic: ${describeValue(options.topic)} also matches the worker's own messages on ${options[key]}/…; use a topic of its own, e.g. jobs/pending`,
+      );
+      break;
+    }
+  }
+  if (/^dry-run-\d+$/.test(options.id)) {
+    problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
+  }
+  const expiryGiven = flags.sessionExpirySeconds !== undefined || env.MQTT_SESSION_EXPIRY !== undefined;
+  const expiryMs = expiryGiven ? options.sessionExpirySeconds : defaultSessionExpiryMs(options.topic);
+  (options as { sessionExpirySeconds: number | undefined }).sessionExpirySeconds =
+    expiryMs === undefined ? undefined : Math.ceil(expiryMs / 1000);
+  if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {
+    problems.push(`--keepalive: expected at least 1s, got ${options.keepaliveMs}ms`);
+  }
+  if ((options.certFile === undefined) !== (options.keyFile === undefined)) {
+    problems.push('--cert and --key: expected both or neither');
+  }
+  if (problems.length > 0) {
+    throw new WorkerError(ErrorCode.INVALID_OPTION, problems.join('\n'), { problems });
+  }
+  return Object.freeze(options);
+}
+
+function resolveOne(
+  kind: Kind,
+  given: string | boolean | undefined,
+  problem: (expected: string) => void,
+  context: ResolveContext,
+): unknown {
+  const textValue = typeof given === 'string' ? given : undefined;
+  switch (kind.type) {
+    case 'text':
+      return textValue ?? kind.fallback;
+    case 'optional':
+      return textValue === '' ? undefined : textValue;
+    case 'file':
+      if (textValue === undefined || textValue === '') return undefined;
+      if (textValue.includes('\0')) problem('a file path');
+      return path.resolve(context.cwd, textValue);
+    case 'boolean': {
+      if (typeof given === 'boolean' || given === undefined) return given ?? false;
+      const lower = given.trim().toLowerCase();
+      if (TRUE.has(lower)) return true;
+      if (!FALSE.has(lower)) problem('true or false');
+      return false;
+    }
+    case 'duration': {
+      const value = textValue ?? kind.fallback;
+      if (kind.off && OFF.has(value.trim().toLowerCase())) return undefined;
+      const parsed = parseDuration(value);
+      if (parsed === undefined)
+        problem(
+          `a duration like "${kind.off ? '10m' : kind.fallback}"${kind.off ? ` or "${kind.fallback}"` : ''}`,
+        );
+      return parsed ?? 0;
+    }
+    case 'size': {
+      const parsed = parseSizeValue(textValue ?? kind.fallback);
+      if (parsed === undefined) problem(`a size like "${kind.fallback}"`);
+      return parsed ?? 0;
+    }
+    case 'choice': {
+      const value = textValue ?? kind.fallback;
+      if (!kind.choices.includes(value)) problem(`one of ${kind.choices.join(', ')}`);
+      return value;
+    }
+    case 'dir': {
+      const value = textValue ?? kind.fallback;
+      if (value === '' || value.includes('\0')) problem('a directory path');
+      return path.resolve(context.cwd, value);
+    }
+    case 'list':
+      return (textValue ?? '').split(',').filter((value) => value !== '');
+    case 'limit': {
+      if (textValue === undefined || textValue === '') return undefined;
+      const parsed = kind.parse(textValue);
+      if (parsed === undefined) problem(kind.expected);
+      return parsed;
+    }
+    case 'topic': {
+      const value = textValue ?? kind.fallback;
+      // A topic the worker publishes to must not be a `$` topic: the broker drops the connection of a client that
+      // publishes to `$share/…` or `$SYS/…`, and the job would never be acknowledged.
+      const bad =
+        value === '' ||
+        value.includes('\0') ||
+        value.length > 65535 ||
+        (!kind.filter && (/[+#]/.test(value) || value.startsWith('$')));
+      if (bad)
+        problem(
+          kind.filter ? 'an MQTT topic filter' : 'an MQTT topic without wildcards, not starting with $',
+        );
+      return value;
+    }
+  }
+}

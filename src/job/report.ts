@@ -1,0 +1,120 @@
+import { constants } from 'node:fs';
+import { open, rename, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import type { ErrorCode } from '../shared/errors.js';
+import type { SkippedEntry } from './workspace/stage.js';
+import type { Artifact } from './workspace/sync.js';
+
+export type JobStatus = 'success' | 'failed' | 'timeout' | 'cancelled' | 'error';
+export type StepStatus = 'success' | 'failed' | 'timeout' | 'cancelled' | 'skipped';
+export type LimitsMode = 'cgroup2' | 'cgroup1' | 'none';
+
+export interface StepRecord {
+  index: number;
+  name: string;
+  command: string;
+  status: StepStatus;
+  exitCode: number | null;
+  signal: string | null;
+  startedAt: string | null;
+  endedAt: string | null;
+  durationMs: number | null;
+  log: string | null;
+  logBytes: number;
+  logTruncated: boolean;
+  peakMemoryBytes: number | null;
+  cpuMs: number | null;
+  oomKilled: boolean | null;
+  limitsHit: readonly ('cpus' | 'memory' | 'pids')[] | null;
+  /** Without a cgroup: processes the step left behind outside its process group, found by their tag and killed. */
+  leftoversKilled: number;
+}
+
+export interface ErrorInfo {
+  code: ErrorCode;
+  message: string;
+}
+
+/** `results/result.json`, schema version 1 (see the README); keys are never renamed, only added. */
+export interface Manifest {
+  schemaVersion: 1;
+  id: string;
+  status: JobStatus;
+  exitCode: number;
+  error: ErrorInfo | null;
+  attempt: number;
+  worker: { id: string; host: string; version: string };
+  startedAt: string;
+  endedAt: string;
+  durationMs: number;
+  phases: { stagingMs: number; runningMs: number; syncingMs: number };
+  limits: {
+    mode: LimitsMode;
+    cpus: number | null;
+    memoryBytes: number | null;
+    pids: number | null;
+    reason?: string;
+  };
+  steps: StepRecord[];
+  artifacts: Artifact[];
+  skipped: SkippedEntry[];
+}
+
+export const MANIFEST_NAME = 'result.json';
+/** The manifest's path relative to the job folder, as the result message names it. */
+export const MANIFEST_FILE = `results/${MANIFEST_NAME}`;
+
+/** The result message: the contract's four fields first, then additions that never change their meaning. */
+export interface ResultPayload {
+  id: string;
+  status: JobStatus;
+  exitCode: number;
+  manifestFile: string;
+  error: ErrorInfo | null;
+  attempt: number;
+  workerId: string;
+  durationMs: number;
+}
+
+export function toResultPayload(manifest: Manifest): ResultPayload {
+  return {
+    id: manifest.id,
+    status: manifest.status,
+    exitCode: manifest.exitCode,
+    manifestFile: MANIFEST_FILE,
+    error: manifest.error,
+    attempt: manifest.attempt,
+    workerId: manifest.worker.id,
+    durationMs: manifest.durationMs,
+  };
+}
+
+/**
+ * Writes `data` as `{dir}/{name}` atomically: a temp file created without following links, then a rename, so a
+ * reader sees the old file or the new one and never half of one.
+ */
+export async function writeFileAtomic(dir: string, name: string, data: string): Promise<void> {
+  const temp = path.join(dir, `.${name}.${process.pid}.${Math.random().toString(36).slice(2, 10)}.tmp`);
+  const handle = await open(
+    temp,
+    constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW,
+    0o644,
+  );
+  try {
+    await handle.writeFile(data);
+    await handle.sync();
+  } catch (error) {
+    await handle.close().catch(() => {});
+    await unlink(temp).catch(() => {});
+    throw error;
+  }
+  await handle.close();
+  await rename(temp, path.join(dir, name)).catch(async (error: unknown) => {
+    await unlink(temp).catch(() => {});
+    throw error;
+  });
+}
+
+export function writeManifest(resultsDir: string, manifest: Manifest): Promise<void> {
+  return writeFileAtomic(resultsDir, MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`);
+}

@@ -1,0 +1,91 @@
+import { connectBroker, disconnect } from '../broker/client.js';
+import { type Connack, checkGrants } from '../broker/consumer.js';
+import type { Options } from '../config/options.js';
+import { jobsDirProblem } from '../job/paths.js';
+import type { EngineConfig } from '../job/run-job.js';
+import { effectiveLimits, openJobLimits } from '../limits/index.js';
+import type { Logger } from '../shared/log.js';
+import { workspacesProblem } from './preflight.js';
+
+// `doctor`: the worker's preflight, the cgroup mode and the broker connection, checked and printed for a human.
+// It never subscribes to the jobs topic (a probe on a clean session could take a real job and lose it).
+
+export interface Check {
+  readonly name: string;
+  readonly ok: boolean;
+  readonly detail: string;
+}
+
+export async function doctor(options: Options, config: EngineConfig): Promise<Check[]> {
+  const checks: Check[] = [];
+  const add = (name: string, problem: string | undefined, detail: string): void => {
+    checks.push({ name, ok: problem === undefined, detail: problem ?? detail });
+  };
+  add('jobs directory', await jobsDirProblem(options.jobsDir), options.jobsDir);
+  add('workspaces directory', await workspacesProblem(options.workspacesDir), options.workspacesDir);
+  const settings = config.limits ?? { policy: 'off' as const, defaults: {}, ceilings: {} };
+  let defaults: ReturnType<typeof effectiveLimits> | undefined;
+  try {
+    defaults = effectiveLimits({}, settings);
+    add('limits', undefined, `defaults ${JSON.stringify(defaults)} within the ceilings`);
+  } catch (error) {
+    add('limits', (error as Error).message, '');
+  }
+  if (defaults) {
+    try {
+      const opened = await openJobLimits(defaults, settings.policy, `mqtt-fs-worker-${options.id}.doctor`);
+      await opened.cgroups?.close();
+      add('cgroups', undefined, `${opened.mode}${opened.reason ? ` (${opened.reason})` : ''}`);
+    } catch (error) {
+      add('cgroups', (error as Error).message, '');
+    }
+  }
+  const { overlayProblem } = await import('../job/workspace/overlay.js');
+  const overlay = await overlayProblem(options.workspacesDir, config.runAs !== undefined);
+  if (options.stage === 'overlay') add('staging', overlay, 'overlay (mounted and unmounted one)');
+  else if (options.stage === 'copy') add('staging', undefined, 'copy (--stage copy)');
+  else
+    add(
+      'staging',
+      undefined,
+      overlay
+        ? `copy (an overlay cannot be used: ${overlay})`
+        : 'overlay for folders of 256 files or 16 MiB and more, copy below',
+    );
+  checks.push(await brokerCheck(options));
+  return checks;
+}
+
+async function brokerCheck(options: Options): Promise<Check> {
+  const warnings: string[] = [];
+  const log: Logger = {
+    debug: () => {},
+    info: () => {},
+    warn: (message) => warnings.push(message),
+    error: (message) => warnings.push(message),
+    child: () => log,
+  };
+  try {
+    const client = await connectBroker({ settings: options, clientId: `${options.id}.doctor`, clean: true });
+    try {
+      const connack = (client as unknown as { connackPacket?: Connack }).connackPacket ?? {};
+      checkGrants(connack, {
+        clientId: `${options.id}.doctor`,
+        clean: options.clean,
+        sessionExpirySeconds: options.sessionExpirySeconds,
+        topic: options.topic,
+        log,
+      });
+      const granted = await client.subscribeAsync(`${options.statusTopic}/doctor-probe`, { qos: 1 });
+      const qos = granted[0]?.qos ?? 0;
+      if (qos !== 1)
+        return { name: 'broker', ok: false, detail: `a QoS 1 subscription was granted QoS ${qos}` };
+      const extra = warnings.length > 0 ? `; ${warnings.join('; ')}` : '';
+      return { name: 'broker', ok: true, detail: `${options.url} accepted MQTT ${options.protocol}${extra}` };
+    } finally {
+      await disconnect(client);
+    }
+  } catch (error) {
+    return { name: 'broker', ok: false, detail: (error as Error).message };
+  }
+}

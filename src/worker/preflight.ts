@@ -1,0 +1,79 @@
+import { constants } from 'node:fs';
+import { access, mkdir } from 'node:fs/promises';
+import { jobsDirProblem } from '../job/paths.js';
+import { type EffectiveLimits, effectiveLimits, type LimitSettings, openJobLimits } from '../limits/index.js';
+import { ErrorCode, WorkerError } from '../shared/errors.js';
+
+// What would make a worker fail every job it takes: checked before it connects, so that a misconfigured slot
+// leaves the queue to the slots that can run it, instead of answering every request with an error.
+
+export interface PreflightInput {
+  readonly jobsDir: string;
+  readonly workspacesDir: string;
+  readonly limits: LimitSettings;
+  /** The job cgroups' name (`mqtt-fs-worker-{id}`): probed when limits are required. */
+  readonly cgroupName: string;
+  /** `--stage`: with `overlay`, every job needs one, so it is probed. */
+  readonly stage?: 'auto' | 'copy' | 'overlay';
+  readonly runAs?: boolean;
+}
+
+/** Throws NOT_READY (the machine: directories) or INVALID_OPTION (the settings) naming every problem found. */
+export async function preflight(input: PreflightInput): Promise<void> {
+  const settings: string[] = [];
+  let defaults: EffectiveLimits | undefined;
+  try {
+    // The worker's own defaults must fit its own ceilings, or every job that asks for nothing is refused.
+    defaults = effectiveLimits({}, input.limits);
+  } catch (error) {
+    settings.push(
+      ...(error as WorkerError).problems.map((p) => p.replace(/^limits\.(\w+) defaults to/, '--$1 is')),
+    );
+  }
+  if (settings.length > 0) {
+    throw new WorkerError(ErrorCode.INVALID_OPTION, settings.join('\n'), { problems: settings });
+  }
+  const machine = [
+    await jobsDirProblem(input.jobsDir),
+    await workspacesProblem(input.workspacesDir),
+    defaults && (await cgroupsProblem(input, defaults)),
+    input.stage === 'overlay' ? await stagingProblem(input) : undefined,
+  ].filter((p): p is string => p !== undefined);
+  if (machine.length > 0)
+    throw new WorkerError(ErrorCode.NOT_READY, machine.join('\n'), { problems: machine });
+}
+
+/**
+ * Where every job needs cgroups (`--limits required`, or a default limit with `auto`), whether they can be made
+ * here: the job's own set-up is tried once and undone (a few milliseconds, and only when limits are in play).
+ */
+async function cgroupsProblem(input: PreflightInput, defaults: EffectiveLimits): Promise<string | undefined> {
+  const { policy } = input.limits;
+  const anyDefault = defaults.cpus !== null || defaults.memoryBytes !== null || defaults.pids !== null;
+  if (policy !== 'required' && !(policy === 'auto' && anyDefault)) return undefined;
+  try {
+    const opened = await openJobLimits(defaults, policy, input.cgroupName);
+    await opened.cgroups?.close();
+    return undefined;
+  } catch (error) {
+    return `limits are required but cgroups cannot be used: ${(error as Error).message}`;
+  }
+}
+
+/** With `--stage overlay`, whether one can be mounted here (`auto` copies where it cannot: nothing to check). */
+async function stagingProblem(input: PreflightInput): Promise<string | undefined> {
+  const { overlayProblem } = await import('../job/workspace/overlay.js');
+  const problem = await overlayProblem(input.workspacesDir, input.runAs ?? false);
+  return problem && `--stage overlay, but an overlay cannot be mounted here: ${problem}`;
+}
+
+/** Why the workspaces directory cannot be used (it is created when missing), or undefined. */
+export async function workspacesProblem(dir: string): Promise<string | undefined> {
+  try {
+    await mkdir(dir, { recursive: true });
+    await access(dir, constants.W_OK | constants.X_OK);
+    return undefined;
+  } catch (error) {
+    return `the workspaces directory ${dir} cannot be written: ${(error as NodeJS.ErrnoException).code}`;
+  }
+}

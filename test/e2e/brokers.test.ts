@@ -1,0 +1,215 @@
+import { execFile } from 'node:child_process';
+import { mkdir, readFile } from 'node:fs/promises';
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { AedesBroker, Mosquitto } from '../helpers/mosquitto.js';
+import { sleep, waitFor } from '../helpers/tmp.js';
+import {
+  collect,
+  expectAllSucceeded,
+  fleetDirs,
+  publishJob,
+  pullArgs,
+  type Running,
+  runWorkerOnce,
+  slot,
+  slotLoop,
+  startWorker,
+  testClient,
+} from '../helpers/worker.js';
+
+// What the worker does on brokers other than the reference setup: MQTT 3.1.1 on Mosquitto, Aedes (3.1.1 only, no
+// shared subscriptions), and grants that break the promise.
+
+const stops: (() => Promise<void>)[] = [];
+afterEach(async () => {
+  await Promise.all(stops.splice(0).map((stop) => stop()));
+});
+
+async function mosquitto(globalLines: string[] = [], listenerLines: string[] = []): Promise<Mosquitto> {
+  const broker = await Mosquitto.start({
+    globalLines,
+    listenerLines: ['allow_anonymous true', ...listenerLines],
+  });
+  stops.push(() => broker.dispose());
+  return broker;
+}
+
+async function aedes(): Promise<AedesBroker> {
+  const broker = await AedesBroker.start();
+  stops.push(() => broker.stop());
+  return broker;
+}
+
+type Args = (
+  url: string,
+  dirs: { jobs: string; workspaces: string },
+  id: string,
+  extra?: string[],
+) => string[];
+const v311: Args = (url, dirs, id, extra = []) => pullArgs(url, dirs, id, ['--protocol', '3.1.1', ...extra]);
+
+/** Slots in restart loops on `url`, jobs published, SIGKILLs at random: every job one success, none lost. */
+async function killAndCount(url: string, names: string[], count: number, kills: number): Promise<void> {
+  const dirs = await fleetDirs();
+  const slots = names.map(slot);
+  for (const id of slots) {
+    const run = await runWorkerOnce(v311(url, dirs, id, ['--idle-timeout', '100ms']));
+    expect(run.code, run.stderr).toBe(0);
+  }
+  const client = await testClient(url, { protocolVersion: 4 });
+  const results = await collect(client, 'jobs/results/+');
+  const jobs = Array.from({ length: count }, (_, i) => `v3-${i}`);
+  for (const id of jobs) await mkdir(path.join(dirs.jobs, id));
+  for (const id of jobs) await publishJob(client, { id, steps: ['sleep 0.4'] });
+  const loops = slots.map((id) => slotLoop(() => v311(url, dirs, id)));
+  let killed = 0;
+  while (killed < kills) {
+    const victim = loops[killed % loops.length]?.current() as Running;
+    await victim.sawLog('step 0 started', 60_000).catch(() => undefined);
+    if (victim.child.exitCode === null && victim.child.kill('SIGKILL')) killed++;
+    await sleep(100);
+  }
+  try {
+    await waitFor(() => new Set(results.map((r) => r.body.id)).size === jobs.length, 120_000, 100);
+  } finally {
+    const runs = (await Promise.all(loops.map((loop) => loop.stop()))).flat();
+    const done = new Set(results.map((r) => r.body.id));
+    const missing = jobs.filter((id) => !done.has(id));
+    if (missing.length > 0)
+      console.error(`missing ${missing.join(' ')}\n${runs.map((r) => r.stderr).join('\n---\n')}`);
+  }
+  await expectAllSucceeded(dirs.jobs, jobs, results);
+  await client.endAsync();
+}
+
+describe('MQTT 3.1.1', () => {
+  it('loses no job on Mosquitto with max_inflight_messages 1, with SIGKILLs mid-job (pull)', {
+    timeout: 180_000,
+  }, async () => {
+    const broker = await mosquitto(['max_inflight_messages 1']);
+    await killAndCount(broker.url, ['m311-1', 'm311-2', 'm311-3'], 15, 4);
+  });
+
+  it('never acknowledges a request it has not taken: a second job waits in the session for the next run', async () => {
+    const broker = await mosquitto(['max_inflight_messages 1']);
+    const dirs = await fleetDirs();
+    const id = slot('v3-one');
+    await runWorkerOnce(v311(broker.url, dirs, id, ['--idle-timeout', '100ms']));
+    const client = await testClient(broker.url, { protocolVersion: 4 });
+    const results = await collect(client, 'jobs/results/+');
+    await publishJob(client, { id: 'first', steps: ['sleep 0.5'] });
+    await publishJob(client, { id: 'second', steps: ['true'] });
+    expect((await runWorkerOnce(v311(broker.url, dirs, id))).code).toBe(0);
+    await waitFor(() => results.length === 1);
+    expect((await runWorkerOnce(v311(broker.url, dirs, id, ['--idle-timeout', '5s']))).code).toBe(0);
+    await waitFor(() => results.length === 2);
+    expect(results.map((r) => r.body.id)).toEqual(['first', 'second']);
+    await client.endAsync();
+  });
+});
+
+describe('Aedes (a second, real broker: MQTT 3.1.1 only, no shared subscriptions)', () => {
+  it('refuses an MQTT 5 worker with exit 4 and says which protocol to use', async () => {
+    const broker = await aedes();
+    const dirs = await fleetDirs();
+    const run = await runWorkerOnce(
+      pullArgs(broker.url, dirs, slot('aedes-v5'), ['--connect-timeout', '5s']),
+    );
+    expect(run.code, run.stderr).toBe(4);
+    expect(run.stderr).toContain('BROKER_REFUSED');
+    expect(run.stderr).toContain('--protocol 3.1.1');
+  });
+
+  it('runs jobs end to end in pull mode and loses none when slots are SIGKILLed mid-job', {
+    timeout: 180_000,
+  }, async () => {
+    const broker = await aedes();
+    await killAndCount(broker.url, ['aedes-1', 'aedes-2'], 10, 3);
+  });
+});
+
+describe('what the broker grants', () => {
+  it('stops before taking a job when the broker allows QoS 0 only (exit 7)', async () => {
+    const broker = await mosquitto([], ['max_qos 0']);
+    const dirs = await fleetDirs();
+    const run = await runWorkerOnce(pullArgs(broker.url, dirs, slot('qos0'), ['--idle-timeout', '1s']));
+    expect(run.code, run.stderr).toBe(7);
+    expect(run.stderr).toMatch(/BROKER_UNSUITABLE: .*QoS not supported \(code 155\)/);
+    expect(run.stderr).not.toMatch(/\n\s+at /);
+  });
+});
+
+describe('an independent MQTT 5 client (Paho for Python)', () => {
+  it('gets the result on its response topic with its correlation data, signed with non-ASCII steps', {
+    timeout: 60_000,
+  }, async () => {
+    const broker = await mosquitto();
+    const dirs = await fleetDirs();
+    const secret = 'paho-shared-secret';
+    const worker = startWorker(
+      pullArgs(broker.url, dirs, slot('paho'), ['--secret', secret, '--response-topic-prefix', 'replies/']),
+    );
+    await worker.sawLog('waiting for one job');
+    const request = { id: 'from-python', steps: ['echo "héllo ✓" > out.txt'], responseTopic: 'replies/py-1' };
+    const script = new URL('../helpers/paho-request.py', import.meta.url).pathname;
+    const port = String(broker.port);
+    const out = await new Promise<string>((resolve, reject) =>
+      execFile(
+        '/usr/bin/python3',
+        [script, '127.0.0.1', port, JSON.stringify(request), 'replies/py-1', 'corr-42', secret],
+        (error, stdout, stderr) =>
+          error ? reject(new Error(`${error.message}\n${stderr}`)) : resolve(stdout),
+      ),
+    );
+    const response = JSON.parse(out) as { payload: Record<string, unknown>; correlation: string };
+    expect(response.correlation).toBe('corr-42');
+    expect(response.payload).toMatchObject({ id: 'from-python', status: 'success' });
+    expect(await readFile(path.join(dirs.jobs, 'from-python/results/out.txt'), 'utf8')).toBe('héllo ✓\n');
+    expect((await worker.exited).code).toBe(0);
+  });
+});
+
+describe('end-to-end confirmation', () => {
+  it('submit --confirm loses no job when the broker is SIGKILLed while requests come in', {
+    timeout: 180_000,
+  }, async () => {
+    const broker = await mosquitto();
+    const dirs = await fleetDirs();
+    const slots = ['crash-1', 'crash-2'].map(slot);
+    for (const id of slots) await runWorkerOnce(pullArgs(broker.url, dirs, id, ['--idle-timeout', '100ms']));
+    const loops = slots.map((id) =>
+      slotLoop(() => pullArgs(broker.url, dirs, id, ['--connect-timeout', '2s'])),
+    );
+    const ids = Array.from({ length: 10 }, (_, i) => `crash-${i}`);
+    const submits = ids.map((id, i) =>
+      sleep(i * 100).then(() =>
+        runWorkerOnce([
+          'submit',
+          id,
+          '--url',
+          broker.url,
+          '--steps',
+          'sleep 0.2',
+          '--wait',
+          '--confirm',
+          '2s',
+          '--timeout',
+          '120s',
+          '--connect-timeout',
+          '2s',
+        ]),
+      ),
+    );
+    await sleep(400);
+    await broker.stop('SIGKILL');
+    await sleep(700);
+    await broker.resume();
+    const runs = await Promise.all(submits);
+    await Promise.all(loops.map((loop) => loop.stop()));
+    for (const [i, run] of runs.entries()) {
+      expect(run.code, `${ids[i]}: ${run.stderr}`).toBe(0);
+      expect(JSON.parse(run.stdout)).toMatchObject({ id: ids[i], status: 'success' });
+    }
+  });
+});

@@ -1,0 +1,59 @@
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+import { sleep } from '../helpers/tmp.js';
+
+// The helper writes to the process's own descriptors, so each case runs in a child process (the built module;
+// npm test builds first) whose stdout is a pipe this test controls.
+const BUILT = fileURLToPath(new URL('../../dist/cli/stdio.js', import.meta.url));
+
+function child(body: string): ReturnType<typeof spawn> {
+  const script = `import { stdioFlushed, writeStdio } from ${JSON.stringify(BUILT)};\n${body}`;
+  return spawn(process.execPath, ['--input-type=module', '-e', script], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+}
+
+async function collect(stream: NodeJS.ReadableStream): Promise<string> {
+  let text = '';
+  for await (const chunk of stream) text += chunk;
+  return text;
+}
+
+const exitOf = (proc: ReturnType<typeof spawn>) =>
+  new Promise<number | null>((resolve) => proc.on('exit', (code) => resolve(code)));
+
+describe('writeStdio', () => {
+  it('writes everything in order through a pipe that is full and non-blocking', async () => {
+    // Touching process.stdout makes Node switch the pipe to non-blocking; 1 MiB then overflows it (EAGAIN) while
+    // this test is not reading yet. The rest and later writes must go through Node's stream, in order.
+    const proc = child(`
+      process.stdout;
+      writeStdio(1, 'a'.repeat(1 << 20));
+      writeStdio(1, 'b'.repeat(1000));
+      writeStdio(1, 'end\\n');
+      // As the binary ends: process.exit does not wait for a stream, so the CLI waits for it first.
+      await stdioFlushed();
+      process.exit(0);
+    `);
+    const stderr = collect(proc.stderr as NodeJS.ReadableStream);
+    await sleep(300);
+    const stdout = await collect(proc.stdout as NodeJS.ReadableStream);
+    expect(await exitOf(proc)).toBe(0);
+    expect(await stderr).toBe('');
+    expect(stdout.length).toBe((1 << 20) + 1000 + 4);
+    expect(stdout).toBe(`${'a'.repeat(1 << 20)}${'b'.repeat(1000)}end\n`);
+  });
+
+  it('drops output quietly when the reader has gone (no EPIPE crash)', async () => {
+    const proc = child(`
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      for (let i = 0; i < 100; i++) writeStdio(1, 'x'.repeat(65536));
+      writeStdio(2, 'still here\\n');
+    `);
+    proc.stdout?.destroy();
+    const stderr = await collect(proc.stderr as NodeJS.ReadableStream);
+    expect(await exitOf(proc)).toBe(0);
+    expect(stderr).toBe('still here\n');
+  });
+});
