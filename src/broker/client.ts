@@ -1,6 +1,6 @@
-import { readFile } from 'node:fs/promises';
 import type { IClientOptions, IClientPublishOptions, MqttClient } from 'mqtt';
 import type { Options } from '../config/options.js';
+import { readOptionFile, readSecret } from '../config/secrets.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 
 export type BrokerSettings = Pick<
@@ -49,31 +49,17 @@ const V3_MESSAGES: Record<number, string> = {
   5: 'not authorized',
 };
 
-async function readSecretFile(file: string, option: string): Promise<string> {
-  try {
-    return await readFile(file, 'utf8');
-  } catch (error) {
-    throw new WorkerError(
-      ErrorCode.INVALID_OPTION,
-      `${option}: cannot read ${file}: ${(error as NodeJS.ErrnoException).code ?? error}`,
-      {
-        cause: error,
-      },
-    );
-  }
-}
-
 /** MQTT.js options for the settings; files (password, certificates) are read here. */
 export async function clientOptions(input: ConnectInput): Promise<IClientOptions> {
   const { settings } = input;
   const v5 = settings.protocol === '5';
   const password = settings.passwordFile
-    ? (await readSecretFile(settings.passwordFile, '--password-file')).replace(/\r?\n$/, '')
+    ? await readSecret(settings.passwordFile, '--password-file')
     : settings.password;
   const tls = {
-    ...(settings.caFile ? { ca: await readSecretFile(settings.caFile, '--ca') } : {}),
-    ...(settings.certFile ? { cert: await readSecretFile(settings.certFile, '--cert') } : {}),
-    ...(settings.keyFile ? { key: await readSecretFile(settings.keyFile, '--key') } : {}),
+    ...(settings.caFile ? { ca: await readOptionFile(settings.caFile, '--ca') } : {}),
+    ...(settings.certFile ? { cert: await readOptionFile(settings.certFile, '--cert') } : {}),
+    ...(settings.keyFile ? { key: await readOptionFile(settings.keyFile, '--key') } : {}),
   };
   return {
     clientId: input.clientId,
