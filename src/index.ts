@@ -1,6 +1,7 @@
 // The library API: the engine and its parts, for embedding the worker in another program.
 
-export { type OptionFlags, type Options, resolveOptions } from './config/options.js';
+export type { OptionFlags, Options } from './config/options.js';
+export { resolveOptions } from './config/resolve.js';
 export { type Manifest, type ResultPayload, toResultPayload } from './job/report.js';
 export {
   type EngineConfig,

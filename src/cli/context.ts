@@ -1,5 +1,6 @@
 import { hostname } from 'node:os';
-import { type OptionFlags, type Options, resolveOptions } from '../config/options.js';
+import type { OptionFlags, Options } from '../config/options.js';
+import { resolveOptions } from '../config/resolve.js';
 import { maskedValues, readSecret } from '../config/secrets.js';
 import { ExitCode } from '../shared/errors.js';
 import { createLogger, type Logger } from '../shared/log.js';

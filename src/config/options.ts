@@ -1,8 +1,7 @@
-import path from 'node:path';
-import { isShared, plainTopic, topicMatches } from '../broker/topics.js';
-import { describeValue, ErrorCode, WorkerError } from '../shared/errors.js';
-import { idProblem, MAX_ID_LENGTH } from '../shared/ids.js';
-import { parseDuration, parseSizeValue } from '../shared/units.js';
+import { parseSizeValue } from '../shared/units.js';
+
+// The option table: every option's flag, environment variable, kind and default, in one place (--help, the README
+// and config/resolve.ts all read it).
 
 /** Everything the worker can be told, after defaults and validation. Frozen. */
 export interface Options {
@@ -67,7 +66,7 @@ export interface Options {
 /** What the command line gave (commander's parsed flags, by option key): strings and booleans, all optional. */
 export type OptionFlags = Partial<Record<keyof Options, string | boolean>>;
 
-type Kind =
+export type Kind =
   | { type: 'text'; fallback: string }
   | { type: 'optional' }
   | { type: 'file' }
@@ -91,18 +90,25 @@ export interface OptionDef {
 }
 
 const text = (fallback: string): Kind => ({ type: 'text', fallback });
+
 const duration = (fallback: string, off = false): Kind => ({ type: 'duration', fallback, off });
+
 const topic = (fallback: string, filter = false): Kind => ({ type: 'topic', fallback, filter });
+
 const positive = (value: string): number | undefined => {
   const n = Number(value);
   return value.trim() !== '' && Number.isFinite(n) && n > 0 ? n : undefined;
 };
+
 const count = (value: string): number | undefined => {
   const n = positive(value);
   return n !== undefined && Number.isSafeInteger(n) ? n : undefined;
 };
+
 const cpus: Kind = { type: 'limit', parse: positive, expected: 'a number of CPUs like 1.5' };
+
 const memory: Kind = { type: 'limit', parse: parseSizeValue, expected: 'a size like "2G"' };
+
 const pids: Kind = { type: 'limit', parse: count, expected: 'a whole number of processes like 512' };
 
 /** The option table: commander's help, the README and `resolveOptions` all follow it. */
@@ -418,199 +424,3 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     kind: { type: 'choice', fallback: 'text', choices: ['text', 'json'] },
   },
 ];
-
-export interface ResolveContext {
-  /** Directory that relative paths are resolved against. */
-  readonly cwd: string;
-  /** The host name, for the default worker id. */
-  readonly hostname: string;
-}
-
-const TRUE = new Set(['1', 'true', 'yes', 'on']);
-const FALSE = new Set(['0', 'false', 'no', 'off', '']);
-const URL_PROTOCOLS = new Set(['mqtt:', 'mqtts:', 'ws:', 'wss:', 'tcp:', 'ssl:', 'tls:']);
-const OFF = new Set(['off', 'never', 'none', '0']);
-
-/** A worker id from a host name: its safe characters, never empty, within the id length limit. */
-export function defaultWorkerId(hostname: string): string {
-  const safe = hostname
-    .replace(/[^A-Za-z0-9_.-]+/g, '-')
-    .replace(/^[^A-Za-z0-9]+/, '')
-    .slice(0, MAX_ID_LENGTH);
-  return safe || 'worker';
-}
-
-/** The long flag of a definition, for messages (`--kill-grace`). */
-export function longFlag(def: OptionDef): string {
-  return def.flags.split(/[ ,]+/).find((part) => part.startsWith('--')) ?? def.flags;
-}
-
-/**
- * Merges command-line flags over environment variables over defaults, validates every value and returns a frozen
- * options object. Pure: the environment, working directory and host name come in as arguments. Every invalid
- * value is reported at once (INVALID_OPTION), each naming the option, what was expected and what was given.
- */
-/**
- * Pull dispatch (a plain topic): every slot's session holds a copy of every request, and the claims on the shared
- * drive (with the index of running jobs) keep each job safe, so the session of a slot that never returns can
- * expire: a day outlasts any restart or maintenance, and bounds what an abandoned session piles up. A shared
- * subscription's session holds the only copy of each job dealt to it: it never expires (retire it with drain).
- */
-function defaultSessionExpiryMs(topic: string): number | undefined {
-  return isShared(topic) ? undefined : 24 * 60 * 60 * 1000;
-}
-
-export function resolveOptions(
-  flags: OptionFlags,
-  env: Readonly<Record<string, string | undefined>>,
-  context: ResolveContext,
-): Options {
-  const problems: string[] = [];
-  const values: Record<string, unknown> = {};
-  for (const def of OPTION_DEFS) {
-    const fromFlag = flags[def.key];
-    const given = fromFlag ?? env[def.env];
-    const from = fromFlag !== undefined || env[def.env] === undefined ? longFlag(def) : def.env;
-    const problem = (expected: string): void => {
-      problems.push(`${from}: expected ${expected}, got ${describeValue(given)}`);
-    };
-    values[def.key] = resolveOne(def.kind, given, problem, context);
-  }
-
-  const options = values as unknown as Options & { id: string };
-  if (options.id === '') (options as { id: string }).id = defaultWorkerId(context.hostname);
-  const idIssue = idProblem(options.id, 'worker id');
-  if (idIssue) problems.push(`--id: ${idIssue}`);
-  try {
-    if (!URL_PROTOCOLS.has(new URL(options.url).protocol)) {
-      problems.push(
-        `--url: expected an mqtt://, mqtts://, ws:// or wss:// URL, got ${describeValue(options.url)}`,
-      );
-    }
-  } catch {
-    problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
-  }
-  const prefix = options.responseTopicPrefix;
-  (options as { responseTopicPrefix: string | undefined }).responseTopicPrefix =
-    prefix === undefined
-      ? `${options.resultsTopic}/`
-      : OFF.has(prefix.trim().toLowerCase())
-        ? undefined
-        : prefix;
-  if (
-    prefix !== undefined &&
-    !OFF.has(prefix.trim().toLowerCase()) &&
-    (/[+#\0]/.test(prefix) || prefix.startsWith('$'))
-  ) {
-    problems.push(
-      `--response-topic-prefix: expected a topic prefix without wildcards, not starting with $, got ${describeValue(prefix)}`,
-    );
-  }
-  const filter = plainTopic(options.topic);
-  for (const key of [
-    'resultsTopic',
-    'statusTopic',
-    'cancelTopic',
-    'presenceTopic',
-    'rejectedTopic',
-  ] as const) {
-    // A jobs topic that also takes the worker's own messages would treat every result as a request.
-    if (topicMatches(filter, `${options[key]}/x`) || topicMatches(filter, options[key])) {
-      problems.push(
-        `--topic: ${describeValue(options.topic)} also matches the worker's own messages on ${options[key]}/…; use a topic of its own, e.g. jobs/pending`,
-      );
-      break;
-    }
-  }
-  if (/^dry-run-\d+$/.test(options.id)) {
-    problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
-  }
-  const expiryGiven = flags.sessionExpirySeconds !== undefined || env.MQTT_SESSION_EXPIRY !== undefined;
-  const expiryMs = expiryGiven ? options.sessionExpirySeconds : defaultSessionExpiryMs(options.topic);
-  (options as { sessionExpirySeconds: number | undefined }).sessionExpirySeconds =
-    expiryMs === undefined ? undefined : Math.ceil(expiryMs / 1000);
-  if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {
-    problems.push(`--keepalive: expected at least 1s, got ${options.keepaliveMs}ms`);
-  }
-  if ((options.certFile === undefined) !== (options.keyFile === undefined)) {
-    problems.push('--cert and --key: expected both or neither');
-  }
-  if (problems.length > 0) {
-    throw new WorkerError(ErrorCode.INVALID_OPTION, problems.join('\n'), { problems });
-  }
-  return Object.freeze(options);
-}
-
-function resolveOne(
-  kind: Kind,
-  given: string | boolean | undefined,
-  problem: (expected: string) => void,
-  context: ResolveContext,
-): unknown {
-  const textValue = typeof given === 'string' ? given : undefined;
-  switch (kind.type) {
-    case 'text':
-      return textValue ?? kind.fallback;
-    case 'optional':
-      return textValue === '' ? undefined : textValue;
-    case 'file':
-      if (textValue === undefined || textValue === '') return undefined;
-      if (textValue.includes('\0')) problem('a file path');
-      return path.resolve(context.cwd, textValue);
-    case 'boolean': {
-      if (typeof given === 'boolean' || given === undefined) return given ?? false;
-      const lower = given.trim().toLowerCase();
-      if (TRUE.has(lower)) return true;
-      if (!FALSE.has(lower)) problem('true or false');
-      return false;
-    }
-    case 'duration': {
-      const value = textValue ?? kind.fallback;
-      if (kind.off && OFF.has(value.trim().toLowerCase())) return undefined;
-      const parsed = parseDuration(value);
-      if (parsed === undefined)
-        problem(
-          `a duration like "${kind.off ? '10m' : kind.fallback}"${kind.off ? ` or "${kind.fallback}"` : ''}`,
-        );
-      return parsed ?? 0;
-    }
-    case 'size': {
-      const parsed = parseSizeValue(textValue ?? kind.fallback);
-      if (parsed === undefined) problem(`a size like "${kind.fallback}"`);
-      return parsed ?? 0;
-    }
-    case 'choice': {
-      const value = textValue ?? kind.fallback;
-      if (!kind.choices.includes(value)) problem(`one of ${kind.choices.join(', ')}`);
-      return value;
-    }
-    case 'dir': {
-      const value = textValue ?? kind.fallback;
-      if (value === '' || value.includes('\0')) problem('a directory path');
-      return path.resolve(context.cwd, value);
-    }
-    case 'list':
-      return (textValue ?? '').split(',').filter((value) => value !== '');
-    case 'limit': {
-      if (textValue === undefined || textValue === '') return undefined;
-      const parsed = kind.parse(textValue);
-      if (parsed === undefined) problem(kind.expected);
-      return parsed;
-    }
-    case 'topic': {
-      const value = textValue ?? kind.fallback;
-      // A topic the worker publishes to must not be a `$` topic: the broker drops the connection of a client that
-      // publishes to `$share/…` or `$SYS/…`, and the job would never be acknowledged.
-      const bad =
-        value === '' ||
-        value.includes('\0') ||
-        value.length > 65535 ||
-        (!kind.filter && (/[+#]/.test(value) || value.startsWith('$')));
-      if (bad)
-        problem(
-          kind.filter ? 'an MQTT topic filter' : 'an MQTT topic without wildcards, not starting with $',
-        );
-      return value;
-    }
-  }
-}

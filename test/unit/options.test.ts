@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { defaultWorkerId, type OptionFlags, resolveOptions } from '../../src/config/options.js';
+import type { OptionFlags } from '../../src/config/options.js';
+import { defaultWorkerId, resolveOptions } from '../../src/config/resolve.js';
 import { isWorkerError } from '../../src/shared/errors.js';
 
 const context = { cwd: '/srv/worker', hostname: 'build-7' };
