@@ -1,0 +1,161 @@
+import type { Delivery, JobConsumer } from '../broker/consumer.js';
+import { jobsDirProblem } from '../job/paths.js';
+import { toResultPayload } from '../job/report.js';
+import { type JobRequest, parseRequest } from '../job/spec.js';
+import { ErrorCode, isWorkerError, toErrorInfo } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import type { Claim, StoredRequest } from './claim.js';
+import { claimOrSettle, inspectFolder, type JobFolder, openJobFolder } from './claiming.js';
+import { publishResult } from './publish.js';
+import { runClaimed } from './run-claimed.js';
+import { type Links, loadEngine, type Skipped, type WorkerInput, type WorkerOutcome } from './serve.js';
+
+// One delivery: parse and check the request, answer what cannot run (rejected, refused) and let the claim decide
+// the rest (claiming.ts).
+
+/**
+ * Refuses a request, and acknowledges it: on `{rejected}/{id}` when it names a usable id, else on `{rejected}`.
+ * Never a result: whoever may publish requests could otherwise fake another job's failure. The rejection carries
+ * the SHA-256 of the request's bytes, so that its sender (`submit --wait`) knows it is about its own request.
+ */
+export function reject(
+  consumer: JobConsumer,
+  delivery: Delivery,
+  input: WorkerInput,
+  id: string | undefined,
+  info: { code: ErrorCode; message: string },
+): void {
+  const topic = id ? `${input.options.rejectedTopic}/${id}` : input.options.rejectedTopic;
+  consumer.fireAndForget(topic, rejection(delivery, input.options.id, id, info.code, info.message));
+  delivery.ack();
+}
+
+/**
+ * Answers a delivery whose job cannot run, and acknowledges it: an `error` result for a usable id, otherwise a
+ * rejection on the rejected topic.
+ */
+export async function answerFailure(
+  links: Links,
+  delivery: Delivery,
+  input: WorkerInput,
+  id: string | undefined,
+  info: { code: ErrorCode; message: string },
+): Promise<void> {
+  if (id) {
+    const { newManifest } = await loadEngine();
+    const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
+    manifest.error = info;
+    await publishResult(links.sidecar, input, toResultPayload(manifest), responseOf(delivery, input));
+    delivery.ack(); // whatever the broker said: this delivery must not come back
+  } else {
+    reject(links.consumer, delivery, input, undefined, info);
+  }
+}
+
+/**
+ * Why a request's MQTT 5 response topic is ignored (with a warning), if it is: a response topic with wildcards
+ * or under `$` (`$SYS/…`, `$share/…`: the broker would drop the connection); one outside
+ * `--response-topic-prefix` (a request could otherwise have the worker publish on `jobs/cancel/{other}`); with
+ * signed requests, one the signed body does not name (properties are not signed).
+ */
+export function responseProblem(
+  topic: string,
+  input: WorkerInput,
+  request: JobRequest | undefined,
+): string | undefined {
+  const prefix = input.options.responseTopicPrefix;
+  if (/[+#\0]/.test(topic) || topic.startsWith('$')) return 'not a topic to publish to';
+  if (prefix === undefined || !topic.startsWith(prefix))
+    return `not under --response-topic-prefix (${prefix ?? 'off'})`;
+  if (input.requestPolicy?.secret !== undefined && request?.responseTopic !== topic)
+    return 'the signed request does not name it (responseTopic)';
+  return undefined;
+}
+
+export function responseOf(
+  delivery: Delivery,
+  input: WorkerInput,
+  request?: JobRequest,
+  log?: Logger,
+): Omit<StoredRequest, 'request'> {
+  const { correlationData } = delivery.packet.properties ?? {};
+  let { responseTopic } = delivery.packet.properties ?? {};
+  const problem = responseTopic === undefined ? undefined : responseProblem(responseTopic, input, request);
+  if (problem) {
+    log?.warn(`ignoring the request's response topic ${JSON.stringify(responseTopic)}: ${problem}`);
+    responseTopic = undefined;
+  }
+  return {
+    ...(responseTopic ? { responseTopic } : {}),
+    ...(correlationData ? { correlationData: Buffer.from(correlationData).toString('base64') } : {}),
+  };
+}
+
+/** Every delivery ends here: skipped (acknowledged), run, or (interrupted) left for the next run. */
+export async function handleDelivery(
+  links: Links,
+  delivery: Delivery,
+  input: WorkerInput,
+): Promise<WorkerOutcome | Skipped> {
+  const { options, log } = input;
+  const now = input.now ?? Date.now;
+  const parsed = parseRequest(delivery.payload, { ...input.requestPolicy, nowMs: now() });
+  if (!parsed.ok) {
+    const { error, id } = parsed;
+    log.error(`rejected a request: ${error.code}: ${error.message}`, { ...(id ? { job: id } : {}) });
+    reject(links.consumer, delivery, input, id, { code: error.code, message: error.message });
+    return { kind: 'skipped', id, action: 'rejected' };
+  }
+  const { request } = parsed;
+  const jobLog = log.child({ job: request.id });
+  let folder: JobFolder;
+  try {
+    folder = await openJobFolder(options.jobsDir, request.id, request.steps !== undefined);
+  } catch (error) {
+    // Not this job's problem but the machine's: leave the request for a slot that can run it.
+    const gone = isWorkerError(error, ErrorCode.JOB_NOT_FOUND)
+      ? await jobsDirProblem(options.jobsDir)
+      : undefined;
+    if (gone) return { kind: 'not-ready', id: request.id, why: gone };
+    const info = toErrorInfo(error);
+    jobLog.error(`${info.code}: ${info.message}`);
+    await answerFailure(links, delivery, input, request.id, info);
+    return { kind: 'skipped', id: request.id, action: 'error' };
+  }
+  let claim: Claim | undefined;
+  try {
+    const state = await inspectFolder(folder, input);
+    const stored: StoredRequest = {
+      request: JSON.stringify(request),
+      ...responseOf(delivery, input, request, jobLog),
+    };
+    claim = await claimOrSettle(links, input, folder, state, request, stored, jobLog);
+    if (claim) return await runClaimed(links, input, { request, folder, claim, stored, delivery });
+  } finally {
+    if (!claim) await folder.results.close();
+  }
+  delivery.ack();
+  return { kind: 'skipped', id: request.id, action: 'left' };
+}
+
+export function rejection(
+  delivery: Delivery,
+  workerId: string,
+  id: string | undefined,
+  code: ErrorCode,
+  message: string,
+): string {
+  return JSON.stringify({
+    ...(id ? { id } : {}),
+    workerId,
+    topic: delivery.topic,
+    payloadBytes: delivery.payload.length,
+    payloadSha256: process
+      .getBuiltinModule('node:crypto')
+      .createHash('sha256')
+      .update(delivery.payload)
+      .digest('hex'),
+    error: { code, message },
+    at: new Date().toISOString(),
+  });
+}
