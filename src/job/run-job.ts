@@ -5,19 +5,12 @@ import { effectiveLimits, type JobLimits, type LimitSettings, openJobLimits } fr
 import { ErrorCode, toErrorInfo, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { formatBytes, formatDuration } from '../shared/units.js';
-import { secretValues } from '../step/mask.js';
-import { type RunAsUser, setprivArgs } from '../step/run-as.js';
-import { runStep, type StepOutcome, type StopReason } from '../step/run-step.js';
+import type { RunAsUser } from '../step/run-as.js';
+import { JobInterrupted } from './interrupted.js';
 import { type HeldDir, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
-import { type Manifest, type StepRecord, writeManifest } from './report.js';
-import {
-  type JobRequest,
-  type JobSpec,
-  MAX_JOB_FILE_BYTES,
-  parseJobFile,
-  type StepSpec,
-  specFromSteps,
-} from './spec.js';
+import { type Manifest, writeManifest } from './report.js';
+import { type JobRequest, type JobSpec, MAX_JOB_FILE_BYTES, parseJobFile, specFromSteps } from './spec.js';
+import { pendingStep, runSteps } from './steps.js';
 import type { StageMode } from './workspace/overlay.js';
 import {
   createWorkspace,
@@ -27,7 +20,6 @@ import {
   stageJob,
 } from './workspace/stage.js';
 import type { Artifact } from './workspace/sync.js';
-
 /** What the engine needs from the worker's configuration. */
 export interface EngineConfig {
   readonly jobsDir: string;
@@ -100,158 +92,219 @@ const loadSync = () => import('./workspace/sync.js');
 /** Names in `results/` that survive the reset at the start of a run (the claim, see claim.ts). */
 const KEEP_IN_RESULTS = /^\.mqtt-fs-worker/;
 
-/** The job was interrupted (the worker is shutting down): no result, the job stays claimable. */
-export class JobInterrupted extends WorkerError {
-  constructor() {
-    super(ErrorCode.INTERRUPTED, 'The job was interrupted before it finished; it will run again');
-  }
+export { JobInterrupted } from './interrupted.js';
+
+/** What a run holds while it goes: `release` undoes it, whatever happened. */
+interface RunState {
+  readonly config: EngineConfig;
+  readonly run: JobRun;
+  readonly now: () => number;
+  readonly started: number;
+  readonly manifest: Manifest;
+  paths?: JobPaths;
+  /** Every write to results/ goes through it held open (see holdResults); one held here is closed here. */
+  results?: HeldDir;
+  readonly ownResults: boolean;
+  workspace?: string;
+  limits?: JobLimits;
+}
+
+/** The workspace and cgroups of a prepared job. */
+interface Staged {
+  readonly workspace: string;
+  readonly staged: StageResult & { readonly upper?: string };
+  readonly limits: JobLimits;
 }
 
 /**
- * Runs one job end to end: resolve its folder, read its definition, stage it into a fresh workspace, run its
- * steps, sync changed files back and write `results/result.json`. Failures of the job (and bad input) are
- * outcomes, not exceptions; only an interruption (the `signal` aborted with 'interrupted') throws.
+ * Runs one job to its end: prepare (folder, results/, definition) → stage (workspace and cgroups) → steps → sync
+ * → result.json, then the hand-over (`onResult`) and the clean-up. A job that cannot run gets status `error` with
+ * its code; only an interruption (the worker stopping) throws, JobInterrupted, with everything undone.
  */
 export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutcome> {
   const now = run.now ?? Date.now;
   const started = now();
-  const { request, log } = run;
-  const emit = run.onEvent ?? (() => {});
-  const manifest = newManifest(config, request.id, run.attempt, started);
-  let paths: JobPaths | undefined = run.paths;
-  // Every write to results/ goes through it held open (see holdResults); one held here is closed here.
-  let results: HeldDir | undefined = run.results;
-  const ownResults = results === undefined;
-  let workspace: string | undefined;
-  let jobLimits: JobLimits | undefined;
+  const state: RunState = {
+    config,
+    run,
+    now,
+    started,
+    manifest: newManifest(config, run.request.id, run.attempt, started),
+    ...(run.paths ? { paths: run.paths } : {}),
+    ...(run.results ? { results: run.results } : {}),
+    ownResults: run.results === undefined,
+  };
   try {
-    paths = await resolveJobPaths(
-      config.jobsDir,
-      request.id,
-      request.steps !== undefined,
-      config.createJobsDir,
-    );
-    // The definition is read while results/ is reset; a results/ that cannot be used is reported first.
-    const resultsDir = paths.resultsDir;
-    const [reset, loaded] = await Promise.allSettled([
-      (async () => {
-        results ??= await holdResults(resultsDir);
-        await resetResults(results.path);
-      })(),
-      loadSpec(paths, request),
-    ]);
-    if (reset.status === 'rejected') throw reset.reason;
-    if (loaded.status === 'rejected') throw loaded.reason;
-    const spec = loaded.value;
-    manifest.steps = spec.steps.map(pendingStep);
-    const settings = config.limits ?? LIMITS_OFF;
-    // Limits above a ceiling refuse the job before anything is copied.
-    const limits = effectiveLimits(spec.limits, settings);
-    // The cgroups and the workspace do not depend on each other, and cgroup writes mostly wait on the kernel:
-    // set up both at once. Both settle before either failure is handled, so cleanUp knows all there is to undo.
-    const opening = openJobLimits(limits, settings.policy, `mqtt-fs-worker-${config.workerId}`).then(
-      (opened) => (jobLimits = opened),
-    );
-    emit({ type: 'staging' });
-    const stagingStarted = now();
-    const jobDir = paths.jobDir;
-    const staging = (async () => {
-      const dir = await createWorkspace(config.workspacesDir, config.workerId, request.id);
-      workspace = dir; // for cleanUp, whatever happens next
-      const staged = await stage(config, jobDir, dir, log);
-      manifest.phases.stagingMs = now() - stagingStarted;
-      return { dir, staged };
-    })();
-    const [opened, stagedOutcome] = await Promise.allSettled([opening, staging]);
-    if (opened.status === 'rejected') throw opened.reason;
-    if (stagedOutcome.status === 'rejected') throw stagedOutcome.reason;
-    const { dir: workDir, staged } = stagedOutcome.value;
-    manifest.limits = {
-      mode: opened.value.mode,
-      ...opened.value.limits,
-      ...(opened.value.reason ? { reason: opened.value.reason } : {}),
-    };
-    if (opened.value.reason && settings.policy !== 'off')
-      log.warn(`running without cgroups: ${opened.value.reason}`);
-    log.info(
-      staged.upper
-        ? `staged ${staged.files} files as an overlay in ${formatDuration(manifest.phases.stagingMs)}`
-        : `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${formatDuration(manifest.phases.stagingMs)}`,
-    );
-
-    const runningStarted = now();
-    const where = { shown: paths.resultsDir, path: (results as HeldDir).path };
-    const ran = await runSteps(config, run, spec, where, workDir, manifest.steps, now, opened.value);
-    manifest.phases.runningMs = now() - runningStarted;
-    manifest.status = ran.status;
-    manifest.exitCode = ran.exitCode;
-    manifest.error = ran.error;
-
-    emit({ type: 'syncing' });
-    const syncStarted = now();
-    const { syncResults } = await loadSync();
-    const synced = await syncResults({
-      // From an overlay, what the job wrote is its upper layer: nothing else needs looking at.
-      workspace: staged.upper ?? workDir,
-      ...(staged.upper ? { overlayUpper: true } : {}),
-      resultsDir: (results as HeldDir).path,
-      snapshot: staged.snapshot,
-      include: spec.artifacts.include,
-      exclude: spec.artifacts.exclude,
-    });
-    manifest.phases.syncingMs = now() - syncStarted;
-    manifest.artifacts = [...synced.artifacts] as Artifact[];
-    manifest.skipped = [...staged.skipped, ...synced.skipped] as SkippedEntry[];
-    log.info(
-      `synced ${synced.artifacts.length} files (${formatBytes(synced.bytes)}) in ${formatDuration(manifest.phases.syncingMs)}`,
-    );
+    const spec = await prepare(state);
+    const staged = await stageJobAndLimits(state, spec);
+    await runAllSteps(state, spec, staged);
+    await syncBack(state, spec, staged);
   } catch (error) {
     if (error instanceof JobInterrupted) {
-      await cleanUp(config, log, workspace, jobLimits);
-      if (ownResults) await results?.close();
+      await release(state);
       throw error;
     }
-    manifest.status = 'error';
-    manifest.exitCode = 1;
-    manifest.error = toErrorInfo(error);
-    // A sync that failed half-way: the manifest lists exactly what it copied.
-    const partial = (error as { partial?: { artifacts: Artifact[]; skipped: SkippedEntry[] } }).partial;
-    if (partial) {
-      manifest.artifacts = [...partial.artifacts];
-      manifest.skipped = [...manifest.skipped, ...partial.skipped];
-    }
-    if (!(error instanceof WorkerError)) log.error('unexpected error', { stack: (error as Error).stack });
+    recordFailure(state, error);
   }
-
-  const ended = now();
-  manifest.endedAt = new Date(ended).toISOString();
-  manifest.durationMs = ended - started;
-  let manifestWritten = false;
-  if (results) {
-    try {
-      await writeManifest(results.path, manifest);
-      manifestWritten = true;
-    } catch (error) {
-      log.error(`cannot write result.json: ${(error as Error).message}`);
-      if (manifest.status !== 'error') {
-        manifest.status = 'error';
-        manifest.exitCode = 1;
-        const info = toErrorInfo(error);
-        manifest.error = {
-          code: info.code === ErrorCode.NO_SPACE ? ErrorCode.NO_SPACE : ErrorCode.REPORT_FAILED,
-          message: `Cannot write result.json: ${(error as Error).message}`,
-        };
-      }
-    }
-  }
-  emit({ type: 'done', status: manifest.status, exitCode: manifest.exitCode });
+  const manifestWritten = await writeResult(state);
+  run.onEvent?.({ type: 'done', status: state.manifest.status, exitCode: state.manifest.exitCode });
   try {
-    await run.onResult?.(manifest);
+    await run.onResult?.(state.manifest);
   } finally {
-    await cleanUp(config, log, workspace, jobLimits);
-    if (ownResults) await results?.close();
+    await release(state);
   }
-  return { manifest, manifestWritten };
+  return { manifest: state.manifest, manifestWritten };
+}
+
+/** The job's folder, an empty results/ (but the claim) and its definition, read while results/ is reset. */
+async function prepare(state: RunState): Promise<JobSpec> {
+  const { config, run } = state;
+  const paths = await resolveJobPaths(
+    config.jobsDir,
+    run.request.id,
+    run.request.steps !== undefined,
+    config.createJobsDir,
+  );
+  state.paths = paths;
+  const [reset, loaded] = await Promise.allSettled([
+    (async () => {
+      state.results ??= await holdResults(paths.resultsDir);
+      await resetResults(state.results.path);
+    })(),
+    loadSpec(paths, run.request),
+  ]);
+  // A results/ that cannot be used is reported first.
+  if (reset.status === 'rejected') throw reset.reason;
+  if (loaded.status === 'rejected') throw loaded.reason;
+  state.manifest.steps = loaded.value.steps.map(pendingStep);
+  return loaded.value;
+}
+
+/**
+ * The workspace and the cgroups, at once: neither depends on the other, and cgroup writes mostly wait on the
+ * kernel. Both settle before either failure is handled, so `release` knows all there is to undo. Limits above a
+ * ceiling refuse the job before anything is staged.
+ */
+async function stageJobAndLimits(state: RunState, spec: JobSpec): Promise<Staged> {
+  const { config, run, manifest, now } = state;
+  const settings = config.limits ?? LIMITS_OFF;
+  const limits = effectiveLimits(spec.limits, settings);
+  const opening = openJobLimits(limits, settings.policy, `mqtt-fs-worker-${config.workerId}`).then(
+    (opened) => (state.limits = opened),
+  );
+  run.onEvent?.({ type: 'staging' });
+  const stagingStarted = now();
+  const staging = (async () => {
+    const workspace = await createWorkspace(config.workspacesDir, config.workerId, run.request.id);
+    state.workspace = workspace; // for release, whatever happens next
+    const staged = await stage(config, (state.paths as JobPaths).jobDir, workspace, run.log);
+    manifest.phases.stagingMs = now() - stagingStarted;
+    return { workspace, staged };
+  })();
+  const [opened, stagedOutcome] = await Promise.allSettled([opening, staging]);
+  if (opened.status === 'rejected') throw opened.reason;
+  if (stagedOutcome.status === 'rejected') throw stagedOutcome.reason;
+  const { mode, reason } = opened.value;
+  manifest.limits = { mode, ...opened.value.limits, ...(reason ? { reason } : {}) };
+  if (reason && settings.policy !== 'off') run.log.warn(`running without cgroups: ${reason}`);
+  const { staged } = stagedOutcome.value;
+  const took = formatDuration(manifest.phases.stagingMs);
+  run.log.info(
+    staged.upper
+      ? `staged ${staged.files} files as an overlay in ${took}`
+      : `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${took}`,
+  );
+  return { ...stagedOutcome.value, limits: opened.value };
+}
+
+async function runAllSteps(state: RunState, spec: JobSpec, staged: Staged): Promise<void> {
+  const { manifest, now } = state;
+  const started = now();
+  const ran = await runSteps({
+    config: state.config,
+    run: state.run,
+    spec,
+    results: { shown: (state.paths as JobPaths).resultsDir, path: (state.results as HeldDir).path },
+    workspace: staged.workspace,
+    records: manifest.steps,
+    now,
+    limits: staged.limits,
+    onStarted: () => {
+      loadSync().catch(() => {}); // a failure shows where the sync awaits it
+    },
+  });
+  manifest.phases.runningMs = now() - started;
+  Object.assign(manifest, ran);
+}
+
+/** New and changed files back to results/, hashed as they are copied. */
+async function syncBack(state: RunState, spec: JobSpec, { workspace, staged }: Staged): Promise<void> {
+  const { manifest, now } = state;
+  state.run.onEvent?.({ type: 'syncing' });
+  const started = now();
+  const { syncResults } = await loadSync();
+  const synced = await syncResults({
+    // From an overlay, what the job wrote is its upper layer: nothing else needs looking at.
+    workspace: staged.upper ?? workspace,
+    ...(staged.upper ? { overlayUpper: true } : {}),
+    resultsDir: (state.results as HeldDir).path,
+    snapshot: staged.snapshot,
+    include: spec.artifacts.include,
+    exclude: spec.artifacts.exclude,
+  });
+  manifest.phases.syncingMs = now() - started;
+  manifest.artifacts = [...synced.artifacts] as Artifact[];
+  manifest.skipped = [...staged.skipped, ...synced.skipped] as SkippedEntry[];
+  state.run.log.info(
+    `synced ${synced.artifacts.length} files (${formatBytes(synced.bytes)}) in ${formatDuration(manifest.phases.syncingMs)}`,
+  );
+}
+
+/** The job could not run (or its sync failed half-way): status `error` with the cause's code. */
+function recordFailure(state: RunState, error: unknown): void {
+  const { manifest } = state;
+  manifest.status = 'error';
+  manifest.exitCode = 1;
+  manifest.error = toErrorInfo(error);
+  // A sync that failed half-way: the manifest lists exactly what it copied.
+  const partial = (error as { partial?: { artifacts: Artifact[]; skipped: SkippedEntry[] } }).partial;
+  if (partial) {
+    manifest.artifacts = [...partial.artifacts];
+    manifest.skipped = [...manifest.skipped, ...partial.skipped];
+  }
+  if (!(error instanceof WorkerError))
+    state.run.log.error('unexpected error', { stack: (error as Error).stack });
+}
+
+/** result.json, written atomically; a job whose manifest cannot be written ends in `error` (REPORT_FAILED). */
+async function writeResult(state: RunState): Promise<boolean> {
+  const { manifest } = state;
+  const ended = state.now();
+  manifest.endedAt = new Date(ended).toISOString();
+  manifest.durationMs = ended - state.started;
+  if (!state.results) return false;
+  try {
+    await writeManifest(state.results.path, manifest);
+    return true;
+  } catch (error) {
+    state.run.log.error(`cannot write result.json: ${(error as Error).message}`);
+    if (manifest.status !== 'error') {
+      manifest.status = 'error';
+      manifest.exitCode = 1;
+      const info = toErrorInfo(error);
+      manifest.error = {
+        code: info.code === ErrorCode.NO_SPACE ? ErrorCode.NO_SPACE : ErrorCode.REPORT_FAILED,
+        message: `Cannot write result.json: ${(error as Error).message}`,
+      };
+    }
+    return false;
+  }
+}
+
+/** Removes the workspace and the cgroups, and closes a results/ this run opened. */
+async function release(state: RunState): Promise<void> {
+  await cleanUp(state.config, state.run.log, state.workspace, state.limits);
+  if (state.ownResults) await state.results?.close();
 }
 
 /** A manifest in its initial state (status `error` until the job ran), also used for jobs that never start. */
@@ -377,153 +430,4 @@ export async function readSmallFile(file: string, maxBytes: number): Promise<str
   } finally {
     await handle.close();
   }
-}
-
-function pendingStep(step: StepSpec): StepRecord {
-  return {
-    index: step.index,
-    name: step.name,
-    command: step.run,
-    status: 'skipped',
-    exitCode: null,
-    signal: null,
-    startedAt: null,
-    endedAt: null,
-    durationMs: null,
-    log: null,
-    logBytes: 0,
-    logTruncated: false,
-    peakMemoryBytes: null,
-    cpuMs: null,
-    oomKilled: null,
-    limitsHit: null,
-    leftoversKilled: 0,
-  };
-}
-
-/** The variables every step sees, documented in the README; they win over the job's own `env`. */
-export function stepEnv(
-  config: EngineConfig,
-  run: JobRun,
-  spec: JobSpec,
-  step: StepSpec,
-  workspace: string,
-  resultsDir: string,
-): Record<string, string> {
-  return {
-    ...config.baseEnv,
-    ...spec.env,
-    ...step.env,
-    JOB_ID: run.request.id,
-    JOB_ATTEMPT: String(run.attempt),
-    JOB_WORKSPACE: workspace,
-    JOB_RESULTS_DIR: resultsDir,
-    JOB_WORKER_ID: config.workerId,
-    JOB_STEP_INDEX: String(step.index),
-    JOB_STEP_NAME: step.name,
-    ...(config.runAs ? { HOME: config.runAs.home, USER: config.runAs.name, LOGNAME: config.runAs.name } : {}),
-  };
-}
-
-interface StepsOutcome {
-  status: Manifest['status'];
-  exitCode: number;
-  error: Manifest['error'];
-}
-
-async function runSteps(
-  config: EngineConfig,
-  run: JobRun,
-  spec: JobSpec,
-  results: { readonly shown: string; readonly path: string },
-  workspace: string,
-  records: StepRecord[],
-  now: () => number,
-  limits: JobLimits,
-): Promise<StepsOutcome> {
-  const emit = run.onEvent ?? (() => {});
-  const deadline = spec.timeoutMs === undefined ? undefined : now() + spec.timeoutMs;
-  const outcome: StepsOutcome = { status: 'success', exitCode: 0, error: null };
-  for (const step of spec.steps) {
-    const record = records[step.index] as StepRecord;
-    const remaining = deadline === undefined ? undefined : Math.max(0, deadline - now());
-    const timeoutMs =
-      remaining === undefined ? step.timeoutMs : Math.min(remaining, step.timeoutMs ?? remaining);
-    const logName = `step_${step.index}.log`;
-    const started = now();
-    record.startedAt = new Date(started).toISOString();
-    record.log = logName;
-    emit({ type: 'step-started', step: step.index, name: step.name });
-    run.log.info(`step ${step.index} started: ${step.name}`);
-    const env = stepEnv(config, run, spec, step, workspace, results.shown);
-    const result: StepOutcome = await runStep({
-      command: step.run,
-      cwd: workspace,
-      env,
-      secrets: secretValues(env, config.mask),
-      logFile: path.join(results.path, logName),
-      maxLogBytes: config.maxLogBytes,
-      timeoutMs,
-      killGraceMs: config.killGraceMs,
-      ...(run.signal ? { signal: run.signal } : {}),
-      ...(limits.cgroups ? { sandbox: await limits.cgroups.step(step.index) } : {}),
-      ...(config.runAs ? { setpriv: setprivArgs(config.runAs) } : {}),
-      ...(run.onOutput ? { onOutput: (chunk: Buffer) => run.onOutput?.(step.index, chunk) } : {}),
-      onStarted: () => {
-        loadSync().catch(() => {}); // a failure shows where the sync awaits it
-      },
-    });
-    if (result.stoppedFor === 'interrupted') throw new JobInterrupted();
-    const ended = now();
-    Object.assign(record, {
-      status: stepStatus(result),
-      exitCode: result.exitCode,
-      signal: result.signal,
-      endedAt: new Date(ended).toISOString(),
-      durationMs: ended - started,
-      logBytes: result.logBytes,
-      logTruncated: result.logTruncated,
-      ...result.accounting,
-      leftoversKilled: result.leftoversKilled,
-    });
-    emit({
-      type: 'step-ended',
-      step: step.index,
-      name: step.name,
-      status: record.status,
-      exitCode: record.exitCode,
-    });
-    run.log.info(
-      `step ${step.index} ${record.status} with exit code ${record.exitCode} after ${formatDuration(ended - started)}`,
-      {
-        ...(result.logTruncated ? { logTruncated: true } : {}),
-        ...(result.accounting.oomKilled ? { oomKilled: true } : {}),
-        ...(result.accounting.limitsHit?.length ? { limitsHit: result.accounting.limitsHit.join(',') } : {}),
-        ...(result.leftoversKilled ? { leftoversKilled: result.leftoversKilled } : {}),
-      },
-    );
-    if (record.status === 'success' || (record.status === 'failed' && step.continueOnError)) continue;
-    outcome.status = record.status === 'skipped' ? 'failed' : record.status;
-    outcome.exitCode = result.exitCode === 0 ? 1 : result.exitCode;
-    if (result.spawnError) outcome.error = { code: ErrorCode.STEP_SPAWN_FAILED, message: result.spawnError };
-    if (record.status === 'timeout') {
-      const which =
-        timeoutMs === step.timeoutMs
-          ? `the step's timeout of ${formatDuration(timeoutMs ?? 0)}`
-          : `the job's timeout`;
-      run.log.warn(`step ${step.index} stopped: it ran past ${which}`);
-    }
-    break;
-  }
-  return outcome;
-}
-
-function stepStatus(result: StepOutcome): StepRecord['status'] {
-  const stopped: Record<StopReason, StepRecord['status']> = {
-    timeout: 'timeout',
-    cancelled: 'cancelled',
-    interrupted: 'cancelled',
-  };
-  if (result.stoppedFor) return stopped[result.stoppedFor];
-  return result.exitCode === 0 && !result.accounting.oomKilled && !result.spawnError ? 'success' : 'failed';
 }
