@@ -1,4 +1,4 @@
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { constants as osConstants } from 'node:os';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -106,6 +106,18 @@ function killGroup(pid: number, signal: NodeJS.Signals): void {
   }
 }
 
+/** The step's process, held at its gate: spawned, and what will tell how it went. */
+interface Gated {
+  readonly subprocess: ChildProcess;
+  readonly pid: number | undefined;
+  readonly exited: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+  readonly failed: Promise<Error>;
+  /** What the gate said went wrong moving itself into the sandbox ('' when nothing did). */
+  readonly joinProblem: Promise<string>;
+  /** Without a sandbox: the environment tag that finds what the step leaves behind (see leftovers.ts). */
+  readonly tag: string | undefined;
+}
+
 /**
  * Runs one step through `sh -c` in its own process group (and sandbox, when given), streaming its combined
  * output to `logFile`. When the main process exits, everything it left running is killed. A timeout or abort
@@ -119,13 +131,45 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     new StreamMasker(input.secrets ?? []),
     input.onOutput,
   );
+  const gated = spawnGated(input);
+  const sink = await release(gated, opening, input);
+  // Attached after the release (the pipe holds what comes first): the step starts while this is set up.
+  const output = gated.subprocess.stdout ? pipeline(gated.subprocess.stdout, sink) : Promise.resolve();
+  output.catch(() => {}); // awaited below; avoid an unhandled rejection while the step runs
+  const stopper = new Stopper(gated.pid, input.sandbox, input.killGraceMs);
+  try {
+    const { code, signal, spawnError } = await waitForEnd(gated, stopper, input);
+    // Whatever the step left behind (background jobs, daemons) dies with it.
+    if (gated.pid !== undefined) killGroup(gated.pid, 'SIGKILL');
+    const leftoversKilled = gated.tag && gated.pid !== undefined ? killTagged(gated.tag, gated.pid) : 0;
+    const accounting = input.sandbox ? await input.sandbox.close() : NO_ACCOUNTING;
+    stopper.dispose();
+    await drain(output, sink, gated.subprocess.stdout);
+    return {
+      exitCode: code ?? (signal ? 128 + signalNumber(signal) : 1),
+      signal,
+      stoppedFor: stopper.reason,
+      logBytes: sink.written,
+      logTruncated: sink.truncated,
+      accounting,
+      spawnError,
+      leftoversKilled,
+    };
+  } finally {
+    stopper.dispose();
+    if (!sink.destroyed && !sink.writableFinished) sink.destroy();
+  }
+}
+
+/** Spawns the step's gate in a process group of its own; the command waits there for its release. */
+function spawnGated(input: RunStepInput): Gated {
   const sandbox = input.sandbox;
   const selfJoin = sandbox && 'selfJoin' in sandbox ? sandbox.selfJoin : [];
   const gate = ['-c', GATE, 'mqtt-fs-worker-step', input.command, String(selfJoin.length), ...selfJoin];
-  // node:child_process rather than execa: the gate needs raw control of the child (its own process group, stdin
-  // as the release, output streamed, the bare exit event) and execa's load time would be paid on every job.
   // Without a sandbox, the environment tag is what finds the processes that left the step's group (leftovers.ts).
   const tag = sandbox ? undefined : newStepTag();
+  // node:child_process rather than execa: the gate needs raw control of the child (its own process group, stdin
+  // as the release, output streamed, the bare exit event) and execa's load time would be paid on every job.
   const subprocess = spawn('/bin/sh', [...gate, ...(input.setpriv ?? [])], {
     cwd: input.cwd,
     env: tag ? { ...input.env, [TAG_VARIABLE]: tag } : input.env,
@@ -134,14 +178,22 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     detached: true,
   });
   const control = subprocess.stdio[3] as Readable | undefined;
-  const joinProblem = control ? readAll(control) : Promise.resolve('');
-  const failed = new Promise<Error>((resolve) => subprocess.once('error', resolve));
-  // Listened to at once: the step can end while the log is being opened.
-  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => {
-    subprocess.once('exit', (code, signal) => resolve({ code, signal }));
-  });
   subprocess.stdin?.on('error', () => {}); // EPIPE when the step is gone before its release
-  const pid = subprocess.pid;
+  return {
+    subprocess,
+    pid: subprocess.pid,
+    // Listened to at once: the step can end while the log is being opened.
+    exited: new Promise((resolve) => subprocess.once('exit', (code, signal) => resolve({ code, signal }))),
+    failed: new Promise((resolve) => subprocess.once('error', resolve)),
+    joinProblem: control ? readAll(control) : Promise.resolve(''),
+    tag,
+  };
+}
+
+/** Once the log is open and the step in its sandbox, lets the command run; a failure kills it unreleased. */
+async function release(gated: Gated, opening: Promise<LogSink>, input: RunStepInput): Promise<LogSink> {
+  const { pid, subprocess } = gated;
+  const sandbox = input.sandbox;
   let sink: LogSink;
   try {
     const join = sandbox && 'join' in sandbox && pid !== undefined ? sandbox.join(pid) : undefined;
@@ -156,60 +208,66 @@ export async function runStep(input: RunStepInput): Promise<StepOutcome> {
     subprocess.stdin?.end('go\n');
     input.onStarted?.();
   }
-  // Attached after the release (the pipe holds what comes first): the step starts while this is set up.
-  const output = subprocess.stdout ? pipeline(subprocess.stdout, sink) : Promise.resolve();
-  output.catch(() => {}); // awaited below; avoid an unhandled rejection while the step runs
+  return sink;
+}
 
-  let stoppedFor: StopReason | null = null;
-  let graceTimer: NodeJS.Timeout | undefined;
-  const stop = (reason: StopReason): void => {
-    if (stoppedFor || pid === undefined) return;
-    stoppedFor = reason;
-    killGroup(pid, 'SIGTERM');
-    void input.sandbox?.signal('SIGTERM').catch(() => {});
-    graceTimer = setTimeout(() => {
-      killGroup(pid, 'SIGKILL');
-      void input.sandbox?.signal('SIGKILL').catch(() => {});
-    }, input.killGraceMs);
-  };
-
-  let spawnError: string | null = null;
-  let timeoutTimer: NodeJS.Timeout | undefined;
-  const onAbort = (): void => stop((input.signal?.reason as StopReason) ?? 'cancelled');
-  try {
-    if (pid === undefined) {
-      const error = (await failed) as NodeJS.ErrnoException;
-      spawnError = `cannot start the step in ${input.cwd}: ${error.code ?? error.message}`;
-    } else {
-      if (input.timeoutMs !== undefined) timeoutTimer = setTimeout(() => stop('timeout'), input.timeoutMs);
-      if (input.signal?.aborted) onAbort();
-      else input.signal?.addEventListener('abort', onAbort, { once: true });
-    }
-    const { code, signal } = pid === undefined ? { code: 127, signal: null } : await exited;
-    const problem = (await joinProblem).trim();
-    if (problem) spawnError = `cannot move the step into its cgroup: ${problem}`;
-    clearTimeout(timeoutTimer);
-    input.signal?.removeEventListener('abort', onAbort);
-    // Whatever the step left behind (background jobs, daemons) dies with it.
-    if (pid !== undefined) killGroup(pid, 'SIGKILL');
-    const leftoversKilled = tag && pid !== undefined ? killTagged(tag, pid) : 0;
-    const accounting = input.sandbox ? await input.sandbox.close() : NO_ACCOUNTING;
-    clearTimeout(graceTimer);
-    await drain(output, sink, subprocess.stdout);
+/** Waits for the step's main process, stopping it on a timeout or an abort (whose reason is the StopReason). */
+async function waitForEnd(
+  gated: Gated,
+  stopper: Stopper,
+  input: RunStepInput,
+): Promise<{ code: number | null; signal: NodeJS.Signals | null; spawnError: string | null }> {
+  if (gated.pid === undefined) {
+    const error = (await gated.failed) as NodeJS.ErrnoException;
     return {
-      exitCode: code ?? (signal ? 128 + signalNumber(signal) : 1),
-      signal,
-      stoppedFor,
-      logBytes: sink.written,
-      logTruncated: sink.truncated,
-      accounting,
-      spawnError,
-      leftoversKilled,
+      code: 127,
+      signal: null,
+      spawnError: `cannot start the step in ${input.cwd}: ${error.code ?? error.message}`,
     };
+  }
+  const onAbort = (): void => stopper.stop((input.signal?.reason as StopReason) ?? 'cancelled');
+  const timer =
+    input.timeoutMs === undefined ? undefined : setTimeout(() => stopper.stop('timeout'), input.timeoutMs);
+  if (input.signal?.aborted) onAbort();
+  else input.signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    const { code, signal } = await gated.exited;
+    const problem = (await gated.joinProblem).trim();
+    return { code, signal, spawnError: problem ? `cannot move the step into its cgroup: ${problem}` : null };
   } finally {
-    clearTimeout(timeoutTimer);
-    clearTimeout(graceTimer);
-    if (!sink.destroyed && !sink.writableFinished) sink.destroy();
+    clearTimeout(timer);
+    input.signal?.removeEventListener('abort', onAbort);
+  }
+}
+
+/** Stops a step once: SIGTERM to its group and sandbox, SIGKILL after the grace. Remembers why it stopped it. */
+class Stopper {
+  reason: StopReason | null = null;
+  #grace: NodeJS.Timeout | undefined;
+  readonly #pid: number | undefined;
+  readonly #sandbox: StepSandbox | undefined;
+  readonly #graceMs: number;
+
+  constructor(pid: number | undefined, sandbox: StepSandbox | undefined, graceMs: number) {
+    this.#pid = pid;
+    this.#sandbox = sandbox;
+    this.#graceMs = graceMs;
+  }
+
+  stop(reason: StopReason): void {
+    const pid = this.#pid;
+    if (this.reason || pid === undefined) return;
+    this.reason = reason;
+    killGroup(pid, 'SIGTERM');
+    void this.#sandbox?.signal('SIGTERM').catch(() => {});
+    this.#grace = setTimeout(() => {
+      killGroup(pid, 'SIGKILL');
+      void this.#sandbox?.signal('SIGKILL').catch(() => {});
+    }, this.#graceMs);
+  }
+
+  dispose(): void {
+    clearTimeout(this.#grace);
   }
 }
 
