@@ -1,10 +1,12 @@
 import type { RequestedLimits } from '../job/spec.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import { formatBytes } from '../shared/units.js';
-import { type EffectiveLimits, type JobCgroups, openCgroupV1, openCgroupV2 } from './cgroup.js';
+import type { EffectiveLimits, JobCgroups } from './cgroupfs.js';
 import { type CgroupLayout, detectLayout, readKernelFile } from './detect.js';
+import { openCgroupV1 } from './v1.js';
+import { openCgroupV2 } from './v2.js';
 
-export type { EffectiveLimits, JobCgroups } from './cgroup.js';
+export type { EffectiveLimits, JobCgroups } from './cgroupfs.js';
 
 export type LimitsPolicy = 'auto' | 'required' | 'optional' | 'off';
 

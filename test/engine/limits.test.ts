@@ -4,9 +4,9 @@ import { chmod, mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { runJob } from '../../src/job/run-job.js';
-import { openCgroupV2 } from '../../src/limits/cgroup.js';
 import { detectLayout, layoutFrom } from '../../src/limits/detect.js';
 import { effectiveLimits, type LimitSettings } from '../../src/limits/index.js';
+import { openCgroupV2 } from '../../src/limits/v2.js';
 import { silentLogger } from '../../src/shared/log.js';
 import { engineFixture } from '../helpers/engine.js';
 import { isAlive, tempDir, waitFor, writeTree } from '../helpers/tmp.js';
