@@ -121,6 +121,10 @@ const common = {
 await build({
   ...common,
   entryPoints: { cli: 'src/cli/main.ts' },
+  // A source map beside the bundle, with no comment pointing to it (Node would look it up at every start): an
+  // INTERNAL error's stack trace is mapped back to src/ when it is printed (src/cli/stack.ts).
+  sourcemap: 'external',
+  sourcesContent: false,
   define: { __MFW_VERSION__: JSON.stringify(version) },
   // The launcher compiles the bundle as a plain script, which has no loader for import(): dynamic imports
   // become lazy require()s (they still run only when reached).

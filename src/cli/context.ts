@@ -5,6 +5,7 @@ import { maskedValues, readSecret } from '../config/secrets.js';
 import { ExitCode } from '../shared/errors.js';
 import { createLogger, type Logger } from '../shared/log.js';
 import { maskText } from '../step/mask.js';
+import { readableStack } from './stack.js';
 import { writeStdio } from './stdio.js';
 
 // What every command takes from the process: its options (with the secrets kept in files read), its logger on
@@ -33,7 +34,8 @@ export function logger(options: Pick<Options, 'logFormat' | 'password' | 'secret
   return createLogger({
     format: options.logFormat,
     level: 'info',
-    write: (line) => writeStdio(2, line),
+    // A logged stack trace (an unexpected error in a job) points at src/, not at the bundle.
+    write: (line) => writeStdio(2, line.includes('cli.cjs:') ? readableStack(line) : line),
     ...(secrets.length > 0 ? { redact: (line: string) => maskText(line, secrets) } : {}),
   });
 }

@@ -1,5 +1,6 @@
 import { ExitCode, isWorkerError } from '../shared/errors.js';
 import { buildProgram } from './program.js';
+import { readableStack } from './stack.js';
 import { stdioFlushed, writeStdio } from './stdio.js';
 
 // The CLI's entry (bin/ → dist/bundle/cli.cjs): runs the program and turns every outcome into an exit code.
@@ -52,7 +53,7 @@ function reportError(error: unknown, json: boolean): number {
     for (const problem of error.problems) writeStdio(2, line(error.code, problem));
     return error.exitCode;
   }
-  const stack = (error as Error)?.stack ?? String(error);
+  const stack = readableStack((error as Error)?.stack ?? String(error));
   writeStdio(
     2,
     json

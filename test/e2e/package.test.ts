@@ -39,6 +39,7 @@ describe('the npm package', () => {
     expect(files).toContain('bin/package.json'); // makes the bin CommonJS
     expect(files).toContain('dist/bundle/cli.cjs');
     expect(files).toContain('dist/bundle/launch.cjs');
+    expect(files).toContain('dist/bundle/cli.cjs.map'); // for readable stack traces (src/cli/stack.ts)
     for (const vendored of ['ws', 'socks', 'execa'])
       expect(files).toContain(`dist/bundle/vendor/${vendored}.cjs`);
     expect(files).toContain('dist/index.d.ts');
