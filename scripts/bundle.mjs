@@ -98,7 +98,9 @@ function mustApply(plugin) {
       plugin.setup({ ...bundle, onResolve: counted(bundle.onResolve), onLoad: counted(bundle.onLoad) });
       bundle.onEnd((result) => {
         if (result.errors.length === 0 && applied === 0)
-          throw new Error(`${plugin.name}: the patch found nothing to patch; review it against the dependency`);
+          throw new Error(
+            `${plugin.name}: the patch found nothing to patch; review it against the dependency`,
+          );
       });
     },
   };

@@ -25,7 +25,9 @@ describe('stack traces from the installed bundle', () => {
     const source = readFileSync(fileURLToPath(new URL('../../src/job/run-job.ts', import.meta.url)), 'utf8');
     const inSource = positionOf(source, literal);
     // As the launcher compiles it: inside the CommonJS wrapper, which shifts line 1.
-    const column = inBundle.column + (inBundle.line === 1 ? ((Module as unknown as { wrapper: string[] }).wrapper[0]?.length ?? 0) : 0);
+    const column =
+      inBundle.column +
+      (inBundle.line === 1 ? ((Module as unknown as { wrapper: string[] }).wrapper[0]?.length ?? 0) : 0);
     const stack = `Error: boom\n    at writeResult (${BUNDLE}:${inBundle.line}:${column})\n    at node:internal/x:1:1`;
     const mapped = readableStack(stack);
     expect(mapped).toContain(`at writeResult (src/job/run-job.ts:${inSource.line}:`);
