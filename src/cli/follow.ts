@@ -1,4 +1,5 @@
 import path from 'node:path';
+import { RESULTS_DIR, stepLogName } from '../job/results-layout.js';
 import { followLog } from '../job/status.js';
 
 // `submit --follow`: the job's status events as they come from the broker, and, where the shared drive is
@@ -64,7 +65,7 @@ export class Follower {
     });
     this.#stopStep = stop;
     let pending = '';
-    const file = path.join(this.#input.jobDir, 'results', `step_${step}.log`);
+    const file = path.join(this.#input.jobDir, RESULTS_DIR, stepLogName(step));
     this.#tailing = followLog(
       file,
       (text) => {

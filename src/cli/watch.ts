@@ -1,5 +1,6 @@
 import path from 'node:path';
 import { type FSWatcher, watch } from 'chokidar';
+import { RESULTS_DIR } from '../job/results-layout.js';
 import type { Logger } from '../shared/log.js';
 
 // `--dry-run --watch`: run the job, then again whenever its definition or inputs change. chokidar watches with
@@ -90,6 +91,6 @@ function nextChange(watcher: FSWatcher, debounceMs: number, signal: AbortSignal)
 
 function isIgnored(file: string, jobDir: string | undefined, ignored: readonly string[]): boolean {
   const inside = (dir: string) => file === dir || file.startsWith(`${dir}${path.sep}`);
-  if (jobDir && inside(path.join(jobDir, 'results'))) return true;
+  if (jobDir && inside(path.join(jobDir, RESULTS_DIR))) return true;
   return ignored.some(inside);
 }

@@ -3,6 +3,7 @@ import { access, lstat, mkdir, open, realpath, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import { assertJobId } from '../shared/ids.js';
+import { RESULTS_DIR } from './results-layout.js';
 
 /** Is `child` the same as or below `parent`? Both must be absolute and normalised. */
 export function isInside(parent: string, child: string): boolean {
@@ -73,7 +74,7 @@ export async function resolveJobPaths(
   }
   const stats = await lstat(jobDir);
   if (!stats.isDirectory()) throw new WorkerError(ErrorCode.JOB_NOT_FOUND, `${candidate} is not a directory`);
-  return { root, jobDir, resultsDir: path.join(jobDir, 'results'), existed };
+  return { root, jobDir, resultsDir: path.join(jobDir, RESULTS_DIR), existed };
 }
 
 /** Creates `results/` if needed and refuses one that is a symlink or a file (nothing is written through it). */

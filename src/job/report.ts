@@ -2,6 +2,7 @@ import { constants } from 'node:fs';
 import { open, rename, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import type { ErrorCode } from '../shared/errors.js';
+import { MANIFEST_FILE, MANIFEST_NAME } from './results-layout.js';
 import type { SkippedEntry } from './workspace/stage.js';
 import type { Artifact } from './workspace/sync.js';
 
@@ -59,10 +60,6 @@ export interface Manifest {
   artifacts: Artifact[];
   skipped: SkippedEntry[];
 }
-
-export const MANIFEST_NAME = 'result.json';
-/** The manifest's path relative to the job folder, as the result message names it. */
-export const MANIFEST_FILE = `results/${MANIFEST_NAME}`;
 
 /** The result message: the contract's four fields first, then additions that never change their meaning. */
 export interface ResultPayload {

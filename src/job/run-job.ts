@@ -9,6 +9,7 @@ import type { RunAsUser } from '../step/run-as.js';
 import { JobInterrupted } from './interrupted.js';
 import { type HeldDir, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
 import { type Manifest, writeManifest } from './report.js';
+import { survivesReset } from './results-layout.js';
 import { type JobRequest, type JobSpec, MAX_JOB_FILE_BYTES, parseJobFile, specFromSteps } from './spec.js';
 import { pendingStep, runSteps } from './steps.js';
 import type { StageMode } from './workspace/overlay.js';
@@ -90,7 +91,6 @@ const LIMITS_OFF: LimitSettings = { policy: 'off', defaults: {}, ceilings: {} };
 const loadSync = () => import('./workspace/sync.js');
 
 /** Names in `results/` that survive the reset at the start of a run (the claim, see claim.ts). */
-const KEEP_IN_RESULTS = /^\.mqtt-fs-worker/;
 
 export { JobInterrupted } from './interrupted.js';
 
@@ -383,7 +383,7 @@ async function cleanUp(
 
 /** Empties `results/` (held: see holdResults) of an earlier attempt's output, but the claim. */
 async function resetResults(resultsDir: string): Promise<void> {
-  const stale = (await readdir(resultsDir)).filter((name) => !KEEP_IN_RESULTS.test(name));
+  const stale = (await readdir(resultsDir)).filter((name) => !survivesReset(name));
   await Promise.all(stale.map((name) => rm(path.join(resultsDir, name), { recursive: true, force: true })));
 }
 

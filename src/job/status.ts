@@ -5,6 +5,7 @@ import { formatDuration } from '../shared/units.js';
 import { type ClaimRecord, inspectClaim, selfIdentity } from '../worker/claim.js';
 import { resolveJobPaths } from './paths.js';
 import type { Manifest } from './report.js';
+import { stepLogIndex, stepLogName } from './results-layout.js';
 import { parseRequest } from './spec.js';
 import { validateJobDefinition } from './validate.js';
 
@@ -50,7 +51,6 @@ export interface JobStatusInput {
   readonly now?: number;
 }
 
-const STEP_LOG = /^step_(\d+)\.log$/;
 const TAIL_BYTES = 16 * 1024;
 
 export async function jobStatus(input: JobStatusInput): Promise<JobStatusReport> {
@@ -94,12 +94,12 @@ async function currentStep(
   tailLines: number,
 ): Promise<JobStatusReport['step']> {
   const indexes = names.flatMap((name) => {
-    const match = STEP_LOG.exec(name);
-    return match ? [Number(match[1])] : [];
+    const index = stepLogIndex(name);
+    return index === undefined ? [] : [index];
   });
   if (indexes.length === 0) return null;
   const index = Math.max(...indexes);
-  const log = `step_${index}.log`;
+  const log = stepLogName(index);
   return {
     index,
     name: await stepName(paths.jobDir, record, index),

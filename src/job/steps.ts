@@ -7,6 +7,7 @@ import { setprivArgs } from '../step/run-as.js';
 import { runStep, type StepOutcome, type StopReason } from '../step/run-step.js';
 import { JobInterrupted } from './interrupted.js';
 import type { ErrorInfo, Manifest, StepRecord } from './report.js';
+import { stepLogName } from './results-layout.js';
 import type { EngineConfig, JobRun } from './run-job.js';
 import type { JobSpec, StepSpec } from './spec.js';
 
@@ -66,7 +67,7 @@ async function runOneStep(
 ): Promise<{ record: StepRecord; result: StepOutcome }> {
   const { config, run, now } = input;
   const record = input.records[step.index] as StepRecord;
-  const logName = `step_${step.index}.log`;
+  const logName = stepLogName(step.index);
   const started = now();
   record.startedAt = new Date(started).toISOString();
   record.log = logName;

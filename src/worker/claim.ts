@@ -1,7 +1,14 @@
 import { constants, readFileSync } from 'node:fs';
 import { type FileHandle, link, open, readdir, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { MANIFEST_NAME, type Manifest } from '../job/report.js';
+import type { Manifest } from '../job/report.js';
+import {
+  CLAIM_PREFIX,
+  MANIFEST_NAME,
+  PUBLISHED_PREFIX,
+  PUBLISHER_PREFIX,
+  WORKER_FILE_PREFIX,
+} from '../job/results-layout.js';
 
 // A claim is a small file `results/.mqtt-fs-worker.claim.{attempt}` in the job's folder on the shared drive,
 // created with link(2) (atomic, also on NFS) so that exactly one worker wins each attempt. Its mtime is the
@@ -10,10 +17,6 @@ import { MANIFEST_NAME, type Manifest } from '../job/report.js';
 // `.publisher.{attempt}` is held by the one slot that publishes a result its runner could not. results/ is
 // never staged and its reset at the start of a run keeps these files.
 
-const PREFIX = '.mqtt-fs-worker.';
-const CLAIM = `${PREFIX}claim.`;
-const PUBLISHED = `${PREFIX}published.`;
-const PUBLISHER = `${PREFIX}publisher.`;
 /** A claim is a few hundred bytes plus the request (at most 256 KiB); anything larger is not ours. */
 const MAX_RECORD_BYTES = 1024 * 1024;
 
@@ -92,7 +95,7 @@ function processStart(pid: number): number | undefined {
 }
 
 function claimFile(resultsDir: string, attempt: number): string {
-  return path.join(resultsDir, `${CLAIM}${attempt}`);
+  return path.join(resultsDir, `${CLAIM_PREFIX}${attempt}`);
 }
 
 /**
@@ -137,7 +140,7 @@ async function currentClaim(
   resultsDir: string,
   names: readonly string[],
 ): Promise<{ record: ClaimRecord; heartbeatMs: number } | undefined> {
-  for (const attempt of attemptsOf(names, CLAIM)) {
+  for (const attempt of attemptsOf(names, CLAIM_PREFIX)) {
     const read = await readRecord<ClaimRecord>(claimFile(resultsDir, attempt));
     // A claim being written or removed right now, or damaged: look at the next one.
     if (read) return { record: { ...read.record, attempt }, heartbeatMs: read.heartbeatMs };
@@ -189,7 +192,7 @@ export async function inspectClaim(
   if (!claim) {
     // Claim files that cannot be read (a FIFO, a link, garbage planted in the job folder) block their attempt
     // numbers (link(2) would fail on them): run the next one.
-    const newest = attemptsOf(names, CLAIM)[0];
+    const newest = attemptsOf(names, CLAIM_PREFIX)[0];
     return newest === undefined
       ? { kind: 'free', attempt: 1 }
       : { kind: 'free', attempt: newest + 1, why: `claim file ${newest} is not a readable claim` };
@@ -201,7 +204,7 @@ export async function inspectClaim(
       kind: 'finished',
       manifest,
       claim: record,
-      published: names.includes(`${PUBLISHED}${record.attempt}`),
+      published: names.includes(`${PUBLISHED_PREFIX}${record.attempt}`),
       ownerAlive: holder.alive,
     };
   }
@@ -251,7 +254,7 @@ export class Claim {
 
 /** Creates `{dir}/{name}` holding `record`, atomically and only if it does not exist (false: it does). */
 async function createRecordFile(dir: string, name: string, record: object, self: Identity): Promise<boolean> {
-  const temp = path.join(dir, `${PREFIX}tmp.${self.workerId}.${process.pid}.${Date.now()}`);
+  const temp = path.join(dir, `${WORKER_FILE_PREFIX}tmp.${self.workerId}.${process.pid}.${Date.now()}`);
   await writeFile(temp, `${JSON.stringify(record)}\n`, { flag: 'wx' });
   try {
     await link(temp, path.join(dir, name));
@@ -283,10 +286,10 @@ export async function acquireClaim(
     ...request,
     ...(rerun !== undefined ? { rerun } : {}),
   };
-  if (!(await createRecordFile(resultsDir, `${CLAIM}${attempt}`, record, self))) return undefined;
+  if (!(await createRecordFile(resultsDir, `${CLAIM_PREFIX}${attempt}`, record, self))) return undefined;
   const names = await readdir(resultsDir).catch(() => [] as string[]);
   const older = names.filter((name) =>
-    [CLAIM, PUBLISHED, PUBLISHER].some(
+    [CLAIM_PREFIX, PUBLISHED_PREFIX, PUBLISHER_PREFIX].some(
       (prefix) => name.startsWith(prefix) && Number(name.slice(prefix.length)) < attempt,
     ),
   );
@@ -297,7 +300,7 @@ export async function acquireClaim(
 
 export async function markPublished(resultsDir: string, attempt: number): Promise<void> {
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_NOFOLLOW;
-  await writeFile(path.join(resultsDir, `${PUBLISHED}${attempt}`), '', { flag: flags }).catch(() => {});
+  await writeFile(path.join(resultsDir, `${PUBLISHED_PREFIX}${attempt}`), '', { flag: flags }).catch(() => {});
 }
 
 /**
@@ -311,7 +314,7 @@ export async function acquirePublisher(
   leaseMs: number,
   now: number,
 ): Promise<boolean> {
-  const name = `${PUBLISHER}${attempt}`;
+  const name = `${PUBLISHER_PREFIX}${attempt}`;
   const record = { ...self, attempt, claimedAt: new Date(now).toISOString() };
   if (await createRecordFile(resultsDir, name, record, self)) return true;
   const held = await readRecord<Identity>(path.join(resultsDir, name));

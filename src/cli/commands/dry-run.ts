@@ -1,6 +1,7 @@
 import path from 'node:path';
 import { engineConfig } from '../../config/engine-config.js';
 import type { OptionFlags } from '../../config/options.js';
+import { RESULTS_DIR } from '../../job/results-layout.js';
 import { ExitCode, isWorkerError } from '../../shared/errors.js';
 import { interruptOnSignals, logger, resolve, signalExitCode, VERSION } from '../context.js';
 import type { MainHooks } from '../main.js';
@@ -57,7 +58,7 @@ export async function runDry(
         log.info(`job ${manifest.id} ${manifest.status} (exit code ${manifest.exitCode})`);
         view?.summary(
           manifest,
-          path.relative(process.cwd(), path.join(config.jobsDir, manifest.id, 'results')),
+          path.relative(process.cwd(), path.join(config.jobsDir, manifest.id, RESULTS_DIR)),
         );
         writeStdio(1, `${JSON.stringify(toResultPayload(manifest))}\n`);
         hooks.jobDone?.();

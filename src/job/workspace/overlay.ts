@@ -3,6 +3,7 @@ import { type Dirent, lstatSync, readFileSync } from 'node:fs';
 import { lstat, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../../shared/errors.js';
+import { RESULTS_DIR } from '../results-layout.js';
 import type { SkippedEntry, StageResult } from './stage.js';
 
 // Zero-copy staging: the job folder becomes the read-only lower layer of an overlay mounted at the workspace, and
@@ -109,7 +110,7 @@ export async function stageOverlay(
  */
 export async function ensureMask(workspacesDir: string): Promise<string> {
   const mask = path.join(overlayRoot(workspacesDir), 'mask');
-  const whiteout = path.join(mask, 'results');
+  const whiteout = path.join(mask, RESULTS_DIR);
   const ready = await lstat(whiteout).then(
     (stats) => stats.isCharacterDevice() && stats.rdev === 0,
     () => false,
@@ -118,7 +119,7 @@ export async function ensureMask(workspacesDir: string): Promise<string> {
   const temp = `${mask}.${process.pid}`;
   await rm(temp, { recursive: true, force: true });
   await mkdir(temp, { recursive: true });
-  await run('mknod', [path.join(temp, 'results'), 'c', '0', '0']);
+  await run('mknod', [path.join(temp, RESULTS_DIR), 'c', '0', '0']);
   await rm(mask, { recursive: true, force: true });
   await rename(temp, mask).catch(async (error: NodeJS.ErrnoException) => {
     // Another worker made it meanwhile: theirs serves as well.
@@ -150,7 +151,7 @@ export async function survey(jobDir: string, bytesCap = OVERLAY_FROM_BYTES): Pro
     const folders: string[] = [];
     for (const entry of entries) {
       const rel = relative ? `${relative}/${entry.name}` : entry.name;
-      if (!relative && entry.name === 'results') continue;
+      if (!relative && entry.name === RESULTS_DIR) continue;
       if (entry.isDirectory()) folders.push(rel);
       else if (entry.isFile()) {
         files++;

@@ -3,6 +3,7 @@ import { copyFile, lchown, lstat, mkdir, readdir, readlink, rm, symlink, utimes 
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../../shared/errors.js';
 import { forEachLimit } from '../../shared/pool.js';
+import { RESULTS_DIR } from '../results-layout.js';
 import { overlayLayers, unmountUnder } from './overlay.js';
 
 /** A path the worker did not copy (staging) or did not sync back, and why. */
@@ -32,7 +33,6 @@ export interface StageResult {
 }
 
 /** The name of the job folder's output directory; never staged. */
-export const RESULTS_DIR = 'results';
 const COPY_CONCURRENCY = 16;
 
 export function fileFingerprint(stats: {

@@ -6,6 +6,7 @@ import picomatch from 'picomatch';
 import { ErrorCode, WorkerError } from '../../shared/errors.js';
 import { forEachLimit } from '../../shared/pool.js';
 import { type HeldDir, holdDirectory } from '../paths.js';
+import { isReservedName } from '../results-layout.js';
 import { fileFingerprint, linkFingerprint, type SkippedEntry, type Snapshot } from './stage.js';
 
 // node:crypto is loaded by the first file synced, not by every job's start (it costs ~5 ms).
@@ -34,7 +35,6 @@ export interface SyncInput {
 }
 
 // Names in results/ that belong to the worker: an artifact never replaces them.
-const RESERVED = /^(result\.json|step_\d+\.log|\.mqtt-fs-worker.*)$/;
 const SYNC_CONCURRENCY = 8;
 const TEMP_FLAGS = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
 
@@ -168,7 +168,7 @@ async function copyChanges(input: SyncInput, done: Progress): Promise<void> {
   const dirs = new SafeDirs(input.resultsDir);
   try {
     await forEachLimit(changed, SYNC_CONCURRENCY, async ({ path: relative, stats }) => {
-      if (!relative.includes('/') && RESERVED.test(relative)) {
+      if (!relative.includes('/') && isReservedName(relative)) {
         done.skipped.push({ path: relative, reason: 'reserved-name' });
         return;
       }
