@@ -1,6 +1,4 @@
-import { constants } from 'node:fs';
-import { open, rename, unlink } from 'node:fs/promises';
-import path from 'node:path';
+import { writeFileAtomic } from '../shared/atomic-write.js';
 import type { ErrorCode } from '../shared/errors.js';
 import { MANIFEST_FILE, MANIFEST_NAME } from './results-layout.js';
 import type { SkippedEntry } from './workspace/stage.js';
@@ -84,32 +82,6 @@ export function toResultPayload(manifest: Manifest): ResultPayload {
     workerId: manifest.worker.id,
     durationMs: manifest.durationMs,
   };
-}
-
-/**
- * Writes `data` as `{dir}/{name}` atomically: a temp file created without following links, then a rename, so a
- * reader sees the old file or the new one and never half of one.
- */
-export async function writeFileAtomic(dir: string, name: string, data: string): Promise<void> {
-  const temp = path.join(dir, `.${name}.${process.pid}.${Math.random().toString(36).slice(2, 10)}.tmp`);
-  const handle = await open(
-    temp,
-    constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW,
-    0o644,
-  );
-  try {
-    await handle.writeFile(data);
-    await handle.sync();
-  } catch (error) {
-    await handle.close().catch(() => {});
-    await unlink(temp).catch(() => {});
-    throw error;
-  }
-  await handle.close();
-  await rename(temp, path.join(dir, name)).catch(async (error: unknown) => {
-    await unlink(temp).catch(() => {});
-    throw error;
-  });
 }
 
 export function writeManifest(resultsDir: string, manifest: Manifest): Promise<void> {

@@ -8,6 +8,7 @@ import { formatBytes, formatDuration } from '../shared/units.js';
 import type { RunAsUser } from '../step/run-as.js';
 import { JobInterrupted } from './interrupted.js';
 import { type HeldDir, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
+import type { JobStatus, StepStatus } from './report.js';
 import { type Manifest, writeManifest } from './report.js';
 import { survivesReset } from './results-layout.js';
 import { type JobRequest, type JobSpec, MAX_JOB_FILE_BYTES, parseJobFile, specFromSteps } from './spec.js';
@@ -51,11 +52,11 @@ export type JobEvent =
       readonly type: 'step-ended';
       readonly step: number;
       readonly name: string;
-      readonly status: string;
+      readonly status: StepStatus;
       readonly exitCode: number | null;
     }
   | { readonly type: 'syncing' }
-  | { readonly type: 'done'; readonly status: string; readonly exitCode: number };
+  | { readonly type: 'done'; readonly status: JobStatus; readonly exitCode: number };
 
 export interface JobRun {
   readonly request: JobRequest;

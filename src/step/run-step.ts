@@ -39,7 +39,13 @@ interface SandboxControl {
   close(): Promise<StepAccounting>;
 }
 
-export type StopReason = 'timeout' | 'cancelled' | 'interrupted';
+const STOP_REASONS = ['timeout', 'cancelled', 'interrupted'] as const;
+/** Why the worker stopped a step; an AbortSignal's reason carries it (any other reason counts as a cancel). */
+export type StopReason = (typeof STOP_REASONS)[number];
+
+function stopReasonOf(reason: unknown): StopReason {
+  return STOP_REASONS.find((known) => known === reason) ?? 'cancelled';
+}
 
 export interface RunStepInput {
   readonly command: string;
@@ -225,7 +231,7 @@ async function waitForEnd(
       spawnError: `cannot start the step in ${input.cwd}: ${error.code ?? error.message}`,
     };
   }
-  const onAbort = (): void => stopper.stop((input.signal?.reason as StopReason) ?? 'cancelled');
+  const onAbort = (): void => stopper.stop(stopReasonOf(input.signal?.reason));
   const timer =
     input.timeoutMs === undefined ? undefined : setTimeout(() => stopper.stop('timeout'), input.timeoutMs);
   if (input.signal?.aborted) onAbort();

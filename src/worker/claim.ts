@@ -300,7 +300,9 @@ export async function acquireClaim(
 
 export async function markPublished(resultsDir: string, attempt: number): Promise<void> {
   const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_NOFOLLOW;
-  await writeFile(path.join(resultsDir, `${PUBLISHED_PREFIX}${attempt}`), '', { flag: flags }).catch(() => {});
+  await writeFile(path.join(resultsDir, `${PUBLISHED_PREFIX}${attempt}`), '', { flag: flags }).catch(
+    () => {},
+  );
 }
 
 /**
