@@ -314,56 +314,64 @@ export interface RequestPolicy {
  * usable, so that its rejection can be keyed by it (never a result: the request, not the job, was refused).
  */
 export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {}): RequestParse {
-  const maxBytes = policy.maxBytes ?? 256 * 1024;
-  const reject = (code: ErrorCode, message: string, id?: string, problems?: string[]): RequestParse => ({
-    ok: false,
-    id,
-    error: new WorkerError(code, message, problems ? { problems } : {}),
-  });
+  const parsed = parseObject(payload, policy.maxBytes ?? 256 * 1024);
+  if (!('record' in parsed)) return parsed;
+  const { record } = parsed;
+  if (depthOf(record) > MAX_DEPTH) {
+    // Signing walks the request recursively: a deeply nested one would overflow the stack on every redelivery.
+    const message = `Request is nested more than ${MAX_DEPTH} levels deep`;
+    return refuse(ErrorCode.INVALID_PAYLOAD, message, usableId(record.id));
+  }
+  if (policy.secret !== undefined) {
+    const now = policy.nowMs ?? Date.now();
+    const problem = signatureProblem(record, policy.secret, policy.maxAgeMs ?? 300_000, now);
+    // An unverified id is only a name for the rejection (never a result), so a forger cannot speak for a job.
+    if (problem)
+      return refuse(ErrorCode.INVALID_SIGNATURE, `Request rejected: ${problem}`, usableId(record.id));
+  }
+  const badId = idProblem(record.id);
+  if (badId) return refuse(ErrorCode.INVALID_ID, `Request rejected: ${badId}`);
+  return requestOf(record, record.id as string, policy);
+}
+
+function refuse(code: ErrorCode, message: string, id?: string, problems?: string[]): RequestParse {
+  return { ok: false, id, error: new WorkerError(code, message, problems ? { problems } : {}) };
+}
+
+/** The payload as a JSON object, or its refusal (empty, too large, not JSON, not an object). */
+function parseObject(
+  payload: Buffer | string,
+  maxBytes: number,
+): RequestParse | { record: Record<string, unknown> } {
   const bytes = typeof payload === 'string' ? Buffer.byteLength(payload) : payload.length;
-  if (bytes === 0) return reject(ErrorCode.INVALID_PAYLOAD, 'Request is empty; expected {"id": "..."}');
+  if (bytes === 0) return refuse(ErrorCode.INVALID_PAYLOAD, 'Request is empty; expected {"id": "..."}');
   if (bytes > maxBytes) {
     const message = `Request is ${bytes} bytes, more than the ${maxBytes} allowed`;
-    return reject(ErrorCode.INVALID_PAYLOAD, message, bytes <= MAX_READ_FOR_ID ? idOf(payload) : undefined);
+    return refuse(ErrorCode.INVALID_PAYLOAD, message, bytes <= MAX_READ_FOR_ID ? idOf(payload) : undefined);
   }
   let json: unknown;
   try {
     json = JSON.parse(typeof payload === 'string' ? payload : payload.toString('utf8'));
   } catch {
-    return reject(ErrorCode.INVALID_PAYLOAD, 'Request is not JSON; expected {"id": "..."}');
+    return refuse(ErrorCode.INVALID_PAYLOAD, 'Request is not JSON; expected {"id": "..."}');
   }
   if (json === null || typeof json !== 'object' || Array.isArray(json)) {
-    return reject(
+    return refuse(
       ErrorCode.INVALID_PAYLOAD,
       `Request must be a JSON object like {"id": "..."}, got ${describeValue(json)}`,
     );
   }
-  const record = json as Record<string, unknown>;
-  if (depthOf(record) > MAX_DEPTH) {
-    // Signing walks the request recursively: a deeply nested one would overflow the stack on every redelivery.
-    const message = `Request is nested more than ${MAX_DEPTH} levels deep`;
-    return reject(ErrorCode.INVALID_PAYLOAD, message, usableId(record.id));
-  }
-  if (policy.secret !== undefined) {
-    const problem = signatureProblem(
-      record,
-      policy.secret,
-      policy.maxAgeMs ?? 300_000,
-      policy.nowMs ?? Date.now(),
-    );
-    // An unverified id is only a name for the rejection (never a result), so a forger cannot speak for a job.
-    if (problem)
-      return reject(ErrorCode.INVALID_SIGNATURE, `Request rejected: ${problem}`, usableId(record.id));
-  }
-  const badId = idProblem(record.id);
-  if (badId) return reject(ErrorCode.INVALID_ID, `Request rejected: ${badId}`);
-  const id = record.id as string;
+  return { record: json as Record<string, unknown> };
+}
+
+/** The request of a verified object with a safe id: its re-run token, response topic and steps, checked. */
+function requestOf(record: Record<string, unknown>, id: string, policy: RequestPolicy): RequestParse {
   const rerun = record.rerun;
   if (
     rerun !== undefined &&
     (typeof rerun !== 'string' || rerun.length === 0 || rerun.length > MAX_RERUN_LENGTH)
   ) {
-    return reject(
+    return refuse(
       ErrorCode.INVALID_PAYLOAD,
       `Expected \`rerun\` to be a token of 1-${MAX_RERUN_LENGTH} characters that is new for each re-run, got ${describeValue(rerun)}`,
       id,
@@ -377,7 +385,7 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
   };
   if (record.steps === undefined) return { ok: true, request: { ...base, steps: undefined } };
   if (policy.allowSteps === false) {
-    return reject(
+    return refuse(
       ErrorCode.INVALID_PAYLOAD,
       'Request rejected: it carries its own steps, and this worker runs only job.json (--no-payload-steps)',
       id,
@@ -386,7 +394,7 @@ export function parseRequest(payload: Buffer | string, policy: RequestPolicy = {
   const steps = v.safeParse(stepList, record.steps);
   if (!steps.success) {
     const problems = formatIssues(steps.issues, 'steps').slice(0, MAX_PAYLOAD_PROBLEMS);
-    return reject(
+    return refuse(
       ErrorCode.INVALID_PAYLOAD,
       `Request has invalid steps: ${problems.join('; ')}`,
       id,

@@ -23,42 +23,18 @@ export interface ClaimedJob {
 
 /** Runs the job this process claimed, publishes its result and acknowledges its delivery. */
 export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJob): Promise<WorkerOutcome> {
-  const { options, log } = input;
   const { request, claim } = job;
-  const jobLog = log.child({ job: request.id });
+  const jobLog = input.log.child({ job: request.id });
   const now = input.now ?? Date.now;
-  const { consumer, sidecar } = links;
+  const { consumer } = links;
   consumer.take();
-  consumer.holdOpen(options.keepaliveMs);
-  claim.startHeartbeat(Math.max(1000, Math.floor(options.claimLeaseMs / 4)), (error) =>
+  consumer.holdOpen(input.options.keepaliveMs);
+  claim.startHeartbeat(Math.max(1000, Math.floor(input.options.claimLeaseMs / 4)), (error) =>
     jobLog.warn(`claim heartbeat failed: ${error.message}`),
   );
-  const busy = { job: request.id, attempt: claim.attempt, jobStartedAt: new Date(now()) };
-  const announce = (step?: { index: number; name: string }): void =>
-    consumer.fireAndForget(
-      presenceTopic(options),
-      presenceMessage(
-        links.source,
-        'busy',
-        step ? { ...busy, step: { ...step, startedAt: new Date(now()) } } : busy,
-      ),
-      true,
-    );
-  announce();
-  const event = statusEvents(consumer, input, request.id);
-  event('claimed', { attempt: claim.attempt });
-
+  const { announce, event } = progress(links, input, job, now);
   const { runJob, JobInterrupted } = await loadEngine();
-  const stop = new AbortController();
-  const onInterrupt = (): void => stop.abort('interrupted');
-  if (input.signal.aborted) onInterrupt();
-  else input.signal.addEventListener('abort', onInterrupt, { once: true });
-  // Listening for cancel requests starts alongside the job, not before it: a job does not wait for a second
-  // connection's round trips.
-  const control = sidecar.watchCancel(request.id, () => {
-    jobLog.warn('cancel request received; stopping the job');
-    stop.abort('cancelled');
-  });
+  const stopping = stopOnInterruptOrCancel(links, input, request.id, jobLog);
   try {
     let published = false;
     const outcome = await runJob(input.config, {
@@ -67,7 +43,7 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
       paths: job.folder.paths,
       results: job.folder.results,
       log: jobLog,
-      signal: stop.signal,
+      signal: stopping.signal,
       onEvent: (e: JobEvent) => {
         event(e.type, eventFields(e));
         if (e.type === 'step-started') announce({ index: e.step, name: e.name });
@@ -79,7 +55,7 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
         published = await completeJob(links, input, job, manifest, jobLog);
         // Between jobs the slot is idle: its next process says so again, or its will says offline.
         if (published)
-          consumer.fireAndForget(presenceTopic(options), presenceMessage(links.source, 'idle'), true);
+          consumer.fireAndForget(presenceTopic(input.options), presenceMessage(links.source, 'idle'), true);
       },
     });
     if (!published) return { kind: 'connection-lost', id: request.id };
@@ -89,10 +65,52 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
     if (error instanceof JobInterrupted) return { kind: 'interrupted', id: request.id };
     throw error;
   } finally {
-    input.signal.removeEventListener('abort', onInterrupt);
-    await control;
+    await stopping.dispose();
     await job.folder.results.close();
   }
+}
+
+/** The slot's busy presence (again at each step) and the job's status events, starting with `claimed`. */
+function progress(links: Links, input: WorkerInput, job: ClaimedJob, now: () => number) {
+  const { request, claim } = job;
+  const busy = { job: request.id, attempt: claim.attempt, jobStartedAt: new Date(now()) };
+  const announce = (step?: { index: number; name: string }): void =>
+    links.consumer.fireAndForget(
+      presenceTopic(input.options),
+      presenceMessage(
+        links.source,
+        'busy',
+        step ? { ...busy, step: { ...step, startedAt: new Date(now()) } } : busy,
+      ),
+      true,
+    );
+  announce();
+  const event = statusEvents(links.consumer, input, request.id);
+  event('claimed', { attempt: claim.attempt });
+  return { announce, event };
+}
+
+/**
+ * A signal that stops the job when the worker is told to stop (reason `interrupted`) or a cancel request comes
+ * (`cancelled`). Listening for cancels starts alongside the job, not before it: a job does not wait for a second
+ * connection's round trips.
+ */
+function stopOnInterruptOrCancel(links: Links, input: WorkerInput, id: string, jobLog: Logger) {
+  const stop = new AbortController();
+  const onInterrupt = (): void => stop.abort('interrupted');
+  if (input.signal.aborted) onInterrupt();
+  else input.signal.addEventListener('abort', onInterrupt, { once: true });
+  const control = links.sidecar.watchCancel(id, () => {
+    jobLog.warn('cancel request received; stopping the job');
+    stop.abort('cancelled');
+  });
+  return {
+    signal: stop.signal,
+    dispose: async (): Promise<void> => {
+      input.signal.removeEventListener('abort', onInterrupt);
+      await control;
+    },
+  };
 }
 
 /** Publishes a finished job's result, acknowledges its delivery and records both; false when it could not. */

@@ -3,6 +3,8 @@ import { engineConfig } from '../../config/engine-config.js';
 import type { OptionFlags, Options } from '../../config/options.js';
 import type { LimitSettings } from '../../limits/index.js';
 import { ExitCode } from '../../shared/errors.js';
+import type { Logger } from '../../shared/log.js';
+import type { WorkerOutcome } from '../../worker/serve.js';
 import { interruptOnSignals, logger, resolve, signalExitCode, VERSION } from '../context.js';
 import type { MainHooks } from '../main.js';
 
@@ -71,25 +73,35 @@ export async function runBrokerWorker(
       signal: interrupt.signal,
     });
     if (outcome.kind === 'ran') hooks.jobDone?.();
-    switch (outcome.kind) {
-      case 'no-job':
-      case 'ran':
-        return ExitCode.OK;
-      case 'connection-lost':
-        return ExitCode.BROKER_UNREACHABLE;
-      case 'not-ready':
-        log.error(`NOT_READY: ${outcome.why}; job ${outcome.id} stays queued for a slot that can run it`);
-        return ExitCode.NOT_READY;
-      case 'interrupted': {
-        const name = interrupt.received() ?? 'SIGTERM';
-        log.warn(
-          `interrupted by ${name}: job ${outcome.id} was stopped and stays queued for this slot's next run`,
-        );
-        return signalExitCode(name, constants.signals);
-      }
-    }
+    return exitCodeOf(outcome, log, () => interrupt.received() ?? 'SIGTERM', constants.signals);
   } finally {
     interrupt.dispose();
     lock.release();
+  }
+}
+
+/** The process's exit code for how the worker ended (see the README's exit codes). */
+function exitCodeOf(
+  outcome: WorkerOutcome,
+  log: Logger,
+  signalName: () => NodeJS.Signals,
+  signals: Record<string, number>,
+): number {
+  switch (outcome.kind) {
+    case 'no-job':
+    case 'ran':
+      return ExitCode.OK;
+    case 'connection-lost':
+      return ExitCode.BROKER_UNREACHABLE;
+    case 'not-ready':
+      log.error(`NOT_READY: ${outcome.why}; job ${outcome.id} stays queued for a slot that can run it`);
+      return ExitCode.NOT_READY;
+    case 'interrupted': {
+      const name = signalName();
+      log.warn(
+        `interrupted by ${name}: job ${outcome.id} was stopped and stays queued for this slot's next run`,
+      );
+      return signalExitCode(name, signals);
+    }
   }
 }

@@ -48,6 +48,11 @@ export function linkFingerprint(target: string): string {
   return `l:${target}`;
 }
 
+/** Whether a snapshot entry is a link's (see linkFingerprint): the one place that knows the format. */
+export function isLinkFingerprint(fingerprint: string): boolean {
+  return fingerprint.startsWith('l:');
+}
+
 /** Relative path with forward slashes, as the manifest and globs use. */
 export function toPosix(relative: string): string {
   return path.sep === '/' ? relative : relative.split(path.sep).join('/');
@@ -69,22 +74,41 @@ export async function stageJob(
   await own(workspace);
   const snapshot = new Map<string, string>();
   const skipped: SkippedEntry[] = [];
-  const files: { from: string; to: string; relative: string }[] = [];
+  const files = await makeTree(jobDir, workspace, own, snapshot, skipped);
+  const bytes = await copyFiles(files, own, snapshot);
+  return { snapshot, files: files.length, bytes, skipped };
+}
 
-  const fail = (relative: string, error: unknown): never => {
-    const reason = (error as NodeJS.ErrnoException).code ?? (error as Error).message;
-    throw new WorkerError(ErrorCode.STAGING_FAILED, `Staging failed at ${relative || '.'}: ${reason}`, {
-      cause: error,
-    });
-  };
+type Own = (to: string) => Promise<void>;
 
-  // Directories and links first (cheap, ordered), collecting files for the parallel copy below.
+interface FileToCopy {
+  readonly from: string;
+  readonly to: string;
+  readonly relative: string;
+}
+
+function stagingFailed(relative: string, error: unknown): never {
+  const reason = (error as NodeJS.ErrnoException).code ?? (error as Error).message;
+  throw new WorkerError(ErrorCode.STAGING_FAILED, `Staging failed at ${relative || '.'}: ${reason}`, {
+    cause: error,
+  });
+}
+
+/** Directories and links first (cheap, ordered); returns the files, for the parallel copy. */
+async function makeTree(
+  jobDir: string,
+  workspace: string,
+  own: Own,
+  snapshot: Map<string, string>,
+  skipped: SkippedEntry[],
+): Promise<FileToCopy[]> {
+  const files: FileToCopy[] = [];
   const walk = async (relative: string): Promise<void> => {
     let entries: Dirent[];
     try {
       entries = await readdir(path.join(jobDir, relative), { withFileTypes: true });
     } catch (error) {
-      return fail(relative, error);
+      return stagingFailed(relative, error);
     }
     for (const entry of entries) {
       const rel = relative ? path.join(relative, entry.name) : entry.name;
@@ -94,7 +118,7 @@ export async function stageJob(
       if (entry.isDirectory()) {
         await mkdir(to)
           .then(() => own(to))
-          .catch((error: unknown) => fail(rel, error));
+          .catch((error: unknown) => stagingFailed(rel, error));
         await walk(rel);
       } else if (entry.isFile()) {
         files.push({ from, to, relative: rel });
@@ -105,7 +129,7 @@ export async function stageJob(
           await own(to);
           snapshot.set(toPosix(rel), linkFingerprint(target));
         } catch (error) {
-          fail(rel, error);
+          stagingFailed(rel, error);
         }
       } else {
         skipped.push({ path: toPosix(rel), reason: 'special-file' });
@@ -113,7 +137,15 @@ export async function stageJob(
     }
   };
   await walk('');
+  return files;
+}
 
+/** Copies the files (clones where the filesystem can), COPY_CONCURRENCY at a time; returns their bytes. */
+async function copyFiles(
+  files: readonly FileToCopy[],
+  own: Own,
+  snapshot: Map<string, string>,
+): Promise<number> {
   let bytes = 0;
   await forEachLimit(files, COPY_CONCURRENCY, async ({ from, to, relative }) => {
     try {
@@ -125,10 +157,10 @@ export async function stageJob(
       snapshot.set(toPosix(relative), fileFingerprint(copied));
       bytes += source.size;
     } catch (error) {
-      fail(relative, error);
+      stagingFailed(relative, error);
     }
   });
-  return { snapshot, files: files.length, bytes, skipped };
+  return bytes;
 }
 
 /** `{workspacesDir}/{workerId}`: everything this worker keeps locally; only it ever writes there. */

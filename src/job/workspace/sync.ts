@@ -7,7 +7,13 @@ import { ErrorCode, WorkerError } from '../../shared/errors.js';
 import { forEachLimit } from '../../shared/pool.js';
 import { type HeldDir, holdDirectory } from '../paths.js';
 import { isReservedName } from '../results-layout.js';
-import { fileFingerprint, linkFingerprint, type SkippedEntry, type Snapshot } from './stage.js';
+import {
+  fileFingerprint,
+  isLinkFingerprint,
+  linkFingerprint,
+  type SkippedEntry,
+  type Snapshot,
+} from './stage.js';
 
 // node:crypto is loaded by the first file synced, not by every job's start (it costs ~5 ms).
 const crypto = () => process.getBuiltinModule('node:crypto');
@@ -56,7 +62,7 @@ export async function findChanges(input: Omit<SyncInput, 'resultsDir'>): Promise
     } else if (stats.isSymbolicLink()) {
       if (
         before === undefined ||
-        !before.startsWith('l:') ||
+        !isLinkFingerprint(before) ||
         before !== (await linkTarget(input.workspace, entry.path))
       ) {
         skipped.push({ path: entry.path, reason: 'symlink' });
