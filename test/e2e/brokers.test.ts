@@ -11,6 +11,7 @@ import {
   publishJob,
   pullArgs,
   type Running,
+  registerSlots,
   runWorkerOnce,
   slot,
   slotLoop,
@@ -53,10 +54,7 @@ const v311: Args = (url, dirs, id, extra = []) => pullArgs(url, dirs, id, ['--pr
 async function killAndCount(url: string, names: string[], count: number, kills: number): Promise<void> {
   const dirs = await fleetDirs();
   const slots = names.map(slot);
-  for (const id of slots) {
-    const run = await runWorkerOnce(v311(url, dirs, id, ['--idle-timeout', '100ms']));
-    expect(run.code, run.stderr).toBe(0);
-  }
+  await registerSlots(url, dirs, slots, v311);
   const client = await testClient(url, { protocolVersion: 4 });
   const results = await collect(client, 'jobs/results/+');
   const jobs = Array.from({ length: count }, (_, i) => `v3-${i}`);
@@ -177,7 +175,7 @@ describe('end-to-end confirmation', () => {
     const broker = await mosquitto();
     const dirs = await fleetDirs();
     const slots = ['crash-1', 'crash-2'].map(slot);
-    for (const id of slots) await runWorkerOnce(pullArgs(broker.url, dirs, id, ['--idle-timeout', '100ms']));
+    await registerSlots(broker.url, dirs, slots);
     const loops = slots.map((id) =>
       slotLoop(() => pullArgs(broker.url, dirs, id, ['--connect-timeout', '2s'])),
     );

@@ -11,7 +11,9 @@ import {
   publishJob,
   pullArgs,
   type Running,
+  registerSlots,
   runWorkerOnce,
+  type SlotArgs,
   slot,
   slotLoop,
   startProcess,
@@ -27,11 +29,8 @@ const { broker } = freshBrokerPerTest();
 
 type Dirs = { jobs: string; workspaces: string };
 
-async function registerAll(dirs: Dirs, ids: string[], args = pullArgs): Promise<void> {
-  for (const id of ids) {
-    const run = await runWorkerOnce(args(broker().url, dirs, id, ['--idle-timeout', '100ms']));
-    expect(run.code, run.stderr).toBe(0);
-  }
+async function registerAll(dirs: Dirs, ids: string[], args: SlotArgs = pullArgs): Promise<void> {
+  await registerSlots(broker().url, dirs, ids, args);
 }
 
 /** A job that runs until the test lets it go (no clock in the test's verdict). */

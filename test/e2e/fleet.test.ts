@@ -7,7 +7,7 @@ import {
   collect,
   fleetDirs,
   publishJob,
-  runWorkerOnce,
+  registerSlots,
   slot,
   slotLoop,
   testClient,
@@ -21,10 +21,7 @@ const { broker } = freshBrokerPerTest();
 async function fleet(slots: string[]) {
   const dirs = await fleetDirs();
   const ledger = await tempDir('mfw-ledger-');
-  for (const slot of slots) {
-    const run = await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '100ms']));
-    expect(run.code, run.stderr).toBe(0);
-  }
+  await registerSlots(broker().url, dirs, slots, workerArgs);
   return { dirs, ledger };
 }
 

@@ -4,7 +4,15 @@ import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { freshBrokerPerTest } from '../helpers/mosquitto.js';
 import { tempDir, waitFor, writeTree } from '../helpers/tmp.js';
-import { BIN, fleetDirs, pullArgs, runWorkerOnce, slot as slotId, startWorker } from '../helpers/worker.js';
+import {
+  BIN,
+  fleetDirs,
+  pullArgs,
+  registerSlots,
+  runWorkerOnce,
+  slot as slotId,
+  startWorker,
+} from '../helpers/worker.js';
 
 // What an operator and a job author see: live dry runs on a terminal and in a pipe, --watch, `workers`,
 // `status` and `submit --follow`, against real processes, a real pseudo-terminal (script(1)) and a real broker.
@@ -163,7 +171,7 @@ describe('the fleet and one job at a glance', () => {
     const [busy, idle, gone] = [slotId('vis-busy'), slotId('vis-idle'), slotId('vis-gone')];
     const url = broker().url;
     // Sessions first (pull dispatch: a slot gets the requests published while its session exists).
-    for (const id of [busy, idle]) await runWorkerOnce(pullArgs(url, dirs, id, ['--idle-timeout', '100ms']));
+    await registerSlots(url, dirs, [busy, idle]);
     // The gone slot: a clean session has no will delay, so the broker says offline as soon as it is killed.
     const goneWorker = startWorker(pullArgs(url, dirs, gone, ['--clean', '--idle-timeout', '60s']));
     await goneWorker.sawLog('waiting for one job');

@@ -8,6 +8,7 @@ import {
   collect,
   fleetDirs,
   publishJob,
+  registerSlots,
   runWorkerOnce,
   slot,
   startWorker,
@@ -19,8 +20,7 @@ const { broker, replace } = freshBrokerPerTest();
 
 /** Connects a slot once so that its persistent session (and shared subscription) exists, then lets it go. */
 async function register(dirs: { jobs: string; workspaces: string }, id: string): Promise<void> {
-  const run = await runWorkerOnce(workerArgs(broker().url, dirs, id, ['--idle-timeout', '200ms']));
-  expect(run.code, run.stderr).toBe(0);
+  await registerSlots(broker().url, dirs, [id], workerArgs);
 }
 
 /** Job folders written, slot-a's session registered, and a client collecting every result. */

@@ -233,3 +233,27 @@ export async function expectAllSucceeded(
     expect(manifest.status, id).toBe('success');
   }
 }
+
+export type SlotArgs = (
+  url: string,
+  dirs: { jobs: string; workspaces: string },
+  id: string,
+  extra?: string[],
+) => string[];
+
+/**
+ * Connects each slot once and lets it go, so that its persistent session (and its subscription) exists before
+ * jobs are published: a request published before a slot's session exists never reaches that slot.
+ */
+export async function registerSlots(
+  url: string,
+  dirs: { jobs: string; workspaces: string },
+  ids: readonly string[],
+  args: SlotArgs = pullArgs,
+): Promise<void> {
+  const { expect } = await import('vitest');
+  for (const id of ids) {
+    const run = await runWorkerOnce(args(url, dirs, id, ['--idle-timeout', '100ms']));
+    expect(run.code, `${id}: ${run.stderr}`).toBe(0);
+  }
+}
