@@ -1,8 +1,8 @@
 import type { IClientOptions, IPublishPacket, MqttClient } from 'mqtt';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { isShared } from '../shared/topics.js';
 import { type BrokerSettings, connectBroker, disconnect } from './client.js';
-import { isShared } from './topics.js';
 
 /** One message as delivered, with the means to acknowledge it (which is what removes it from the session). */
 export interface Delivery {

@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
 import type { MqttClient } from 'mqtt';
 import type { Logger } from '../shared/log.js';
+import { isShared } from '../shared/topics.js';
 import { type BrokerSettings, connectBroker, disconnect, publish } from './client.js';
 import { type Delivery, JobConsumer } from './consumer.js';
-import { isShared } from './topics.js';
 
 export interface DrainInput {
   readonly settings: BrokerSettings;

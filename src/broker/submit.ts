@@ -5,8 +5,8 @@ import { parseRequest, type RawStep } from '../job/spec.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { signRequest } from '../shared/signing.js';
+import { plainTopic } from '../shared/topics.js';
 import { type BrokerSettings, connectBroker, disconnect, publish } from './client.js';
-import { plainTopic } from './topics.js';
 
 export interface SubmitInput {
   readonly settings: BrokerSettings;

@@ -1,7 +1,7 @@
 import path from 'node:path';
-import { isShared, plainTopic, topicMatches } from '../broker/topics.js';
 import { describeValue, ErrorCode, WorkerError } from '../shared/errors.js';
 import { idProblem, MAX_ID_LENGTH } from '../shared/ids.js';
+import { isShared, plainTopic, topicMatches } from '../shared/topics.js';
 import { parseDuration, parseSizeValue } from '../shared/units.js';
 import { type Kind, OPTION_DEFS, type OptionDef, type OptionFlags, type Options } from './options.js';
 

@@ -16,17 +16,13 @@ export interface StepSpec {
 }
 
 /** Limits a job asks for; each may be absent (then the worker's default applies). */
-export interface RequestedLimits {
-  readonly cpus?: number;
-  readonly memoryBytes?: number;
-  readonly pids?: number;
-}
+export type { RequestedLimits } from '../limits/index.js';
 
 export interface JobSpec {
   readonly steps: readonly StepSpec[];
   readonly env: Readonly<Record<string, string>>;
   readonly timeoutMs: number | undefined;
-  readonly limits: RequestedLimits;
+  readonly limits: import('../limits/index.js').RequestedLimits;
   readonly artifacts: { readonly include: readonly string[]; readonly exclude: readonly string[] };
 }
 

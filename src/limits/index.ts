@@ -1,4 +1,3 @@
-import type { RequestedLimits } from '../job/spec.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import { formatBytes } from '../shared/units.js';
 import type { EffectiveLimits, JobCgroups } from './cgroupfs.js';
@@ -7,6 +6,13 @@ import { openCgroupV1 } from './v1.js';
 import { openCgroupV2 } from './v2.js';
 
 export type { EffectiveLimits, JobCgroups } from './cgroupfs.js';
+
+/** Limits as a job asks for them (or as the worker's defaults and ceilings give them): absent means none. */
+export interface RequestedLimits {
+  readonly cpus?: number;
+  readonly memoryBytes?: number;
+  readonly pids?: number;
+}
 
 export type LimitsPolicy = 'auto' | 'required' | 'optional' | 'off';
 

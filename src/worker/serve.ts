@@ -1,11 +1,11 @@
 import { type Delivery, JobConsumer } from '../broker/consumer.js';
 import { Sidecar } from '../broker/sidecar.js';
-import { isShared } from '../broker/topics.js';
 import type { Options } from '../config/options.js';
 import type { EngineConfig } from '../job/run-job.js';
 import { parseRequest, type RequestPolicy } from '../job/spec.js';
 import { ErrorCode, toErrorInfo } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { isShared } from '../shared/topics.js';
 import type { Identity } from './claim.js';
 import { takeOverOrphan } from './claiming.js';
 import { answerFailure, handleDelivery } from './delivery.js';

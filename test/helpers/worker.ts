@@ -3,7 +3,7 @@ import { mkdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import mqtt, { type MqttClient } from 'mqtt';
-import { topicMatches } from '../../src/broker/topics.js';
+import { topicMatches } from '../../src/shared/topics.js';
 import { tempDir } from './tmp.js';
 
 export const BIN = fileURLToPath(new URL('../../bin/mqtt-fs-worker.js', import.meta.url));

@@ -1,13 +1,13 @@
 import { constants } from 'node:fs';
 import { open, readdir } from 'node:fs/promises';
 import path from 'node:path';
+import { resolveJobPaths } from '../job/paths.js';
+import type { Manifest } from '../job/report.js';
+import { stepLogIndex, stepLogName } from '../job/results-layout.js';
+import { parseRequest } from '../job/spec.js';
+import { validateJobDefinition } from '../job/validate.js';
 import { formatDuration } from '../shared/units.js';
-import { type ClaimRecord, inspectClaim, selfIdentity } from '../worker/claim.js';
-import { resolveJobPaths } from './paths.js';
-import type { Manifest } from './report.js';
-import { stepLogIndex, stepLogName } from './results-layout.js';
-import { parseRequest } from './spec.js';
-import { validateJobDefinition } from './validate.js';
+import { type ClaimRecord, inspectClaim, selfIdentity } from './claim.js';
 
 // `status <id>` and `submit --follow`: one job as the shared drive shows it. Everything here only reads, and
 // every read of a job-folder file refuses anything but a regular file (a FIFO must not hang a status query).

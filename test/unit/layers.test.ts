@@ -1,0 +1,41 @@
+import { readdirSync, readFileSync, statSync } from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, it } from 'vitest';
+
+// The folders of src/ in the order a job goes through them (README, "Development"): a module may import its own
+// folder and the folders after its own, never one before it. `launch.ts` and `index.ts` stand apart.
+const LAYERS = ['cli', 'worker', 'broker', 'config', 'job', 'limits', 'step', 'shared'];
+const SRC = fileURLToPath(new URL('../../src', import.meta.url));
+
+function sources(dir: string): string[] {
+  return readdirSync(dir).flatMap((name) => {
+    const file = path.join(dir, name);
+    return statSync(file).isDirectory() ? sources(file) : file.endsWith('.ts') ? [file] : [];
+  });
+}
+
+function folderOf(file: string): string {
+  return path.relative(SRC, file).split(path.sep)[0] ?? '';
+}
+
+describe('the layout of src/', () => {
+  it('has every module in one of the pipeline folders, but launch.ts and index.ts', () => {
+    const loose = sources(SRC).filter((file) => !LAYERS.includes(folderOf(file)));
+    expect(loose.map((file) => path.relative(SRC, file)).sort()).toEqual(['index.ts', 'launch.ts']);
+  });
+
+  it('imports only downwards: a folder never imports one before it in the pipeline', () => {
+    const upwards: string[] = [];
+    for (const file of sources(SRC)) {
+      const from = folderOf(file);
+      if (!LAYERS.includes(from)) continue;
+      const text = readFileSync(file, 'utf8');
+      for (const [, spec] of text.matchAll(/(?:from|import\(|import)\s*'(\.[^']+)'/g)) {
+        const to = folderOf(path.resolve(path.dirname(file), spec as string));
+        if (LAYERS.indexOf(to) < LAYERS.indexOf(from)) upwards.push(`${path.relative(SRC, file)} -> ${spec}`);
+      }
+    }
+    expect(upwards).toEqual([]);
+  });
+});
