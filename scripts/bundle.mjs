@@ -64,7 +64,7 @@ const lazyChildProcess = {
 
 // Code that only some runs need stays out of the CLI bundle: every job reads all of the bundle, and its code cache
 // carries the outline of every module in it (vendoring these three shrank the bundle by 40% and a dry run's cache
-// by 14%). ws and socks serve ws:// URLs (through mqtt.connect; TCP and TLS build their own stream, see broker.ts)
+// by 14%). ws and socks serve ws:// URLs (through mqtt.connect; TCP and TLS build their own stream, see broker/client.ts)
 // and execa serves --run-as. Each becomes a file of its own next to the bundle, loaded by a plain require. Each is
 // resolved as its importer loads it: MQTT.js requires ws and socks (CommonJS), run-as.ts imports execa (ESM only).
 const fromMqtt = createRequire(createRequire(import.meta.url).resolve('mqtt'));

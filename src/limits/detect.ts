@@ -87,7 +87,7 @@ export function layoutFrom(mountinfo: string, procCgroup: string): CgroupLayout 
  * A file of /proc or of a cgroup filesystem; undefined if it cannot be read. The kernel makes these in memory, so
  * reading one takes microseconds and is done synchronously: fs.promises.readFile would take four trips to the
  * thread pool (open, stat, read, close), each waiting for the main thread in between. (Writing a cgroup file can
- * block, see writeControl in cgroup.ts.)
+ * block, see writeControl in cgroupfs.ts.)
  */
 export function readKernelFile(file: string): string | undefined {
   try {

@@ -1,5 +1,5 @@
 /**
- * Exit codes of the worker process. One table, documented in the README; `cli.ts` is the only place that maps
+ * Exit codes of the worker process. One table, documented in the README; `cli/` is the only place that maps
  * errors onto them.
  */
 export const ExitCode = {
