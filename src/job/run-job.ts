@@ -31,7 +31,7 @@ export interface EngineConfig {
   readonly version: string;
   readonly killGraceMs: number;
   readonly maxLogBytes: number;
-  /** How a job's folder reaches its workspace (see overlay.ts); absent: copy. */
+  /** How a job's folder reaches its workspace (see workspace/overlay.ts); absent: copy. */
   readonly stage?: StageMode;
   /** The environment steps inherit (the worker's own, without its broker settings). */
   readonly baseEnv: Readonly<Record<string, string>>;

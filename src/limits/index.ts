@@ -64,7 +64,7 @@ export interface JobLimits {
 }
 
 const NONE: EffectiveLimits = { cpus: null, memoryBytes: null, pids: null };
-// What a job without a cgroup must know: what a step leaves behind is found by an environment tag (leftovers.ts),
+// What a job without a cgroup must know: what a step leaves behind is found by an environment tag (step/leftovers.ts),
 // which a process can drop.
 const UNCONTAINED =
   '; without a cgroup, processes a step leaves behind (setsid, daemons) are found by an environment tag and killed when it ends, except any that cleared their environment';
