@@ -155,6 +155,37 @@ function resultLines(stdout: string): Record<string, unknown>[] {
 describe('the fleet and one job at a glance', () => {
   const { broker } = freshBrokerPerTest();
 
+  it('workers --watch prints the whole list again at each change, one JSON line each in a pipe, until Ctrl-C', {
+    timeout: 60_000,
+  }, async () => {
+    const dirs = await fleetDirs();
+    const url = broker().url;
+    const watcher = startWorker(['workers', '--url', url, '--json', '--watch']);
+    let stdout = '';
+    watcher.child.stdout?.on('data', (chunk: Buffer) => {
+      stdout += chunk.toString();
+    });
+    const lists = () =>
+      stdout
+        .split('\n')
+        .filter((line) => line.startsWith('['))
+        .map((line) => JSON.parse(line) as { id: string; state: string }[]);
+    await waitFor(() => lists().length >= 1, 10_000); // the first list: nobody yet
+    expect(lists()[0]).toEqual([]);
+    const id = slotId('vis-watch');
+    const slot = startWorker(pullArgs(url, dirs, id, ['--idle-timeout', '60s']));
+    await waitFor(
+      () => lists().some((list) => list.some((row) => row.id === id && row.state === 'idle')),
+      15_000,
+    );
+    slot.child.kill('SIGTERM');
+    await slot.exited;
+    watcher.child.kill('SIGINT');
+    const exit = await watcher.exited;
+    expect(exit.code, exit.stderr).toBe(0);
+    expect(exit.stdout).not.toContain('\u001b[');
+  });
+
   it('workers lists a busy, an idle and a gone slot; status and submit --follow show a running job', {
     timeout: 90_000,
   }, async () => {
