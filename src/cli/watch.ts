@@ -1,5 +1,6 @@
 import path from 'node:path';
 import { type FSWatcher, watch } from 'chokidar';
+import { isInside } from '../job/paths.js';
 import { RESULTS_DIR } from '../job/results-layout.js';
 import type { Logger } from '../shared/log.js';
 
@@ -90,7 +91,7 @@ function nextChange(watcher: FSWatcher, debounceMs: number, signal: AbortSignal)
 }
 
 function isIgnored(file: string, jobDir: string | undefined, ignored: readonly string[]): boolean {
-  const inside = (dir: string) => file === dir || file.startsWith(`${dir}${path.sep}`);
+  const inside = (dir: string) => isInside(dir, file);
   if (jobDir && inside(path.join(jobDir, RESULTS_DIR))) return true;
   return ignored.some(inside);
 }

@@ -4,6 +4,7 @@ import type { OptionFlags } from '../../config/options.js';
 import { RESULTS_DIR } from '../../job/results-layout.js';
 import type { EngineConfig } from '../../job/run-job.js';
 import { ExitCode, isWorkerError } from '../../shared/errors.js';
+import { idProblem } from '../../shared/ids.js';
 import type { Logger } from '../../shared/log.js';
 import { interruptOnSignals, logger, resolve, signalExitCode, VERSION } from '../context.js';
 import type { MainHooks } from '../main.js';
@@ -118,9 +119,7 @@ function jobDirOfPayload(payloadFile: string, jobsDir: string): string | undefin
   try {
     const { readFileSync } = process.getBuiltinModule('node:fs');
     const id = (JSON.parse(readFileSync(payloadFile, 'utf8')) as { id?: unknown }).id;
-    return typeof id === 'string' && id !== '' && !id.includes('/') && id !== '..' && id !== '.'
-      ? path.resolve(jobsDir, id)
-      : undefined;
+    return idProblem(id) === undefined ? path.resolve(jobsDir, id as string) : undefined;
   } catch {
     return undefined;
   }

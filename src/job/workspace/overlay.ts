@@ -3,6 +3,7 @@ import { type Dirent, lstatSync, readFileSync } from 'node:fs';
 import { lstat, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../../shared/errors.js';
+import { isInside } from '../paths.js';
 import { RESULTS_DIR } from '../results-layout.js';
 import type { SkippedEntry, StageResult } from './stage.js';
 
@@ -187,7 +188,7 @@ export function mountsUnder(dir: string): string[] {
     const point = field.replace(/\\([0-7]{3})/g, (_, octal: string) =>
       String.fromCharCode(Number.parseInt(octal, 8)),
     );
-    return point === dir || point.startsWith(`${dir}/`) ? [point] : [];
+    return isInside(dir, point) ? [point] : [];
   });
   return [...new Set(points)].sort((a, b) => b.length - a.length);
 }
