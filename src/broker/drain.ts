@@ -1,6 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import type { MqttClient } from 'mqtt';
+import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { type Presence, parsePresence } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
 import { type BrokerSettings, connectBroker, disconnect, publish } from './client.js';
 import { type Delivery, JobConsumer } from './consumer.js';
@@ -9,46 +11,95 @@ export interface DrainInput {
   readonly settings: BrokerSettings;
   /** The retired slot's client id. */
   readonly slot: string;
-  /** The subscription the slot had, e.g. `$share/workers/jobs/pending`: drain removes it. */
-  readonly topic: string;
-  /** Stop when no message came for this long. */
+  /** `--topic` when given: the subscription the slot had. Otherwise the slot's presence says, or the default. */
+  readonly topic: string | undefined;
+  /** The topic assumed when neither `--topic` nor the slot's presence names one. */
+  readonly defaultTopic: string;
+  /** Stop moving when no message came for this long. */
   readonly quietMs: number;
-  /** The slot's retained presence topic, cleared at the end so that `workers` no longer lists it. */
-  readonly presenceTopic?: string;
+  /** The slot's retained presence topic: read first (an online slot is refused), cleared at the end. */
+  readonly presenceTopic: string;
+  /** Drain even a slot whose presence says it is online (its process is known to be gone). */
+  readonly force: boolean;
   readonly log: Logger;
 }
 
 export interface DrainOutcome {
+  readonly slot: string;
+  readonly mode: 'pull' | 'shared';
+  readonly topic: string;
   readonly moved: number;
+  /** How the session was ended, for the protocol in use. */
+  readonly ended: string;
 }
 
 /**
- * Takes over a retired slot's session and moves the jobs queued in it back to the group. The slot's
- * subscription is removed first (so the broker deals it no new jobs), each message is re-published on a second
- * connection and acknowledged only once the broker accepted the re-publish, and at the end the session is
- * ended (expiry 0). A job is never in neither place; at worst, if drain dies in between, it is in both, and
- * the job's claim makes the second delivery harmless.
+ * Retires a slot's session. An online slot is refused (its presence says idle or busy): taking its client id
+ * would knock it off the broker. In pull dispatch every request in the session is every slot's too, so the
+ * session is simply ended: a connect with a clean session under the slot's id discards it on MQTT 3.1.1 and 5
+ * alike. In shared dispatch the session holds the only copy of what was dealt to the slot: each message is
+ * re-published on a second connection and acknowledged only once the broker took it, then the session is ended.
  */
 export async function drain(input: DrainInput): Promise<DrainOutcome> {
-  // The retired slot's own session, without a subscription of its own: drain takes only what the session holds.
-  const asSlot = () =>
-    JobConsumer.connect({
-      settings: input.settings,
-      clientId: input.slot,
-      clean: false,
-      sessionExpirySeconds: undefined,
-      topic: undefined,
-      log: input.log,
-    });
-  if (!isShared(input.topic)) {
-    // Pull dispatch: every slot had its own copy of each request, so there is nothing to move; ending the
-    // retired slot's session stops it from piling up copies until it expires.
-    const consumer = await asSlot();
-    await clearPresence(consumer.client, input);
-    await endSession(consumer.client);
-    input.log.info(`ended slot ${input.slot}'s session (pull dispatch: its requests are every slot's too)`);
-    return { moved: 0 };
+  const presence = await readPresence(input);
+  if (presence && presence.state !== 'offline' && !input.force) {
+    throw new WorkerError(
+      ErrorCode.SLOT_ONLINE,
+      `slot ${input.slot} is online (${presence.state}${presence.host ? ` on ${presence.host}` : ''}, pid ${presence.pid ?? '?'}): ` +
+        'drain retires only a slot that is gone; stop it first (its presence turns offline when its will is sent, ' +
+        'up to 10 s after it exits), or add --force if its process is known to be gone',
+    );
   }
+  const named = presence?.topics?.[0];
+  const topic = input.topic ?? named ?? input.defaultTopic;
+  if (input.topic === undefined)
+    input.log.info(
+      named
+        ? `slot ${input.slot} subscribed ${topic} (from its presence)`
+        : `slot ${input.slot} left no presence naming its subscription; assuming ${topic} (say --topic otherwise)`,
+    );
+  const v5 = input.settings.protocol === '5';
+  const ended = v5 ? 'MQTT 5: clean start, session expiry 0' : 'MQTT 3.1.1: clean session';
+  if (!isShared(topic)) {
+    await endSession(input);
+    input.log.info(
+      `ended slot ${input.slot}'s session (${ended}); pull dispatch: its requests are every slot's too`,
+    );
+    return { slot: input.slot, mode: 'pull', topic, moved: 0, ended };
+  }
+  const moved = await moveAll(input, topic);
+  await endSession(input);
+  input.log.info(
+    `drained slot ${input.slot}: moved ${moved} job${moved === 1 ? '' : 's'} back to the group; ended its session (${ended})`,
+  );
+  return { slot: input.slot, mode: 'shared', topic, moved, ended };
+}
+
+/** The slot's retained presence (sent right after the SUBACK), or undefined when it has none. */
+async function readPresence(input: DrainInput): Promise<Presence | undefined> {
+  const client = await connectBroker({
+    settings: input.settings,
+    clientId: `drain-${randomBytes(6).toString('hex')}`,
+    clean: true,
+  });
+  try {
+    const retained = new Promise<Buffer | undefined>((resolve) => {
+      client.on('message', (_topic, payload) => resolve(payload));
+      setTimeout(() => resolve(undefined), 1000).unref();
+    });
+    await client.subscribeAsync(input.presenceTopic, { qos: 1 });
+    const payload = await retained;
+    return payload ? parsePresence(payload) : undefined;
+  } finally {
+    await disconnect(client);
+  }
+}
+
+/**
+ * Moves each message of the slot's session back to the group. One connection per message: while a message is
+ * held, MQTT.js reads nothing else, and the next one is delivered only to the session's next connection.
+ */
+async function moveAll(input: DrainInput, topic: string): Promise<number> {
   const publisher = await connectBroker({
     settings: input.settings,
     clientId: `drain-${randomBytes(6).toString('hex')}`,
@@ -57,19 +108,23 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
   let moved = 0;
   try {
     for (;;) {
-      // One connection per message: a held message blocks MQTT.js's reading, and the next one is delivered
-      // only to the session's next connection.
-      // The slot's subscription goes on the first connection, so that the broker deals it no new jobs meanwhile.
-      const consumer = await asSlot();
-      if (moved === 0) consumer.client.unsubscribe(input.topic);
+      const consumer = await JobConsumer.connect({
+        settings: input.settings,
+        clientId: input.slot,
+        clean: false,
+        sessionExpirySeconds: undefined,
+        topic: undefined,
+        log: input.log,
+      });
+      // The slot's subscription goes first, so that the broker deals it no new jobs meanwhile.
+      if (moved === 0) consumer.client.unsubscribe(topic);
       const delivery = await Promise.race([
         consumer.next(),
-        new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), input.quietMs)),
+        new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), input.quietMs).unref()),
       ]);
       if (!delivery) {
-        await clearPresence(consumer.client, input);
-        await endSession(consumer.client);
-        break;
+        await consumer.close();
+        return moved;
       }
       await move(publisher, delivery, input);
       delivery.ack();
@@ -79,8 +134,6 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
   } finally {
     await disconnect(publisher);
   }
-  input.log.info(`drained slot ${input.slot}: moved ${moved} job${moved === 1 ? '' : 's'} back to the group`);
-  return { moved };
 }
 
 async function move(publisher: MqttClient, delivery: Delivery, input: DrainInput): Promise<void> {
@@ -91,21 +144,29 @@ async function move(publisher: MqttClient, delivery: Delivery, input: DrainInput
     ...(userProperties ? { userProperties } : {}),
     ...(contentType ? { contentType } : {}),
   };
-  for (let delay = 200; ; delay = Math.min(delay * 2, 5000)) {
+  for (let delay = 200, tries = 0; ; delay = Math.min(delay * 2, 5000), tries++) {
     const code = await publish(publisher, delivery.topic, delivery.payload, { qos: 1, properties });
     if (code === 0) return;
+    if (tries >= 5)
+      throw new WorkerError(
+        ErrorCode.DRAIN_FAILED,
+        `the broker refused the re-published job (code ${code}); it stays in slot ${input.slot}'s session`,
+      );
     input.log.warn(`the broker did not take the re-published job (code ${code}); retrying in ${delay} ms`);
     await new Promise((resolve) => setTimeout(resolve, delay));
   }
 }
 
-/** Ends the slot's session: a DISCONNECT with session expiry 0 has the broker discard it. */
-async function endSession(client: MqttClient): Promise<void> {
-  await disconnect(client, { sessionExpiry: 0 });
-}
-
-/** An empty retained message removes the slot's presence. */
-async function clearPresence(client: MqttClient, input: DrainInput): Promise<void> {
-  if (input.presenceTopic === undefined) return;
-  await publish(client, input.presenceTopic, '', { qos: 1, retain: true }).catch(() => {});
+/**
+ * Ends the slot's session: a connect with a clean session under its id has the broker discard it (MQTT 3.1.1
+ * and 5), and a clean session ends with the connection. The slot's retained presence is cleared on the way.
+ */
+async function endSession(input: DrainInput): Promise<void> {
+  const client = await connectBroker({ settings: input.settings, clientId: input.slot, clean: true });
+  try {
+    const code = await publish(client, input.presenceTopic, '', { qos: 1, retain: true });
+    if (code >= 0x80) input.log.warn(`the broker refused to clear the slot's presence (code ${code})`);
+  } finally {
+    await disconnect(client);
+  }
 }

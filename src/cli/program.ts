@@ -210,11 +210,20 @@ function defineFleetCommands(program: Command, wiring: Wiring): void {
     wiring,
     program
       .command('drain')
-      .description("move the jobs queued in a retired slot's session (--id) back to the group")
-      .option('--quiet <duration>', 'stop when no job came for this long', '3s'),
+      .description(
+        'retire a slot that is gone (--id, required): end its session, moving what a shared slot held back to the group',
+      )
+      .option('--quiet <duration>', 'stop when no job came for this long', '3s')
+      .option(
+        '--force',
+        'drain even a slot whose presence says it is online (its process is known to be gone)',
+      ),
   ).action((parsed: Record<string, unknown>) =>
     run(async () =>
-      (await import('./commands/drain.js')).runDrain(parsed.quiet as string | undefined, flagsOf(parsed)),
+      (await import('./commands/drain.js')).runDrain(
+        parsed as import('./commands/drain.js').DrainFlags,
+        flagsOf(parsed),
+      ),
     ),
   );
 }

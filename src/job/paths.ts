@@ -146,6 +146,19 @@ export async function holdResults(resultsDir: string): Promise<HeldDir> {
   return held;
 }
 
+/**
+ * Whether a held directory was deleted after it was opened (the job folder removed while its job ran): a
+ * deleted directory keeps its descriptor but has no links left; a network drive may answer ENOENT or ESTALE.
+ */
+export async function heldDirGone(held: HeldDir): Promise<boolean> {
+  try {
+    return (await stat(held.path)).nlink === 0;
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    return code === 'ENOENT' || code === 'ESTALE';
+  }
+}
+
 /** Why the jobs directory cannot serve jobs (missing, not a directory, unreadable), or undefined. */
 export async function jobsDirProblem(jobsDir: string): Promise<string | undefined> {
   try {

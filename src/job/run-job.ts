@@ -7,7 +7,7 @@ import type { Logger } from '../shared/log.js';
 import { formatBytes, formatDuration } from '../shared/units.js';
 import type { RunAsUser } from '../step/run-as.js';
 import { JobInterrupted } from './interrupted.js';
-import { type HeldDir, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
+import { type HeldDir, heldDirGone, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
 import type { JobStatus, StepStatus } from './report.js';
 import { type Manifest, writeManifest } from './report.js';
 import { survivesReset } from './results-layout.js';
@@ -145,7 +145,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
       await release(state);
       throw error;
     }
-    recordFailure(state, error);
+    await recordFailure(state, error);
   }
   const manifestWritten = await writeResult(state);
   run.onEvent?.({ type: 'done', status: state.manifest.status, exitCode: state.manifest.exitCode });
@@ -262,11 +262,14 @@ async function syncBack(state: RunState, spec: JobSpec, { workspace, staged }: S
 }
 
 /** The job could not run (or its sync failed half-way): status `error` with the cause's code. */
-function recordFailure(state: RunState, error: unknown): void {
+async function recordFailure(state: RunState, error: unknown): Promise<void> {
   const { manifest } = state;
   manifest.status = 'error';
   manifest.exitCode = 1;
-  manifest.error = toErrorInfo(error);
+  // Whatever failed first (a step's log, the sync, a claim file), a job folder deleted under the job is the cause.
+  const gone = await folderGone(state);
+  manifest.error = gone ?? toErrorInfo(error);
+  if (gone) return;
   // A sync that failed half-way: the manifest lists exactly what it copied.
   const partial = (error as { partial?: { artifacts: Artifact[]; skipped: SkippedEntry[] } }).partial;
   if (partial) {
@@ -275,6 +278,19 @@ function recordFailure(state: RunState, error: unknown): void {
   }
   if (!(error instanceof WorkerError))
     state.run.log.error('unexpected error', { stack: (error as Error).stack });
+}
+
+function folderGone(state: RunState): Promise<{ code: ErrorCode; message: string } | undefined> {
+  const { results, paths } = state;
+  if (!results) return Promise.resolve(undefined);
+  return heldDirGone(results).then((gone) =>
+    gone
+      ? {
+          code: ErrorCode.JOB_FOLDER_GONE,
+          message: `The job folder ${paths?.jobDir ?? state.run.request.id} was deleted while the job ran`,
+        }
+      : undefined,
+  );
 }
 
 /** result.json, written atomically; a job whose manifest cannot be written ends in `error` (REPORT_FAILED). */
@@ -288,12 +304,17 @@ async function writeResult(state: RunState): Promise<boolean> {
     await writeManifest(state.results.path, manifest);
     return true;
   } catch (error) {
-    state.run.log.error(`cannot write result.json: ${(error as Error).message}`);
-    if (manifest.status !== 'error') {
+    const gone = await folderGone(state);
+    state.run.log.error(
+      gone
+        ? `cannot write result.json: ${gone.message}`
+        : `cannot write result.json: ${(error as Error).message}`,
+    );
+    if (manifest.status !== 'error' || (gone && manifest.error?.code !== gone.code)) {
       manifest.status = 'error';
       manifest.exitCode = 1;
       const info = toErrorInfo(error);
-      manifest.error = {
+      manifest.error = gone ?? {
         code: info.code === ErrorCode.NO_SPACE ? ErrorCode.NO_SPACE : ErrorCode.REPORT_FAILED,
         message: `Cannot write result.json: ${(error as Error).message}`,
       };

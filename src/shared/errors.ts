@@ -5,7 +5,10 @@
 export const ExitCode = {
   /** A job was handled and its result published (whatever its status), or a command succeeded. */
   OK: 0,
-  /** `--dry-run` or `submit --wait`: the job ran but did not succeed; `validate`: problems were found. */
+  /**
+   * `--dry-run` or `submit --wait`: the job ran but did not succeed; `validate`: problems were found; `drain`:
+   * refused (the slot is online) or not done.
+   */
   JOB_NOT_SUCCESSFUL: 1,
   /** Invalid option, environment variable or arguments. */
   USAGE: 2,
@@ -38,6 +41,7 @@ export const ErrorCode = {
   INVALID_SIGNATURE: 'INVALID_SIGNATURE',
   JOB_NOT_FOUND: 'JOB_NOT_FOUND',
   JOB_OUTSIDE_ROOT: 'JOB_OUTSIDE_ROOT',
+  JOB_FOLDER_GONE: 'JOB_FOLDER_GONE',
   INVALID_JOB_FILE: 'INVALID_JOB_FILE',
   RESULTS_NOT_DIRECTORY: 'RESULTS_NOT_DIRECTORY',
   LIMIT_ABOVE_CEILING: 'LIMIT_ABOVE_CEILING',
@@ -53,6 +57,8 @@ export const ErrorCode = {
   NO_SPACE: 'NO_SPACE',
   BROKER_UNSUITABLE: 'BROKER_UNSUITABLE',
   NOT_READY: 'NOT_READY',
+  SLOT_ONLINE: 'SLOT_ONLINE',
+  DRAIN_FAILED: 'DRAIN_FAILED',
   INTERNAL: 'INTERNAL',
 } as const;
 
@@ -65,6 +71,8 @@ const exitCodeOf: Partial<Record<ErrorCode, number>> = {
   ID_IN_USE: ExitCode.ID_IN_USE,
   BROKER_UNSUITABLE: ExitCode.BROKER_UNSUITABLE,
   NOT_READY: ExitCode.NOT_READY,
+  SLOT_ONLINE: ExitCode.JOB_NOT_SUCCESSFUL,
+  DRAIN_FAILED: ExitCode.JOB_NOT_SUCCESSFUL,
   INTERNAL: ExitCode.INTERNAL,
 };
 

@@ -80,7 +80,7 @@ export async function claimOrSettle(
       return undefined;
     }
     if (state.why) log.warn(`taking over: ${state.why}`, { attempt: state.attempt });
-    await addRunning(folder.paths.root, request.id);
+    await addRunning(folder.paths.root, request.id, log);
     const claim = await claimAttempt(folder, input, state.attempt, stored, request);
     if (claim) return claim;
     state = await inspectFolder(folder, input);
@@ -109,7 +109,7 @@ export async function settleFinished(
       log.info(`already finished (${what}); answering on the request's response topic`);
       await publishResult(links.sidecar, input, toResultPayload(manifest), asking, { responseOnly: true });
     } else log.info(`already finished (${what}); its result was published`);
-    await removeRunning(folder.paths.root, manifest.id);
+    await removeRunning(folder.paths.root, manifest.id, log);
     return;
   }
   if (state.ownerAlive) {
@@ -125,7 +125,7 @@ export async function settleFinished(
   log.info(`already finished (${what}), but its result never reached the broker; publishing it`);
   if (await publishResult(links.sidecar, input, toResultPayload(manifest), claim)) {
     await markPublished(folder.results.path, manifest.attempt);
-    await removeRunning(folder.paths.root, manifest.id);
+    await removeRunning(folder.paths.root, manifest.id, log);
   }
 }
 
@@ -136,14 +136,14 @@ export async function settleFinished(
 export async function takeOverOrphan(links: Links, input: WorkerInput): Promise<WorkerOutcome | undefined> {
   const root = await resolveJobsRoot(input.options.jobsDir).catch(() => undefined);
   if (root === undefined) return undefined;
-  for (const id of await listRunning(root)) {
+  for (const id of await listRunning(root, input.log)) {
     const jobLog = input.log.child({ job: id });
     try {
       const ran = await lookAtRunning(links, input, root, id, jobLog);
       if (ran) return ran;
     } catch (error) {
       // A job folder removed meanwhile has nothing left to run or publish.
-      if (isWorkerError(error, ErrorCode.JOB_NOT_FOUND)) await removeRunning(root, id);
+      if (isWorkerError(error, ErrorCode.JOB_NOT_FOUND)) await removeRunning(root, id, jobLog);
       else jobLog.warn(`cannot look at the running job ${id}: ${(error as Error).message}`);
     }
   }
@@ -169,7 +169,15 @@ export async function lookAtRunning(
     }
     const stored = state.previous ? storedRequestOf(state.previous, input) : undefined;
     if (!stored) {
-      await removeRunning(root, id); // nothing was claimed, or by a version that kept no request
+      await removeRunning(root, id, log); // nothing was claimed, or by a version that kept no request
+      return undefined;
+    }
+    if (stored.request.id !== id) {
+      // A claim copied or planted from another folder: running it would answer a job nobody asked for here.
+      log.warn(
+        `refusing to take over ${id}: its claim holds a request for ${JSON.stringify(stored.request.id)}; index entry cleared`,
+      );
+      await removeRunning(root, id, log);
       return undefined;
     }
     log.warn(`taking over from the index of running jobs: ${state.why}`, { attempt: state.attempt });

@@ -3,9 +3,9 @@ import { type Manifest, toResultPayload } from '../job/report.js';
 import type { JobEvent } from '../job/run-job.js';
 import type { JobRequest } from '../job/spec.js';
 import type { Logger } from '../shared/log.js';
+import { presenceMessage } from '../shared/presence.js';
 import type { Claim, StoredRequest } from './claim.js';
 import type { JobFolder } from './claiming.js';
-import { presenceMessage } from './presence.js';
 import { publishResult } from './publish.js';
 import { removeRunning } from './running-index.js';
 import { type Links, loadEngine, presenceTopic, type WorkerInput, type WorkerOutcome } from './serve.js';
@@ -134,9 +134,11 @@ export async function completeJob(
   // The delivery is acknowledged only once the broker has accepted the result: a worker that dies in between
   // leaves it in the session (and the job in the index), and the next slot to see it publishes the stored result.
   if (!(await publishResult(links.sidecar, input, toResultPayload(manifest), job.stored))) return false;
-  job.delivery?.ack();
+  // The marker first: a death between the broker's PUBACK and the marker is the one window in which another
+  // slot publishes the same result again (README, "Delivery").
   await job.claim.markPublished();
-  await removeRunning(job.folder.paths.root, manifest.id);
+  job.delivery?.ack();
+  await removeRunning(job.folder.paths.root, manifest.id, log);
   return true;
 }
 

@@ -1,32 +1,154 @@
-import { mkdir, readdir, unlink, writeFile } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { type FileHandle, lstat, mkdir, open, readdir, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
+import { type HeldDir, holdDirectory } from '../job/paths.js';
 import { idProblem } from '../shared/ids.js';
+import type { Logger } from '../shared/log.js';
 
 // The index of running claims: one empty file per job that a slot claimed and whose result has not yet reached
 // the broker, `{jobs-dir}/.mqtt-fs-worker/running/{id}`. The claim in the job's folder stays the truth; the
 // index only saves idle slots from walking every job folder to find the jobs whose worker died. A job id never
 // starts with a dot, so the folder cannot be a job's.
+//
+// Whoever can write the jobs directory can plant things here, and every idle slot acts on this folder every few
+// seconds: both folders are opened without following links and held, and checked to be real directories owned by
+// this worker's user or the jobs directory's owner; an entry is created with O_EXCL|O_NOFOLLOW and removed with
+// unlink (which never follows a link) below the held folder. Anything else is refused, said once, and left alone.
 
 export const INDEX_DIR = '.mqtt-fs-worker';
+const RUNNING_DIR = 'running';
 
-function runningDir(jobsRoot: string): string {
-  return path.join(jobsRoot, INDEX_DIR, 'running');
+/** Refusals already logged by this process: an idle slot looks every few seconds, and one line says it. */
+const said = new Set<string>();
+
+function refuse(log: Logger | undefined, why: string): undefined {
+  if (!said.has(why)) {
+    said.add(why);
+    log?.warn(
+      `the index of running jobs is not used: ${why}; orphaned jobs are taken over only when redelivered`,
+    );
+  }
+  return undefined;
+}
+
+/**
+ * Opens `{parent}/{name}` as a directory without following a link (creating it with `create`), and checks who
+ * owns it. Undefined (with the reason logged) for a link, a non-directory or a foreign owner.
+ */
+async function openDir(
+  parent: string,
+  name: string,
+  shown: string,
+  owners: ReadonlySet<number>,
+  create: boolean,
+  log: Logger | undefined,
+): Promise<FileHandle | undefined> {
+  const full = path.join(parent, name);
+  if (create) await mkdir(full, { mode: 0o755 }).catch(() => {}); // EEXIST, or the open below says why
+  let handle: FileHandle;
+  try {
+    handle = await open(full, constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return undefined;
+    // With O_DIRECTORY, Linux answers ENOTDIR for a link as for a file: lstat tells them apart.
+    const link =
+      code === 'ELOOP' ||
+      (code === 'ENOTDIR' &&
+        (await lstat(full).then(
+          (s) => s.isSymbolicLink(),
+          () => false,
+        )));
+    if (link) return refuse(log, `${shown} is a symbolic link`);
+    if (code === 'ENOTDIR') return refuse(log, `${shown} is not a directory`);
+    return refuse(log, `${shown} cannot be opened (${code})`);
+  }
+  const { uid } = await handle.stat();
+  if (!owners.has(uid)) {
+    await handle.close();
+    return refuse(
+      log,
+      `${shown} is owned by uid ${uid}, neither this worker's user nor the jobs directory's owner`,
+    );
+  }
+  return handle;
+}
+
+/** The index folder, held; undefined where it does not exist (and `create` is false) or is refused. */
+async function holdIndex(
+  jobsRoot: string,
+  create: boolean,
+  log: Logger | undefined,
+): Promise<HeldDir | undefined> {
+  let root: HeldDir;
+  try {
+    root = await holdDirectory(jobsRoot);
+  } catch {
+    return undefined; // the jobs directory itself is gone: nothing to index
+  }
+  try {
+    const rootOwner = (await stat(root.path)).uid;
+    const owners = new Set([process.geteuid?.() ?? rootOwner, rootOwner]);
+    const shown = path.join(jobsRoot, INDEX_DIR);
+    const top = await openDir(root.path, INDEX_DIR, shown, owners, create, log);
+    if (!top) return undefined;
+    const topPath = `/proc/self/fd/${top.fd}`;
+    const running = await openDir(topPath, RUNNING_DIR, path.join(shown, RUNNING_DIR), owners, create, log);
+    await top.close();
+    if (!running) return undefined;
+    return { path: `/proc/self/fd/${running.fd}`, close: () => running.close().catch(() => {}) };
+  } finally {
+    await root.close();
+  }
+}
+
+async function withIndex<T>(
+  jobsRoot: string,
+  create: boolean,
+  log: Logger | undefined,
+  use: (dir: string) => Promise<T>,
+  otherwise: T,
+): Promise<T> {
+  const held = await holdIndex(jobsRoot, create, log);
+  if (!held) return otherwise;
+  try {
+    return await use(held.path);
+  } finally {
+    await held.close();
+  }
 }
 
 /** Adds `id` to the index (before its job runs, so a death at any later point leaves it there). */
-export async function addRunning(jobsRoot: string, id: string): Promise<void> {
-  const dir = runningDir(jobsRoot);
-  await mkdir(dir, { recursive: true });
-  await writeFile(path.join(dir, id), '');
+export async function addRunning(jobsRoot: string, id: string, log?: Logger): Promise<void> {
+  await withIndex(
+    jobsRoot,
+    true,
+    log,
+    async (dir) => {
+      const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
+      await open(path.join(dir, id), flags, 0o644).then(
+        (handle) => handle.close(),
+        (error: NodeJS.ErrnoException) => {
+          // Already there (also a link planted under the name: O_EXCL never follows it, nothing is written).
+          if (error.code !== 'EEXIST') throw error;
+        },
+      );
+    },
+    undefined,
+  );
 }
 
 /** Removes `id` from the index; never throws (a stale entry costs a look, nothing more). */
-export async function removeRunning(jobsRoot: string, id: string): Promise<void> {
-  await unlink(path.join(runningDir(jobsRoot), id)).catch(() => {});
+export async function removeRunning(jobsRoot: string, id: string, log?: Logger): Promise<void> {
+  await withIndex(jobsRoot, false, log, (dir) => unlink(path.join(dir, id)).catch(() => {}), undefined).catch(
+    () => {},
+  );
 }
 
-/** The ids in the index; none when it does not exist yet. Names that are not job ids are ignored. */
-export async function listRunning(jobsRoot: string): Promise<string[]> {
-  const names = await readdir(runningDir(jobsRoot)).catch(() => [] as string[]);
+/** The ids in the index; none when it does not exist yet or is refused. Names that are not job ids are ignored. */
+export async function listRunning(jobsRoot: string, log?: Logger): Promise<string[]> {
+  const names = await withIndex(jobsRoot, false, log, (dir) => readdir(dir), [] as string[]).catch(
+    () => [] as string[],
+  );
   return names.filter((name) => idProblem(name) === undefined);
 }

@@ -5,11 +5,11 @@ import type { EngineConfig } from '../job/run-job.js';
 import { parseRequest, type RequestPolicy } from '../job/spec.js';
 import { ErrorCode, toErrorInfo } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { type PresenceSource, presenceMessage } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
 import type { Identity } from './claim.js';
 import { takeOverOrphan } from './claiming.js';
 import { answerFailure, handleDelivery } from './delivery.js';
-import { type PresenceSource, presenceMessage } from './presence.js';
 
 // The broker worker's loop: connect under the slot's session, hand each delivery to delivery.ts, look for jobs
 // whose worker died while idle (claiming.ts), run at most one job (run-claimed.ts), disconnect.
@@ -60,6 +60,7 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
     host: input.config.hostname,
     version: input.config.version,
     connectedAt: new Date(),
+    topics: [options.topic],
   };
   const consumer = await JobConsumer.connect({
     settings: options,

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { type BrokerSettings, connectBroker, disconnect } from '../broker/client.js';
+import { type Presence, parsePresence } from '../shared/presence.js';
 import { formatDuration } from '../shared/units.js';
-import { type Presence, parsePresence } from './presence.js';
 
 // `workers`: the fleet at a glance, from the slots' retained presence messages. The broker hands every retained
 // message over right after the subscription; the list is complete once none came for a short while.

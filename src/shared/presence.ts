@@ -20,6 +20,8 @@ export interface Presence {
   readonly step?: number;
   readonly stepName?: string;
   readonly stepStartedAt?: string;
+  /** The subscriptions the slot takes jobs from (`drain` reads whether they were shared). */
+  readonly topics?: readonly string[];
 }
 
 export interface PresenceSource {
@@ -27,6 +29,7 @@ export interface PresenceSource {
   readonly host: string;
   readonly version: string;
   readonly connectedAt: Date;
+  readonly topics: readonly string[];
 }
 
 export interface BusyWith {
@@ -44,6 +47,7 @@ export function presenceMessage(source: PresenceSource, state: PresenceState, bu
     version: source.version,
     pid: process.pid,
     connectedAt: source.connectedAt.toISOString(),
+    topics: source.topics,
     at: new Date().toISOString(),
     ...(busy
       ? {
