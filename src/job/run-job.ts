@@ -76,6 +76,12 @@ export interface JobRun {
    * the broker worker publishes the result here, so that removing a large workspace does not delay it.
    */
   readonly onResult?: (manifest: Manifest) => Promise<void>;
+  /**
+   * Settles once the caller listens for whatever stops the job (the broker worker's cancel subscription): the
+   * first step waits for it, so that a cancel sent as soon as a step is announced is never missed. It settles
+   * while the job stages, so it costs nothing.
+   */
+  readonly listening?: Promise<void>;
   /** Clock, for tests. */
   readonly now?: () => number;
 }
@@ -138,6 +144,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
   try {
     const spec = await prepare(state);
     const staged = await stageJobAndLimits(state, spec);
+    await run.listening;
     await runAllSteps(state, spec, staged);
     await syncBack(state, spec, staged);
   } catch (error) {

@@ -44,6 +44,7 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
       results: job.folder.results,
       log: jobLog,
       signal: stopping.signal,
+      listening: stopping.listening,
       onEvent: (e: JobEvent) => {
         event(e.type, eventFields(e));
         if (e.type === 'step-started') announce({ index: e.step, name: e.name });
@@ -92,8 +93,8 @@ function progress(links: Links, input: WorkerInput, job: ClaimedJob, now: () => 
 
 /**
  * A signal that stops the job when the worker is told to stop (reason `interrupted`) or a cancel request comes
- * (`cancelled`). Listening for cancels starts alongside the job, not before it: a job does not wait for a second
- * connection's round trips.
+ * (`cancelled`). Listening for cancels starts alongside the job's staging, and its first step waits for the
+ * subscription (`listening`): a cancel sent when the step is announced is heard.
  */
 function stopOnInterruptOrCancel(links: Links, input: WorkerInput, id: string, jobLog: Logger) {
   const stop = new AbortController();
@@ -106,6 +107,7 @@ function stopOnInterruptOrCancel(links: Links, input: WorkerInput, id: string, j
   });
   return {
     signal: stop.signal,
+    listening: control,
     dispose: async (): Promise<void> => {
       input.signal.removeEventListener('abort', onInterrupt);
       await control;

@@ -249,3 +249,36 @@ describe('without cgroups', () => {
     await waitFor(() => !isAlive(pid), 2000);
   });
 });
+
+describe('a job folder deleted while its job runs', () => {
+  // Wherever the deletion is met first (the next step's log, the sync, result.json), the cause is named.
+  for (const [what, steps] of [
+    ['before the next step', ['rm -rf "$JOB_FOLDER_TO_DELETE"', 'echo never']],
+    ['before the sync', ['echo made > out.txt; rm -rf "$JOB_FOLDER_TO_DELETE"']],
+  ] as const) {
+    it(`is JOB_FOLDER_GONE, not INTERNAL, with no stack trace (${what})`, async () => {
+      const { jobs, config } = await engineFixture();
+      const folder = path.join(jobs, 'doomed');
+      await writeTree(jobs, {
+        'doomed/job.json': JSON.stringify({ steps, env: { JOB_FOLDER_TO_DELETE: folder } }),
+      });
+      const lines: string[] = [];
+      const log = {
+        ...silentLogger,
+        error: (line: string, fields?: unknown) => lines.push(`${line} ${JSON.stringify(fields ?? {})}`),
+      };
+      const { manifest, manifestWritten } = await runJob(config, {
+        request: { id: 'doomed', steps: undefined },
+        attempt: 1,
+        log: log as typeof silentLogger,
+      });
+      expect(manifest.status).toBe('error');
+      expect(manifest.error).toEqual({
+        code: 'JOB_FOLDER_GONE',
+        message: `The job folder ${folder} was deleted while the job ran`,
+      });
+      expect(manifestWritten).toBe(false);
+      expect(lines.join('\n')).not.toContain('stack');
+    });
+  }
+});
