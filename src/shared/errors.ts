@@ -44,6 +44,7 @@ export const ErrorCode = {
   JOB_FOLDER_GONE: 'JOB_FOLDER_GONE',
   INVALID_JOB_FILE: 'INVALID_JOB_FILE',
   RESULTS_NOT_DIRECTORY: 'RESULTS_NOT_DIRECTORY',
+  CLAIM_FAILED: 'CLAIM_FAILED',
   LIMIT_ABOVE_CEILING: 'LIMIT_ABOVE_CEILING',
   LIMITS_UNAVAILABLE: 'LIMITS_UNAVAILABLE',
   STAGING_FAILED: 'STAGING_FAILED',
@@ -112,6 +113,32 @@ export function toErrorInfo(error: unknown): { code: ErrorCode; message: string 
   if (error instanceof WorkerError) return { code: error.code, message: error.message };
   const message = error instanceof Error ? error.message : String(error);
   return { code: ErrorCode.INTERNAL, message: `Internal error: ${message}` };
+}
+
+// Errors of the drive itself, not of what is on it: a network filesystem gone away, timing out or handing back a
+// stale handle. They decide nothing about a job: the request is left for a slot (or a moment) that can read it.
+const DRIVE_FAILURES = new Set([
+  'EIO',
+  'ENOTCONN',
+  'ESTALE',
+  'ETIMEDOUT',
+  'EHOSTDOWN',
+  'EHOSTUNREACH',
+  'ENETDOWN',
+  'ENETUNREACH',
+  'ECONNABORTED',
+  'ECONNRESET',
+  'ECONNREFUSED',
+  'EREMOTEIO',
+]);
+
+/** Whether `error` (or its cause) is a failure of the drive itself (see DRIVE_FAILURES). */
+export function isDriveFailure(error: unknown): boolean {
+  for (let e = error as { code?: unknown; cause?: unknown } | undefined, depth = 0; e && depth < 4; depth++) {
+    if (typeof e.code === 'string' && DRIVE_FAILURES.has(e.code)) return true;
+    e = e.cause as typeof e;
+  }
+  return false;
 }
 
 /** A short description of an unexpected value for messages: `"ten" (string)`, `[…] (array)`. */

@@ -1,5 +1,6 @@
+import { randomBytes } from 'node:crypto';
 import { constants, readFileSync } from 'node:fs';
-import { type FileHandle, link, open, readdir, unlink, writeFile } from 'node:fs/promises';
+import { type FileHandle, link, lstat, open, readdir, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Manifest } from '../job/report.js';
 import {
@@ -9,13 +10,20 @@ import {
   PUBLISHER_PREFIX,
   WORKER_FILE_PREFIX,
 } from '../job/results-layout.js';
+import { ErrorCode, isDriveFailure, WorkerError } from '../shared/errors.js';
 
-// A claim is a small file `results/.mqtt-fs-worker.claim.{attempt}` in the job's folder on the shared drive,
-// created with link(2) (atomic, also on NFS) so that exactly one worker wins each attempt. Its mtime is the
-// heartbeat. It also holds the request it runs, so that any slot can take over a job whose worker died without
-// the message that carried it. `.published.{attempt}` says that attempt's result reached the broker;
-// `.publisher.{attempt}` is held by the one slot that publishes a result its runner could not. results/ is
-// never staged and its reset at the start of a run keeps these files.
+// A claim is a small file `results/.mqtt-fs-worker.claim.{attempt}` in the job's folder on the shared drive: exactly
+// one worker wins each attempt. Its mtime is the heartbeat. It also holds the request it runs, so that any slot can
+// take over a job whose worker died without the message that carried it. `.published.{attempt}` says that
+// attempt's result reached the broker; `.publisher.{attempt}` is held by the one slot that publishes a result its
+// runner could not. results/ is never staged and its reset at the start of a run keeps these files.
+//
+// On a network drive neither an error code nor a link count decides an exclusive create: sshfs answers link(2)
+// onto an existing file with EPERM about 1 time in 8, and reports st_nlink 1 for a hard-linked file. So every
+// record carries a nonce, and whoever created it is decided by reading back what the name holds. Names are looked
+// up by path (a lookup revalidates), never through a directory listing, which clients cache (sshfs for 20 s, NFS
+// for acdirmax): a listing is only a hint of where to start looking. Claims of earlier attempts are kept, so that
+// attempt numbers have no gaps and the newest is found by looking up N+1 until it is not there.
 
 /** A claim is a few hundred bytes plus the request (at most 256 KiB); anything larger is not ours. */
 const MAX_RECORD_BYTES = 1024 * 1024;
@@ -42,6 +50,8 @@ export interface StoredRequest {
 
 export interface ClaimRecord extends Identity, Partial<StoredRequest> {
   readonly attempt: number;
+  /** Random, per record: the read-back that decides who created it. */
+  readonly nonce?: string;
   readonly claimedAt: string;
   /** The re-run token of the request that started this attempt (see "Re-runs"). */
   readonly rerun?: string;
@@ -98,33 +108,49 @@ function claimFile(resultsDir: string, attempt: number): string {
   return path.join(resultsDir, `${CLAIM_PREFIX}${attempt}`);
 }
 
+/** What a name on the drive holds: a record, nothing, or something that is no record (planted, damaged). */
+type Lookup<T> =
+  | { readonly kind: 'record'; readonly record: T; readonly mtimeMs: number }
+  | { readonly kind: 'missing' }
+  | { readonly kind: 'unreadable' };
+
 /**
- * Reads a small regular file through one descriptor: the open revalidates an NFS client's cached attributes
+ * Reads a small record through one descriptor: the open revalidates an NFS client's cached attributes
  * (close-to-open), so the mtime is the server's, not one up to `actimeo` old; O_NONBLOCK and O_NOFOLLOW keep a
- * FIFO or a link planted in its place from hanging or redirecting the read.
+ * FIFO or a link planted in its place from hanging or redirecting the read. A failure of the drive itself
+ * (ENOTCONN, EIO, ESTALE, …) is thrown: it decides nothing.
  */
-async function readSmallFile(file: string): Promise<{ text: string; mtimeMs: number } | undefined> {
+async function lookUp<T>(file: string): Promise<Lookup<T>> {
   let handle: Awaited<ReturnType<typeof open>> | undefined;
   try {
     handle = await open(file, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
     const stats = await handle.stat();
-    if (!stats.isFile() || stats.size > MAX_RECORD_BYTES) return undefined;
-    return { text: await handle.readFile('utf8'), mtimeMs: stats.mtimeMs };
-  } catch {
-    return undefined;
+    if (!stats.isFile() || stats.size > MAX_RECORD_BYTES) return { kind: 'unreadable' };
+    const record = JSON.parse(await handle.readFile('utf8')) as T;
+    return record && typeof record === 'object'
+      ? { kind: 'record', record, mtimeMs: stats.mtimeMs }
+      : { kind: 'unreadable' };
+  } catch (error) {
+    if (isDriveFailure(error)) throw error;
+    return (error as NodeJS.ErrnoException).code === 'ENOENT' ? { kind: 'missing' } : { kind: 'unreadable' };
   } finally {
     await handle?.close().catch(() => {});
   }
 }
 
 async function readRecord<T>(file: string): Promise<{ record: T; heartbeatMs: number } | undefined> {
-  const read = await readSmallFile(file);
-  if (!read) return undefined;
+  const found = await lookUp<T>(file);
+  return found.kind === 'record' ? { record: found.record, heartbeatMs: found.mtimeMs } : undefined;
+}
+
+/** Whether `file` exists (anything at all, never followed), asked by path. */
+async function exists(file: string): Promise<boolean> {
   try {
-    const record = JSON.parse(read.text) as T;
-    return record && typeof record === 'object' ? { record, heartbeatMs: read.mtimeMs } : undefined;
-  } catch {
-    return undefined;
+    await lstat(file);
+    return true;
+  } catch (error) {
+    if (isDriveFailure(error)) throw error;
+    return false;
   }
 }
 
@@ -136,13 +162,25 @@ function attemptsOf(names: readonly string[], prefix: string): number[] {
     .sort((a, b) => b - a);
 }
 
+/**
+ * The newest attempt whose claim file exists: from the listing's newest (a hint, which a client may cache), then
+ * N+1, N+2… looked up by path until one is not there.
+ */
+async function newestAttempt(resultsDir: string, hint: number): Promise<number> {
+  let top = hint;
+  while (await exists(claimFile(resultsDir, top + 1))) top++;
+  return top;
+}
+
 async function currentClaim(
   resultsDir: string,
-  names: readonly string[],
+  top: number,
+  listed: readonly number[],
 ): Promise<{ record: ClaimRecord; heartbeatMs: number } | undefined> {
-  for (const attempt of attemptsOf(names, CLAIM_PREFIX)) {
+  const candidates = [...new Set([top, ...listed.filter((n) => n < top)])];
+  for (const attempt of candidates) {
     const read = await readRecord<ClaimRecord>(claimFile(resultsDir, attempt));
-    // A claim being written or removed right now, or damaged: look at the next one.
+    // A damaged or planted claim: look at the one before it.
     if (read) return { record: { ...read.record, attempt }, heartbeatMs: read.heartbeatMs };
   }
   return undefined;
@@ -187,15 +225,18 @@ export async function inspectClaim(
   leaseMs: number,
   now: number,
 ): Promise<ClaimState> {
-  const names = await readdir(resultsDir);
-  const [claim, manifest] = await Promise.all([currentClaim(resultsDir, names), storedManifest(resultsDir)]);
+  const listed = attemptsOf(await readdir(resultsDir), CLAIM_PREFIX);
+  const top = await newestAttempt(resultsDir, listed[0] ?? 0);
+  const [claim, manifest] = await Promise.all([
+    currentClaim(resultsDir, top, listed),
+    storedManifest(resultsDir),
+  ]);
   if (!claim) {
     // Claim files that cannot be read (a FIFO, a link, garbage planted in the job folder) block their attempt
-    // numbers (link(2) would fail on them): run the next one.
-    const newest = attemptsOf(names, CLAIM_PREFIX)[0];
-    return newest === undefined
+    // numbers (no create can take them): run the next one.
+    return top === 0
       ? { kind: 'free', attempt: 1 }
-      : { kind: 'free', attempt: newest + 1, why: `claim file ${newest} is not a readable claim` };
+      : { kind: 'free', attempt: top + 1, why: `claim file ${top} is not a readable claim` };
   }
   const { record, heartbeatMs } = claim;
   const holder = holderState(record, heartbeatMs, self, leaseMs, now);
@@ -204,18 +245,21 @@ export async function inspectClaim(
       kind: 'finished',
       manifest,
       claim: record,
-      published: names.includes(`${PUBLISHED_PREFIX}${record.attempt}`),
+      published: await exists(path.join(resultsDir, `${PUBLISHED_PREFIX}${record.attempt}`)),
       ownerAlive: holder.alive,
     };
   }
   if (holder.alive) return { kind: 'live', claim: record };
   return {
     kind: 'free',
-    attempt: record.attempt + 1,
+    attempt: Math.max(top, record.attempt) + 1,
     previous: record,
     why: `${holder.why} during attempt ${record.attempt}`,
   };
 }
+
+/** What a runner learns when it checks its claim before publishing. */
+export type Standing = 'ours' | 'taken-over' | 'unreachable';
 
 /**
  * A claim this process holds: its heartbeat keeps other hosts from taking the job over. The heartbeat goes
@@ -225,25 +269,70 @@ export class Claim {
   readonly attempt: number;
   readonly resultsDir: string;
   readonly #handle: FileHandle;
-  #timer: NodeJS.Timeout | undefined;
+  readonly #nonce: string;
+  #timers: NodeJS.Timeout[] = [];
 
-  constructor(resultsDir: string, attempt: number, handle: FileHandle) {
+  constructor(resultsDir: string, attempt: number, handle: FileHandle, nonce: string) {
     this.resultsDir = resultsDir;
     this.attempt = attempt;
     this.#handle = handle;
+    this.#nonce = nonce;
   }
 
-  startHeartbeat(everyMs: number, onError: (error: Error) => void): void {
-    this.#timer = setInterval(() => {
+  /**
+   * Touches the claim every `everyMs`. Once no touch has succeeded for `fenceAfterMs` (half the lease: another
+   * host takes over after a whole one), `onFenced` is called once: the runner must stop and publish nothing. A
+   * touch that hangs (a network drive gone quiet) counts as failing; the check does not wait for it.
+   */
+  startHeartbeat(
+    everyMs: number,
+    fenceAfterMs: number,
+    onError: (error: Error) => void,
+    onFenced: (silentForMs: number) => void,
+  ): void {
+    let lastOk = Date.now();
+    let inFlight = false;
+    let fenced = false;
+    const touch = (): void => {
+      if (inFlight) return;
+      inFlight = true;
       const now = new Date();
-      this.#handle.utimes(now, now).catch(onError);
-    }, everyMs);
-    this.#timer.unref();
+      this.#handle
+        .utimes(now, now)
+        .then(() => {
+          lastOk = Date.now();
+        }, onError)
+        .finally(() => {
+          inFlight = false;
+        });
+    };
+    const check = (): void => {
+      const silent = Date.now() - lastOk;
+      if (fenced || silent < fenceAfterMs) return;
+      fenced = true;
+      onFenced(silent);
+    };
+    this.#timers = [setInterval(touch, everyMs), setInterval(check, Math.max(50, Math.floor(everyMs / 8)))];
+    for (const timer of this.#timers) timer.unref();
   }
 
   stopHeartbeat(): void {
-    clearInterval(this.#timer);
+    for (const timer of this.#timers) clearInterval(timer);
     this.#handle.close().catch(() => {});
+  }
+
+  /**
+   * Before its result goes out: is this still the job's current claim? Read back by path: the claim holds our
+   * nonce and no claim of a later attempt exists (a take-over after this runner was cut off).
+   */
+  async standing(): Promise<Standing> {
+    try {
+      const mine = await lookUp<ClaimRecord>(claimFile(this.resultsDir, this.attempt));
+      if (mine.kind !== 'record' || mine.record.nonce !== this.#nonce) return 'taken-over';
+      return (await exists(claimFile(this.resultsDir, this.attempt + 1))) ? 'taken-over' : 'ours';
+    } catch {
+      return 'unreachable';
+    }
   }
 
   /** Records that this attempt's result reached the broker: no slot publishes it again. */
@@ -252,24 +341,54 @@ export class Claim {
   }
 }
 
-/** Creates `{dir}/{name}` holding `record`, atomically and only if it does not exist (false: it does). */
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Creates `{dir}/{name}` holding `record` if nothing is there yet: true when this process created it, false when
+ * the name holds something else (another worker's record, or anything planted). Decided by reading back the
+ * name, whatever link(2) answered. A create that leaves the name empty is tried again; one that never takes
+ * throws (a drive failure as it is, any other error as CLAIM_FAILED: every slot would meet it).
+ */
 async function createRecordFile(dir: string, name: string, record: object, self: Identity): Promise<boolean> {
-  const temp = path.join(dir, `${WORKER_FILE_PREFIX}tmp.${self.workerId}.${process.pid}.${Date.now()}`);
-  await writeFile(temp, `${JSON.stringify(record)}\n`, { flag: 'wx' });
+  const nonce = randomBytes(12).toString('hex');
+  const temp = path.join(dir, `${WORKER_FILE_PREFIX}tmp.${self.workerId}.${process.pid}.${nonce}`);
+  const target = path.join(dir, name);
+  let failure: unknown = await writeFile(temp, `${JSON.stringify({ ...record, nonce })}\n`, {
+    flag: 'wx',
+  }).then(
+    () => undefined,
+    (error: unknown) => error,
+  );
+  if (failure) return unmade(name, failure);
   try {
-    await link(temp, path.join(dir, name));
-    return true;
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'EEXIST') return false;
-    throw error;
+    for (let tries = 0; tries < 5; tries++) {
+      failure = await link(temp, target).then(
+        () => undefined,
+        (error: unknown) => error,
+      );
+      const held = await lookUp<{ nonce?: string }>(target);
+      if (held.kind === 'record') return held.record.nonce === nonce;
+      if (held.kind === 'unreadable') return false;
+      await sleep(20 * 2 ** tries); // the name is still free: link(2) failed without anyone taking it
+    }
   } finally {
     await unlink(temp).catch(() => {});
   }
+  return unmade(name, failure);
+}
+
+function unmade(name: string, failure: unknown): never {
+  if (isDriveFailure(failure)) throw failure;
+  throw new WorkerError(
+    ErrorCode.CLAIM_FAILED,
+    `Cannot create ${name} in the job's results/: ${(failure as Error | undefined)?.message ?? 'it never appeared'}`,
+    { cause: failure },
+  );
 }
 
 /**
- * Claims `attempt` of the job; undefined when another worker claimed that attempt first. Older claim files and
- * the markers of older attempts are removed once the new claim stands.
+ * Claims `attempt` of the job; undefined when another worker claimed that attempt first. Claims of earlier
+ * attempts stay (see the top of this file).
  */
 export async function acquireClaim(
   resultsDir: string,
@@ -287,15 +406,10 @@ export async function acquireClaim(
     ...(rerun !== undefined ? { rerun } : {}),
   };
   if (!(await createRecordFile(resultsDir, `${CLAIM_PREFIX}${attempt}`, record, self))) return undefined;
-  const names = await readdir(resultsDir).catch(() => [] as string[]);
-  const older = names.filter((name) =>
-    [CLAIM_PREFIX, PUBLISHED_PREFIX, PUBLISHER_PREFIX].some(
-      (prefix) => name.startsWith(prefix) && Number(name.slice(prefix.length)) < attempt,
-    ),
-  );
-  await Promise.all(older.map((name) => unlink(path.join(resultsDir, name)).catch(() => {})));
-  const handle = await open(claimFile(resultsDir, attempt), constants.O_RDONLY | constants.O_NOFOLLOW);
-  return new Claim(resultsDir, attempt, handle);
+  const file = claimFile(resultsDir, attempt);
+  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
+  const nonce = (JSON.parse(await handle.readFile('utf8')) as ClaimRecord).nonce ?? '';
+  return new Claim(resultsDir, attempt, handle, nonce);
 }
 
 export async function markPublished(resultsDir: string, attempt: number): Promise<void> {

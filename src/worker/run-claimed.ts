@@ -4,7 +4,8 @@ import type { JobEvent } from '../job/run-job.js';
 import type { JobRequest } from '../job/spec.js';
 import type { Logger } from '../shared/log.js';
 import { presenceMessage } from '../shared/presence.js';
-import type { Claim, StoredRequest } from './claim.js';
+import { formatDuration } from '../shared/units.js';
+import type { Claim, Standing, StoredRequest } from './claim.js';
 import type { JobFolder } from './claiming.js';
 import { publishResult } from './publish.js';
 import { removeRunning } from './running-index.js';
@@ -29,14 +30,24 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
   const { consumer } = links;
   consumer.take();
   consumer.holdOpen(input.options.keepaliveMs);
-  claim.startHeartbeat(Math.max(1000, Math.floor(input.options.claimLeaseMs / 4)), (error) =>
-    jobLog.warn(`claim heartbeat failed: ${error.message}`),
+  const stopping = stopOnInterruptOrCancel(links, input, request.id, jobLog);
+  const lease = input.options.claimLeaseMs;
+  let fenced: string | undefined;
+  claim.startHeartbeat(
+    Math.max(250, Math.floor(lease / 4)),
+    Math.floor(lease / 2),
+    (error) => jobLog.warn(`claim heartbeat failed: ${error.message}`),
+    (silentMs) => {
+      // Another host takes the job over once the heartbeat is a lease old: stop well before, publish nothing.
+      fenced = `no claim heartbeat reached the shared drive for ${formatDuration(silentMs)} (half the ${formatDuration(lease)} lease)`;
+      jobLog.error(`${fenced}: stopping the job; this process publishes nothing, and a slot takes it over`);
+      stopping.fence();
+    },
   );
   const { announce, event } = progress(links, input, job, now);
   const { runJob, JobInterrupted } = await loadEngine();
-  const stopping = stopOnInterruptOrCancel(links, input, request.id, jobLog);
   try {
-    let published = false;
+    let completion = 'connection-lost' as Completion;
     const outcome = await runJob(input.config, {
       request,
       attempt: claim.attempt,
@@ -53,17 +64,32 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
       // The result goes out as soon as result.json is written; the workspace is removed after.
       onResult: async (manifest) => {
         claim.stopHeartbeat();
-        published = await completeJob(links, input, job, manifest, jobLog);
+        completion = await completeJob(links, input, job, manifest, jobLog);
         // Between jobs the slot is idle: its next process says so again, or its will says offline.
-        if (published)
+        if (completion === 'published')
           consumer.fireAndForget(presenceTopic(input.options), presenceMessage(links.source, 'idle'), true);
       },
     });
-    if (!published) return { kind: 'connection-lost', id: request.id };
-    return { kind: 'ran', id: request.id, status: outcome.manifest.status };
+    switch (completion) {
+      case 'published':
+        return { kind: 'ran', id: request.id, status: outcome.manifest.status };
+      case 'connection-lost':
+        return { kind: 'connection-lost', id: request.id };
+      case 'taken-over':
+        return { kind: 'fenced', id: request.id, why: 'another slot took the job over while it ran' };
+      case 'unreachable':
+        return {
+          kind: 'fenced',
+          id: request.id,
+          why: 'the shared drive did not answer when the result was due',
+        };
+    }
   } catch (error) {
     claim.stopHeartbeat();
-    if (error instanceof JobInterrupted) return { kind: 'interrupted', id: request.id };
+    if (error instanceof JobInterrupted)
+      return fenced
+        ? { kind: 'fenced', id: request.id, why: fenced }
+        : { kind: 'interrupted', id: request.id };
     throw error;
   } finally {
     await stopping.dispose();
@@ -108,6 +134,8 @@ function stopOnInterruptOrCancel(links: Links, input: WorkerInput, id: string, j
   return {
     signal: stop.signal,
     listening: control,
+    /** The claim is lost (self-fencing): stop the steps as an interruption does, with nothing written. */
+    fence: (): void => stop.abort('interrupted'),
     dispose: async (): Promise<void> => {
       input.signal.removeEventListener('abort', onInterrupt);
       await control;
@@ -115,33 +143,50 @@ function stopOnInterruptOrCancel(links: Links, input: WorkerInput, id: string, j
   };
 }
 
-/** Publishes a finished job's result, acknowledges its delivery and records both; false when it could not. */
+/** How a finished job's hand-over ended: its result published, or why not. */
+type Completion = 'published' | 'connection-lost' | Exclude<Standing, 'ours'>;
+
+/**
+ * Publishes a finished job's result, acknowledges its delivery and records both. Nothing goes out unless the
+ * claim is still this run's (read back from the drive): a runner cut off from the drive, or taken over meanwhile,
+ * never publishes a result beside the take-over's.
+ */
 export async function completeJob(
   links: Links,
   input: WorkerInput,
   job: ClaimedJob,
   manifest: Manifest,
   log: Logger,
-): Promise<boolean> {
+): Promise<Completion> {
   log.info(`job ${manifest.status} (exit code ${manifest.exitCode}) in ${manifest.durationMs} ms`, {
     attempt: manifest.attempt,
   });
   if (manifest.error) log.error(`${manifest.error.code}: ${manifest.error.message}`);
+  const standing = await job.claim.standing();
+  if (standing !== 'ours') {
+    log.error(
+      standing === 'taken-over'
+        ? 'another slot took this job over while it ran: its result is not published from here'
+        : 'the shared drive does not answer: the result is not published; a slot takes the job over',
+    );
+    return standing;
+  }
   if (!links.consumer.connected) {
     log.warn(
       'the connection to the broker was lost during the job; result.json is written and the next slot to see the job publishes it',
     );
-    return false;
+    return 'connection-lost';
   }
   // The delivery is acknowledged only once the broker has accepted the result: a worker that dies in between
   // leaves it in the session (and the job in the index), and the next slot to see it publishes the stored result.
-  if (!(await publishResult(links.sidecar, input, toResultPayload(manifest), job.stored))) return false;
+  if (!(await publishResult(links.sidecar, input, toResultPayload(manifest), job.stored)))
+    return 'connection-lost';
   // The marker first: a death between the broker's PUBACK and the marker is the one window in which another
   // slot publishes the same result again (README, "Delivery").
   await job.claim.markPublished();
   job.delivery?.ack();
   await removeRunning(job.folder.paths.root, manifest.id, log);
-  return true;
+  return 'published';
 }
 
 export function statusEvents(

@@ -3,7 +3,7 @@ import { Sidecar } from '../broker/sidecar.js';
 import type { Options } from '../config/options.js';
 import type { EngineConfig } from '../job/run-job.js';
 import { parseRequest, type RequestPolicy } from '../job/spec.js';
-import { ErrorCode, toErrorInfo } from '../shared/errors.js';
+import { ErrorCode, isDriveFailure, toErrorInfo } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { type PresenceSource, presenceMessage } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
@@ -36,7 +36,12 @@ export type WorkerOutcome =
   /** Told to stop during a job: the job was stopped, not acknowledged, and runs again on the slot's next run. */
   | { readonly kind: 'interrupted'; readonly id: string }
   /** The jobs directory went away (an NFS mount gone): the request was left unacknowledged for a slot that can. */
-  | { readonly kind: 'not-ready'; readonly id: string; readonly why: string };
+  | { readonly kind: 'not-ready'; readonly id: string; readonly why: string }
+  /**
+   * The claimed job lost its claim (its heartbeat stopped reaching the drive, or a slot took it over): the job was
+   * stopped or its result held back, nothing was published, and a slot takes it over.
+   */
+  | { readonly kind: 'fenced'; readonly id: string; readonly why: string };
 
 /** What became of a delivery the process did not run: it was answered or left, and acknowledged. */
 export type Skipped = { readonly kind: 'skipped'; readonly id: string | undefined; readonly action: string };
@@ -217,6 +222,10 @@ export async function handleSafely(
       nowMs: (input.now ?? Date.now)(),
     });
     const id = parsed.ok ? parsed.request.id : undefined;
+    // The drive itself failed (a network mount gone, timing out): that says nothing about the job. Never a
+    // result: the request stays unacknowledged for this slot's next run or another slot.
+    if (id !== undefined && isDriveFailure(error))
+      return { kind: 'not-ready', id, why: `the shared drive failed: ${(error as Error).message}` };
     input.log.error(`${info.code}: ${info.message}`, {
       ...(id ? { job: id } : {}),
       // A stack trace is for a bug, not for a full drive.

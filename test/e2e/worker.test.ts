@@ -120,10 +120,10 @@ describe('the broker worker', () => {
     await waitFor(() => results.length === 1);
     expect(results[0]?.body).toMatchObject({ id: 'k', status: 'success', attempt: 2 });
     expect(await readFile(path.join(dirs.jobs, 'k/results/attempt.txt'), 'utf8')).toBe('attempt 2\n');
-    // Only the new attempt's claim is left; the workspace of the killed run is gone.
-    expect((await readdir(path.join(dirs.jobs, 'k/results'))).filter((n) => n.includes('claim'))).toEqual([
-      '.mqtt-fs-worker.claim.2',
-    ]);
+    // Each attempt's claim stays (attempt numbers have no gaps: the newest is found by path); the workspace of
+    // the killed run is gone.
+    const claims = (await readdir(path.join(dirs.jobs, 'k/results'))).filter((n) => n.includes('claim'));
+    expect(claims.sort()).toEqual(['.mqtt-fs-worker.claim.1', '.mqtt-fs-worker.claim.2']);
     expect(await readdir(dirs.workspaces)).toEqual([]);
     await client.endAsync();
   });
@@ -311,7 +311,7 @@ describe('the broker worker', () => {
     await client.endAsync();
   });
 
-  it('acknowledges a job whose claim cannot be written, with an INTERNAL error result, so it never loops', async () => {
+  it('acknowledges a job whose claim cannot be written, with a CLAIM_FAILED error result, so it never loops', async () => {
     const dirs = await fleetDirs();
     await writeTree(dirs.jobs, {
       'frozen/job.json': JSON.stringify({ steps: ['true'] }),
@@ -329,7 +329,11 @@ describe('the broker worker', () => {
       );
       expect(run.code, run.stderr).toBe(0);
       await waitFor(() => results.length === 1);
-      expect(results[0]?.body).toMatchObject({ id: 'frozen', status: 'error', error: { code: 'INTERNAL' } });
+      expect(results[0]?.body).toMatchObject({
+        id: 'frozen',
+        status: 'error',
+        error: { code: 'CLAIM_FAILED' },
+      });
       const next = await runWorkerOnce(
         workerArgs(broker().url, dirs, slot('slot-a'), ['--idle-timeout', '500ms']),
       );

@@ -119,4 +119,54 @@ describe('claim decisions', () => {
     const claims = await Promise.all(contenders.map((id) => acquireClaim(dir, id, 1, new Date(), stored)));
     expect(claims.filter((claim) => claim !== undefined)).toHaveLength(1);
   });
+
+  it('a runner reads back its claim before publishing: ours, then taken over by a later attempt', async () => {
+    const dir = await resultsDir();
+    const claim = await acquireClaim(dir, me, 1, new Date(), stored);
+    expect(await claim?.standing()).toBe('ours');
+    // A take-over after this runner's heartbeat went quiet: attempt 2 stands beside it.
+    await acquireClaim(dir, other, 2, new Date(), stored);
+    expect(await claim?.standing()).toBe('taken-over');
+    claim?.stopHeartbeat();
+  });
+
+  it('a claim file replaced by another record (same name, another nonce) is not ours', async () => {
+    const dir = await resultsDir();
+    const claim = await acquireClaim(dir, me, 1, new Date(), stored);
+    await writeFile(path.join(dir, '.mqtt-fs-worker.claim.1'), JSON.stringify({ workerId: 'x', nonce: 'n' }));
+    expect(await claim?.standing()).toBe('taken-over');
+    claim?.stopHeartbeat();
+  });
+
+  it('fences itself once its heartbeat has failed for the fence time, and not while it succeeds', async () => {
+    const dir = await resultsDir();
+    const healthy = await acquireClaim(dir, me, 1, new Date(), stored);
+    let healthyFenced = false;
+    healthy?.startHeartbeat(
+      50,
+      5000,
+      () => {},
+      () => {
+        healthyFenced = true;
+      },
+    );
+    const failing = await acquireClaim(dir, other, 2, new Date(), stored);
+    // An immutable claim file: every touch fails (EPERM), as on a drive that went away.
+    spawnSync('chattr', ['+i', path.join(dir, '.mqtt-fs-worker.claim.2')]);
+    const errors: string[] = [];
+    try {
+      const silentFor = await new Promise<number>((resolve) =>
+        failing?.startHeartbeat(50, 400, (error) => errors.push(error.message), resolve),
+      );
+      expect(silentFor).toBeGreaterThanOrEqual(400);
+      expect(errors.length).toBeGreaterThan(0);
+      // Past the healthy claim's fence time: had its touches not counted, it would have fenced by now.
+      await new Promise((resolve) => setTimeout(resolve, Math.max(0, since + 1300 - Date.now())));
+      expect(healthyFenced).toBe(false);
+    } finally {
+      spawnSync('chattr', ['-i', path.join(dir, '.mqtt-fs-worker.claim.2')]);
+      healthy?.stopHeartbeat();
+      failing?.stopHeartbeat();
+    }
+  });
 });

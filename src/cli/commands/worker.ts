@@ -96,6 +96,11 @@ function exitCodeOf(
     case 'not-ready':
       log.error(`NOT_READY: ${outcome.why}; job ${outcome.id} stays queued for a slot that can run it`);
       return ExitCode.NOT_READY;
+    case 'fenced':
+      log.error(
+        `NOT_READY: ${outcome.why}; job ${outcome.id} was not published from here: a slot takes it over`,
+      );
+      return ExitCode.NOT_READY;
     case 'interrupted': {
       const name = signalName();
       log.warn(
