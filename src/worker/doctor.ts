@@ -5,6 +5,7 @@ import { jobsDirProblem } from '../job/paths.js';
 import type { EngineConfig } from '../job/run-job.js';
 import { effectiveLimits, openJobLimits } from '../limits/index.js';
 import type { Logger } from '../shared/log.js';
+import { inspectDrive } from './drive.js';
 import { workspacesProblem } from './preflight.js';
 
 // `doctor`: the worker's preflight, the cgroup mode and the broker connection, checked and printed for a human.
@@ -13,6 +14,8 @@ import { workspacesProblem } from './preflight.js';
 export interface Check {
   readonly name: string;
   readonly ok: boolean;
+  /** Passes, but worth knowing (a drive that caches what a re-run reads). */
+  readonly warn?: boolean;
   readonly detail: string;
 }
 
@@ -21,7 +24,16 @@ export async function doctor(options: Options, config: EngineConfig): Promise<Ch
   const add = (name: string, problem: string | undefined, detail: string): void => {
     checks.push({ name, ok: problem === undefined, detail: problem ?? detail });
   };
-  add('jobs directory', await jobsDirProblem(options.jobsDir), options.jobsDir);
+  const jobsDir = await jobsDirProblem(options.jobsDir);
+  add('jobs directory', jobsDir, options.jobsDir);
+  if (jobsDir === undefined)
+    for (const finding of (await inspectDrive(options.jobsDir, options.claimLeaseMs)).findings)
+      checks.push({
+        name: 'shared drive',
+        ok: finding.level !== 'fail',
+        ...(finding.level === 'warn' ? { warn: true } : {}),
+        detail: finding.text,
+      });
   add('workspaces directory', await workspacesProblem(options.workspacesDir), options.workspacesDir);
   const settings = config.limits ?? { policy: 'off' as const, defaults: {}, ceilings: {} };
   let defaults: ReturnType<typeof effectiveLimits> | undefined;

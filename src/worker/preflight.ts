@@ -3,6 +3,7 @@ import { access, mkdir } from 'node:fs/promises';
 import { jobsDirProblem } from '../job/paths.js';
 import { type EffectiveLimits, effectiveLimits, type LimitSettings, openJobLimits } from '../limits/index.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
+import { inspectDrive } from './drive.js';
 
 // What would make a worker fail every job it takes: checked before it connects, so that a misconfigured slot
 // leaves the queue to the slots that can run it, instead of answering every request with an error.
@@ -16,10 +17,15 @@ export interface PreflightInput {
   /** `--stage`: with `overlay`, every job needs one, so it is probed. */
   readonly stage?: 'auto' | 'copy' | 'overlay';
   readonly runAs?: boolean;
+  /** `--claim-lease`: whether the jobs directory's drive can honour it (see drive.ts). */
+  readonly claimLeaseMs?: number;
 }
 
-/** Throws NOT_READY (the machine: directories) or INVALID_OPTION (the settings) naming every problem found. */
-export async function preflight(input: PreflightInput): Promise<void> {
+/**
+ * Throws NOT_READY (the machine: directories, a drive that cannot honour the lease) or INVALID_OPTION (the
+ * settings) naming every problem found; returns what is worth a warning.
+ */
+export async function preflight(input: PreflightInput): Promise<string[]> {
   const settings: string[] = [];
   let defaults: EffectiveLimits | undefined;
   try {
@@ -33,14 +39,21 @@ export async function preflight(input: PreflightInput): Promise<void> {
   if (settings.length > 0) {
     throw new WorkerError(ErrorCode.INVALID_OPTION, settings.join('\n'), { problems: settings });
   }
+  const jobsDir = await jobsDirProblem(input.jobsDir);
+  const drive =
+    jobsDir === undefined && input.claimLeaseMs !== undefined
+      ? (await inspectDrive(input.jobsDir, input.claimLeaseMs)).findings
+      : [];
   const machine = [
-    await jobsDirProblem(input.jobsDir),
+    jobsDir,
     await workspacesProblem(input.workspacesDir),
     defaults && (await cgroupsProblem(input, defaults)),
     input.stage === 'overlay' ? await stagingProblem(input) : undefined,
+    ...drive.filter((f) => f.level === 'fail').map((f) => f.text),
   ].filter((p): p is string => p !== undefined);
   if (machine.length > 0)
     throw new WorkerError(ErrorCode.NOT_READY, machine.join('\n'), { problems: machine });
+  return drive.filter((f) => f.level === 'warn').map((f) => f.text);
 }
 
 /**

@@ -142,9 +142,10 @@ describe('claim decisions', () => {
     const dir = await resultsDir();
     const healthy = await acquireClaim(dir, me, 1, new Date(), stored);
     let healthyFenced = false;
+    const since = Date.now();
     healthy?.startHeartbeat(
       50,
-      5000,
+      1000,
       () => {},
       () => {
         healthyFenced = true;

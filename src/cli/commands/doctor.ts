@@ -9,6 +9,9 @@ export async function runDoctor(flags: OptionFlags): Promise<number> {
   const { doctor } = await import('../../worker/doctor.js');
   const checks = await doctor(options, await engineConfig(options, process.env, VERSION));
   for (const check of checks)
-    writeStdio(1, `${check.ok ? 'ok  ' : 'FAIL'}  ${check.name.padEnd(20)} ${check.detail}\n`);
+    writeStdio(
+      1,
+      `${check.ok ? (check.warn ? 'warn' : 'ok  ') : 'FAIL'}  ${check.name.padEnd(20)} ${check.detail}\n`,
+    );
   return checks.every((check) => check.ok) ? ExitCode.OK : ExitCode.JOB_NOT_SUCCESSFUL;
 }

@@ -44,15 +44,17 @@ export async function runBrokerWorker(
   const lock = await lockWorkerId(options.id);
   const config = await engineConfig(options, process.env, VERSION);
   // What would fail every job: checked before connecting, so the requests stay for slots that can run them.
-  await (await import('../../worker/preflight.js')).preflight({
+  const warnings = await (await import('../../worker/preflight.js')).preflight({
     jobsDir: options.jobsDir,
     workspacesDir: options.workspacesDir,
     limits: config.limits as LimitSettings,
     cgroupName: `mqtt-fs-worker-${options.id}`,
     stage: options.stage,
     runAs: config.runAs !== undefined,
+    claimLeaseMs: options.claimLeaseMs,
   });
   const log = logger(options).child({ worker: options.id });
+  for (const warning of warnings) log.warn(warning);
   if (flags.password !== undefined) {
     log.warn(
       '--password on the command line is visible to every user of this host (ps); use --password-file or MQTT_PASSWORD',
