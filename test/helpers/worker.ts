@@ -177,6 +177,7 @@ export async function publishJob(
 export function slotLoop(
   args: () => string[],
   env: Record<string, string> = {},
+  start: (args: string[], env: Record<string, string>) => Running = startWorker,
 ): {
   stop: () => Promise<Exited[]>;
   retire: () => Promise<Exited[]>;
@@ -188,7 +189,7 @@ export function slotLoop(
   let current: Running | undefined;
   const loop = (async () => {
     while (!stopped) {
-      current = startWorker(args(), env);
+      current = start(args(), env);
       runs.push(await current.exited);
     }
   })();
