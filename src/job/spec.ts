@@ -360,8 +360,28 @@ function parseObject(
   return { record: json as Record<string, unknown> };
 }
 
+/** The keys a request may carry; `meta` holds a controller's own data, which the worker never reads. */
+const REQUEST_KEYS = new Set(['id', 'steps', 'rerun', 'responseTopic', 'meta', 'timestamp', 'signature']);
+
 /** The request of a verified object with a safe id: its re-run token, response topic and steps, checked. */
 function requestOf(record: Record<string, unknown>, id: string, policy: RequestPolicy): RequestParse {
+  // As strict as job.json: a misspelled key ("stpes") must not run job.json's steps instead of the request's.
+  const unknown = Object.keys(record).filter((key) => !REQUEST_KEYS.has(key));
+  if (unknown.length > 0) {
+    const names = unknown.slice(0, 5).map((key) => JSON.stringify(key.slice(0, 40)));
+    return refuse(
+      ErrorCode.INVALID_PAYLOAD,
+      `Request has unknown key${unknown.length > 1 ? 's' : ''} ${names.join(', ')}; a request takes id, steps, rerun, responseTopic, meta (a controller's own data), timestamp and signature`,
+      id,
+    );
+  }
+  const meta = record.meta;
+  if (meta !== undefined && (meta === null || typeof meta !== 'object' || Array.isArray(meta)))
+    return refuse(
+      ErrorCode.INVALID_PAYLOAD,
+      `Expected \`meta\` to be an object, got ${describeValue(meta)}`,
+      id,
+    );
   const rerun = record.rerun;
   if (
     rerun !== undefined &&

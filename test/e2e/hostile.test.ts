@@ -74,6 +74,8 @@ describe('hostile input', () => {
         { rejected: 'INVALID_PAYLOAD' },
       ],
       ['steps of the wrong type', '{"id":"wrong-steps","steps":"rm -rf /"}', { rejected: 'INVALID_PAYLOAD' }],
+      // A misspelled key: refused, never half-understood (job.json's steps would otherwise run).
+      ['a misspelled key', '{"id":"typo","stpes":["touch /tmp/never"]}', { rejected: 'INVALID_PAYLOAD' }],
       [
         'a request nested 100,000 levels deep',
         `{"id":"deep","x":${'['.repeat(100_000)}${']'.repeat(100_000)}}`,

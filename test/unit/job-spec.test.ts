@@ -157,6 +157,15 @@ describe('parseRequest', () => {
     });
   });
 
+  it("names an unknown key, and keeps a controller's own data under meta", () => {
+    const typo = parseRequest('{"id":"x","stpes":["echo hi"]}');
+    expect(typo.ok || typo.error.message).toContain('unknown key "stpes"');
+    expect(parseRequest('{"id":"x","meta":{"ticket":"OPS-1","by":["ci"]}}')).toEqual({
+      ok: true,
+      request: { id: 'x', steps: undefined },
+    });
+  });
+
   it.each([
     ['empty', '', 'INVALID_PAYLOAD', undefined],
     ['not JSON', 'hello', 'INVALID_PAYLOAD', undefined],
@@ -190,6 +199,8 @@ describe('parseRequest', () => {
       'deep',
     ],
     ['a re-run token that is not a string', '{"id":"r","rerun":true}', 'INVALID_PAYLOAD', 'r'],
+    ['a misspelled key (stpes)', '{"id":"x","stpes":["echo hi"]}', 'INVALID_PAYLOAD', 'x'],
+    ['meta that is not an object', '{"id":"m","meta":[1]}', 'INVALID_PAYLOAD', 'm'],
   ] as [string, string | Buffer, string, string | undefined][])('rejects %s', (_name, payload, code, id) => {
     const parsed = parseRequest(payload);
     expect(parsed.ok).toBe(false);
