@@ -1,7 +1,10 @@
 import { readFileSync } from 'node:fs';
+import { readdir } from 'node:fs/promises';
+import path from 'node:path';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
-import { type EngineConfig, type JobEvent, type JobOutcome, runJob } from './run-job.js';
+import { CLAIM_PREFIX, RESULTS_DIR } from './results-layout.js';
+import { type EngineConfig, type JobEvent, type JobOutcome, readSmallFile, runJob } from './run-job.js';
 import { parseRequest } from './spec.js';
 
 export interface DryRunInput {
@@ -11,6 +14,25 @@ export interface DryRunInput {
   readonly signal?: AbortSignal;
   readonly onEvent?: (event: JobEvent) => void;
   readonly onOutput?: (step: number, chunk: Buffer) => void;
+}
+
+/**
+ * What a fleet left in a job's results/ (its claims: a run going on, or finished with its result and markers), or
+ * undefined. A dry run never touches it.
+ */
+async function fleetRecord(resultsDir: string): Promise<string | undefined> {
+  const claims = (await readdir(resultsDir).catch(() => [] as string[])).filter((name) =>
+    name.startsWith(CLAIM_PREFIX),
+  );
+  if (claims.length === 0) return undefined;
+  const newest = claims.sort(
+    (a, b) => Number(b.slice(CLAIM_PREFIX.length)) - Number(a.slice(CLAIM_PREFIX.length)),
+  )[0] as string;
+  // Opened as job.json is (never through a link, never blocking on a FIFO planted there).
+  const worker = await readSmallFile(path.join(resultsDir, newest), 1024 * 1024)
+    .then((text) => (JSON.parse(text) as { workerId?: unknown }).workerId)
+    .catch(() => undefined);
+  return `attempt ${newest.slice(CLAIM_PREFIX.length)} claimed${typeof worker === 'string' ? ` by ${worker}` : ''}`;
 }
 
 /**
@@ -42,6 +64,13 @@ export async function dryRun(input: DryRunInput): Promise<JobOutcome> {
       {
         problems: parsed.error.problems,
       },
+    );
+  }
+  const record = await fleetRecord(path.join(input.config.jobsDir, parsed.request.id, RESULTS_DIR));
+  if (record) {
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--dry-run: job ${parsed.request.id} has a fleet's record (${record}); a dry run would replace its results/ and a later request would run it again. Try it on a copy of the folder (another id), or remove its results/ to start afresh`,
     );
   }
   const log = input.log.child({ job: parsed.request.id });

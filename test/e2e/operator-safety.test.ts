@@ -1,0 +1,62 @@
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { freshBrokerPerTest } from '../helpers/mosquitto.js';
+import { sleep, tempDir, waitFor, writeTree } from '../helpers/tmp.js';
+import {
+  collect,
+  fleetDirs,
+  publishJob,
+  pullArgs,
+  registerSlots,
+  runWorkerOnce,
+  slot,
+  testClient,
+} from '../helpers/worker.js';
+
+// What an operator does by hand never costs the fleet its record.
+
+const { broker } = freshBrokerPerTest();
+
+describe("an operator's commands and the fleet's record", () => {
+  it('a dry run of a job the fleet ran is refused: result.json stays byte for byte, and a plain request runs nothing', async () => {
+    const url = broker().url;
+    const dirs = await fleetDirs();
+    const ledger = path.join(await tempDir('mfw-ledger-'), 'runs');
+    await writeTree(dirs.jobs, {
+      'deploy/job.json': JSON.stringify({ steps: [`echo deployed >> ${ledger}`] }),
+    });
+    const me = slot('op-deploy');
+    await registerSlots(url, dirs, [me]);
+    const client = await testClient(url);
+    const results = await collect(client, 'jobs/results/+');
+    await publishJob(client, { id: 'deploy' });
+    expect((await runWorkerOnce(pullArgs(url, dirs, me))).code).toBe(0);
+    await waitFor(() => results.length === 1);
+    const resultsDir = path.join(dirs.jobs, 'deploy/results');
+    const before = await readFile(path.join(resultsDir, 'result.json'));
+    const filesBefore = (await readdir(resultsDir)).sort();
+
+    const cwd = await tempDir('mfw-dry-');
+    await writeFile(path.join(cwd, 'test-payload.json'), '{"id":"deploy"}');
+    const dry = await runWorkerOnce(
+      ['--dry-run', '--jobs-dir', dirs.jobs, '--workspaces-dir', dirs.workspaces],
+      {},
+      cwd,
+    );
+    expect(dry.code).toBe(2);
+    expect(dry.stderr).toContain(`job deploy has a fleet's record (attempt 1 claimed by ${me})`);
+    expect(await readFile(path.join(resultsDir, 'result.json'))).toEqual(before);
+    expect((await readdir(resultsDir)).sort()).toEqual(filesBefore);
+
+    // The same request again (a plain one, no re-run token): finished, nothing runs, nothing is published.
+    await publishJob(client, { id: 'deploy' });
+    const again = await runWorkerOnce(pullArgs(url, dirs, me, ['--idle-timeout', '1s']));
+    expect(again.code, again.stderr).toBe(0);
+    expect(again.stderr).toContain('already finished (attempt 1, success); its result was published');
+    await sleep(200);
+    expect(results).toHaveLength(1);
+    expect(await readFile(ledger, 'utf8')).toBe('deployed\n');
+    await client.endAsync();
+  });
+});
