@@ -4,6 +4,7 @@ import type { ResultPayload } from '../job/report.js';
 import { parseRequest, type RawStep } from '../job/spec.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { parsePresence } from '../shared/presence.js';
 import { signRequest } from '../shared/signing.js';
 import { plainTopic } from '../shared/topics.js';
 import { type BrokerSettings, connectBroker, disconnect, publish } from './client.js';
@@ -27,6 +28,8 @@ export interface SubmitInput {
   readonly rerun?: string;
   /** Where workers publish progress: their `claimed` event confirms that one took the request. */
   readonly statusTopic: string;
+  /** The slots' retained presence root: a waiting submit says when no slot is online to take the request. */
+  readonly presenceTopic?: string;
   /** Publish again when no worker took the request within this (doubling, up to 5 minutes); undefined: never. */
   readonly confirmMs?: number;
   /** Each status event of the job (`submit --follow`). */
@@ -91,6 +94,9 @@ class Submission {
   readonly #settled: Promise<SubmitOutcome>;
   #confirmed = false;
   #published = false;
+  /** Each slot's presence state, by topic (`submit --wait` says when none is online). */
+  readonly #slots = new Map<string, string>();
+  #slotWatch: NodeJS.Timeout[] | undefined;
   readonly #reply: string | undefined;
 
   constructor(input: SubmitInput, sign: () => string, reply: string | undefined) {
@@ -157,8 +163,10 @@ class Submission {
         const closed = new Promise<'closed'>((resolve) => client.once('close', () => resolve('closed')));
         client.on('message', (topic, payload) => this.#receive(topic, payload));
         const { result, rejected, status } = this.#topics;
+        const presence = this.#input.presenceTopic;
         const topics = [
-          ...(this.#input.wait ? [result, rejected] : []),
+          ...(this.#input.wait ? [result, rejected, status] : []),
+          ...(this.#input.wait && presence ? [`${presence}/+`] : []),
           ...(this.#reply ? [this.#reply] : []),
           ...(this.#input.confirmMs !== undefined ? [status, result] : []),
           ...(this.#input.onStatus ? [status] : []),
@@ -200,11 +208,40 @@ class Submission {
     }
     this.#published = true;
     this.#input.log.info(`published job ${this.#input.id} to ${topic}`);
+    if (this.#input.wait) this.#watchSlots();
     return 'published';
+  }
+
+  /**
+   * While nobody took the request, says so when no slot is online (from their retained presence): at once (once
+   * the retained burst is in), then every 30 s. The request is not lost: it waits in the offline slots' sessions.
+   */
+  #watchSlots(): void {
+    if (this.#slotWatch || !this.#input.presenceTopic) return;
+    const say = (): void => {
+      if (this.#confirmed) return;
+      const states = [...this.#slots.values()];
+      if (states.some((state) => state !== 'offline')) return;
+      const offline = states.length;
+      this.#input.log.warn(
+        offline > 0
+          ? `no slot is online: the request waits in ${offline} offline session${offline === 1 ? '' : 's'} until a slot starts`
+          : `no slot is online (none has a presence on ${this.#input.presenceTopic}/+): the request waits for a slot to start`,
+      );
+    };
+    this.#slotWatch = [setTimeout(say, 500), setInterval(say, 30_000)];
+    for (const timer of this.#slotWatch) timer.unref();
   }
 
   #receive(topic: string, payload: Buffer): void {
     const { result, rejected, status } = this.#topics;
+    const presence = this.#input.presenceTopic;
+    if (presence && topic.startsWith(`${presence}/`)) {
+      const slot = parsePresence(payload);
+      if (slot) this.#slots.set(topic, slot.state);
+      else this.#slots.delete(topic);
+      return;
+    }
     if (topic === status) {
       const event = parseObject(payload);
       if (event?.id !== this.#input.id) return;
@@ -231,6 +268,7 @@ class Submission {
   }
 
   async close(): Promise<void> {
+    for (const timer of this.#slotWatch ?? []) clearTimeout(timer);
     if (this.#client) await disconnect(this.#client);
   }
 }

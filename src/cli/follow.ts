@@ -6,8 +6,8 @@ import { followLog } from '../worker/job-status.js';
 // mounted here too, each step's log as it grows (the broker carries no step output).
 
 export interface FollowerInput {
-  /** The job's folder when this host can read it; undefined: events only. */
-  readonly jobDir: string | undefined;
+  /** The job's folder when this host can read it (asked at each step); undefined: events only. */
+  readonly jobDir: () => string | undefined;
   readonly write: (text: string) => void;
 }
 
@@ -58,14 +58,15 @@ export class Follower {
   }
 
   #tail(step: number, name: string): void {
-    if (!this.#input.jobDir) return;
+    const jobDir = this.#input.jobDir();
+    if (!jobDir) return;
     let stop: () => void = () => {};
     const stopped = new Promise<void>((resolve) => {
       stop = resolve;
     });
     this.#stopStep = stop;
     let pending = '';
-    const file = path.join(this.#input.jobDir, RESULTS_DIR, stepLogName(step));
+    const file = path.join(jobDir, RESULTS_DIR, stepLogName(step));
     this.#tailing = followLog(
       file,
       (text) => {

@@ -39,7 +39,7 @@ interface Mount {
 const LOCAL = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'tmpfs', 'overlay', 'zfs', 'f2fs', 'ramfs']);
 
 /** mountinfo escapes spaces, tabs, newlines and backslashes as octal. */
-function unescape(field: string): string {
+function unescapeField(field: string): string {
   return field.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
 }
 
@@ -64,13 +64,13 @@ export async function mountOf(dir: string, mountinfo?: string): Promise<Mount | 
     if (!left || !right) continue;
     const fields = left.split(' ');
     const [fsType, source, superOptions] = right.split(' ');
-    const mountPoint = unescape(fields[4] ?? '');
+    const mountPoint = unescapeField(fields[4] ?? '');
     const inside = real === mountPoint || real.startsWith(mountPoint === '/' ? '/' : `${mountPoint}/`);
     if (!inside || !fsType || (best && best.mountPoint.length > mountPoint.length)) continue;
     best = {
       mountPoint,
       fsType,
-      source: unescape(source ?? ''),
+      source: unescapeField(source ?? ''),
       options: parseOptions(fields[5] ?? '', superOptions ?? ''),
     };
   }

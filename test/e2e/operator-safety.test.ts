@@ -59,4 +59,65 @@ describe("an operator's commands and the fleet's record", () => {
     expect(await readFile(ledger, 'utf8')).toBe('deployed\n');
     await client.endAsync();
   });
+
+  it('submit --wait with every slot offline says so within a second, and waits', async () => {
+    const url = broker().url;
+    const dirs = await fleetDirs();
+    const gone = slot('op-offline');
+    // MQTT 3.1.1 has no will delay: the slot shows offline as soon as its process is gone.
+    await registerSlots(url, dirs, [gone], (u, d, id, x = []) =>
+      pullArgs(u, d, id, ['--protocol', '3.1.1', ...x]),
+    );
+    await waitFor(
+      async () => {
+        const listed = await runWorkerOnce(['workers', '--url', url, '--json']);
+        return (JSON.parse(listed.stdout) as { id: string; state: string }[]).some(
+          (row) => row.id === gone && row.state === 'offline',
+        );
+      },
+      10_000,
+      100,
+    );
+    const submitted = await runWorkerOnce([
+      'submit',
+      'nobody-home',
+      '--url',
+      url,
+      '--wait',
+      '--timeout',
+      '4s',
+    ]);
+    expect(submitted.code).toBe(5);
+    const lines = submitted.stderr.split('\n');
+    const published = lines.find((line) => line.includes('published job nobody-home'));
+    const warned = lines.find((line) =>
+      line.includes('no slot is online: the request waits in 1 offline session'),
+    );
+    expect(warned, submitted.stderr).toBeDefined();
+    const at = (line: string | undefined) => Date.parse((line ?? '').split(' ')[0] ?? '');
+    expect(at(warned) - at(published)).toBeLessThan(1500);
+  });
+
+  it('submit --follow shows the step output of a job whose folder appears only when a slot claims it', async () => {
+    const url = broker().url;
+    const dirs = await fleetDirs();
+    const me = slot('op-follow');
+    await registerSlots(url, dirs, [me]);
+    const worker = (await import('../helpers/worker.js')).startWorker(pullArgs(url, dirs, me));
+    await worker.sawLog('waiting for one job');
+    const followed = await runWorkerOnce([
+      'submit',
+      'ad-hoc',
+      '--url',
+      url,
+      '--jobs-dir',
+      dirs.jobs,
+      '--steps',
+      'sleep 0.3; echo hello-from-ad-hoc',
+      '--follow',
+    ]);
+    expect(followed.code, followed.stderr).toBe(0);
+    expect(followed.stderr).toContain('step 0 | hello-from-ad-hoc');
+    expect((await worker.exited).code).toBe(0);
+  });
 });

@@ -61,6 +61,7 @@ export async function runSubmit(id: string, submitFlags: SubmitFlags, flags: Opt
     resultsTopic: options.resultsTopic,
     rejectedTopic: options.rejectedTopic,
     statusTopic: options.statusTopic,
+    presenceTopic: options.presenceTopic,
     ...(confirmMs !== undefined ? { confirmMs } : {}),
     ...(submitFlags.rerun ? { rerun: (await import('node:crypto')).randomUUID() } : {}),
     wait: (submitFlags.wait || submitFlags.follow) ?? false,
@@ -91,7 +92,8 @@ async function followerFor(jobsDir: string, id: string) {
   const [{ Follower }, { existsSync }] = await Promise.all([import('../follow.js'), import('node:fs')]);
   const jobDir = path.resolve(jobsDir, id);
   return new Follower({
-    jobDir: existsSync(jobDir) ? jobDir : undefined,
+    // Asked at each step: a request that carries its own steps creates the folder when a slot claims it.
+    jobDir: () => (existsSync(jobDir) ? jobDir : undefined),
     write: (text) => writeStdio(2, text),
   });
 }
