@@ -1,8 +1,9 @@
 #!/usr/bin/env sh
-# A tiny controller: submits the example jobs under fresh ids and waits for each result.
-# Usage: ./controller.sh [rounds]   (MQTT_URL defaults to mqtt://localhost:1883)
+# A tiny controller: submits example jobs under fresh ids and waits for each result.
+# Usage: ./controller.sh [rounds]   (MQTT_URL defaults to mqtt://localhost:1883; the compose fleet is on 11883)
+# JOBS lists the examples to submit (default: "hello artifacts"; add "failing" to see a failure).
 # MQTT_FS_WORKER is the command to run, e.g. MQTT_FS_WORKER="node ../bin/mqtt-fs-worker.js" in a checkout.
-# Exits 1 when any job did not succeed (or the command failed).
+# Exits 0 when every job succeeded, 1 when any did not (or the command failed).
 set -eu
 rounds=${1:-1}
 worker=${MQTT_FS_WORKER:-mqtt-fs-worker}
@@ -12,7 +13,7 @@ export MQTT_TOPIC=${MQTT_TOPIC:-jobs/pending}
 failed=0
 i=1
 while [ "$i" -le "$rounds" ]; do
-  for job in hello artifacts failing; do
+  for job in ${JOBS:-hello artifacts}; do
     id="$job-$(date +%s)-$i"
     # The job's definition and inputs under the new id, without an earlier run's results/.
     if [ -d "$jobs_dir/$job" ]; then

@@ -2,8 +2,8 @@
 // small module files cost more than the job itself for short jobs. The CLI becomes one CommonJS file (three rarely
 // used libraries ship beside it, see VENDORED), which the
 // binary loads through a V8 code cache (src/launch.ts): code that is never called (other commands, rare
-// transports) is never compiled, and what a run did compile is reused by the next. `tsc` still builds dist/*.js
-// and the types for the library API.
+// transports) is never compiled, and what a run did compile is reused by the next. `tsc` builds only the types
+// for the library API (dist/**/*.d.ts): per-module JavaScript would ship and never be loaded.
 import { readFileSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';

@@ -9,8 +9,47 @@ import { writeStdio } from './stdio.js';
 // doctor, status, workers and drain. Each command's module is loaded when it runs, so `--version` and `--help`
 // initialise almost nothing.
 
-function addWorkerOptions(command: Command, keyOf: Map<string, keyof Options>): Command {
+/** The broker connection: what every command that connects takes. */
+const BROKER: readonly (keyof Options)[] = [
+  'url',
+  'username',
+  'password',
+  'passwordFile',
+  'caFile',
+  'certFile',
+  'keyFile',
+  'protocol',
+  'keepaliveMs',
+  'connectTimeoutMs',
+  'logFormat',
+];
+
+/** Each subcommand's own options (the root command, the worker, takes them all; doctor checks them all). */
+const COMMAND_OPTIONS: Record<string, readonly (keyof Options)[] | 'all'> = {
+  submit: [
+    ...BROKER,
+    'topic',
+    'resultsTopic',
+    'statusTopic',
+    'rejectedTopic',
+    'presenceTopic',
+    'jobsDir',
+    'secret',
+    'secretFile',
+  ],
+  status: ['jobsDir', 'claimLeaseMs', 'id', 'logFormat'],
+  workers: [...BROKER, 'presenceTopic'],
+  drain: [...BROKER, 'id', 'topic', 'presenceTopic'],
+  doctor: 'all',
+};
+
+function addWorkerOptions(
+  command: Command,
+  keyOf: Map<string, keyof Options>,
+  only: readonly (keyof Options)[] | 'all' = 'all',
+): Command {
   for (const def of OPTION_DEFS) {
+    if (only !== 'all' && !only.includes(def.key)) continue;
     const defaultText = def.defaultText ?? ('fallback' in def.kind ? def.kind.fallback : undefined);
     const option = new Option(
       def.flags,
@@ -56,17 +95,37 @@ export function buildProgram(
       'Take one job from an MQTT topic, run its steps from a shared drive, sync the results back, exit.',
     )
     .version(VERSION, '-V, --version')
-    // commander adds `help [command]` by itself only to programs without an action of their own.
-    .helpCommand(true)
-    .showHelpAfterError('(run with --help for usage)')
-    .configureOutput({ writeOut: (text) => writeStdio(1, text), writeErr: (text) => writeStdio(2, text) })
+    // `help [command]` is defined below: commander's own prints the whole help for a command it does not know.
+    .helpCommand(false)
+    // commander's own errors (an unknown option, a missing argument) in the style of every other error: one line.
+    .configureOutput({
+      writeOut: (text) => writeStdio(1, text),
+      writeErr: (text) => writeStdio(2, text),
+      outputError: (text, write) =>
+        write(`mqtt-fs-worker: INVALID_OPTION: ${text.replace(/^error: /, '').trimEnd()} (see --help)\n`),
+    })
     .enablePositionalOptions()
     .exitOverride();
   const wiring: Wiring = { argv, run, hooks, keyOf, flagsOf };
   defineRoot(program, wiring);
   defineJobCommands(program, wiring);
   defineFleetCommands(program, wiring);
+  program
+    .command('help')
+    .description('display help for a command')
+    .argument('[command]', 'the command')
+    .action((name: string | undefined) => {
+      const target = name === undefined ? program : program.commands.find((c) => c.name() === name);
+      if (target) target.help();
+      run(async () => {
+        throw new WorkerError(ErrorCode.INVALID_OPTION, unknownCommand(name as string));
+      });
+    });
   return program;
+}
+
+function unknownCommand(word: string): string {
+  return `unknown command '${word}' (commands: validate, submit, status, workers, doctor, drain, help; see --help)`;
 }
 
 /** The root command: the worker itself, or `--dry-run`. */
@@ -81,13 +140,12 @@ function defineRoot(program: Command, { argv, run, hooks, keyOf, flagsOf }: Wiri
     // A word that is no command reaches the action (not commander's "too many arguments"): say what it is.
     .allowExcessArguments(true)
     .action((parsed: Record<string, unknown>, command: Command) => {
+      // `--dry-run --watch file.json`: the payload file may stand anywhere on the line.
+      if (parsed.dryRun === true && command.args.length === 1) parsed.dryRun = command.args.shift();
       const [word] = command.args;
       if (word !== undefined) {
         run(async () => {
-          throw new WorkerError(
-            ErrorCode.INVALID_OPTION,
-            `unknown command '${word}' (commands: validate, submit, status, workers, doctor, drain, help; see --help)`,
-          );
+          throw new WorkerError(ErrorCode.INVALID_OPTION, unknownCommand(word));
         });
         return;
       }
@@ -113,10 +171,12 @@ function defineRoot(program: Command, { argv, run, hooks, keyOf, flagsOf }: Wiri
     });
 }
 
-// Each subcommand repeats the ~40 worker options; building them costs a job ~1 ms, so a subcommand gets them only
-// when the command line names it (to run it or to show its help).
+// A subcommand takes the worker options it uses (COMMAND_OPTIONS); building them costs a job ~1 ms, so a
+// subcommand gets them only when the command line names it (to run it or to show its help).
 function withWorkerOptions({ argv, keyOf }: Wiring, command: Command): Command {
-  return argv.includes(command.name()) ? addWorkerOptions(command, keyOf) : command;
+  return argv.includes(command.name())
+    ? addWorkerOptions(command, keyOf, COMMAND_OPTIONS[command.name()] ?? 'all')
+    : command;
 }
 
 /** validate, submit, status: one job. */

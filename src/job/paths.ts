@@ -58,7 +58,7 @@ export async function resolveJobPaths(
       });
     }
     if (!create) throw new WorkerError(ErrorCode.JOB_NOT_FOUND, `Job folder ${candidate} does not exist`);
-    await mkdir(candidate, { recursive: true });
+    await makeDirectory(candidate);
     existed = false;
   }
   const jobDir = await realpath(candidate).catch((error: unknown) => {
@@ -77,6 +77,22 @@ export async function resolveJobPaths(
   return { root, jobDir, resultsDir: path.join(jobDir, RESULTS_DIR), existed };
 }
 
+/**
+ * Creates a directory that other hosts may be creating at the same moment. Whether it now exists is read back,
+ * not taken from the error: a network drive answers a lost race with EEXIST, but also with EPERM or EIO (sshfs).
+ */
+async function makeDirectory(dir: string): Promise<void> {
+  try {
+    await mkdir(dir);
+  } catch (error) {
+    const made = await lstat(dir).then(
+      (stats) => stats.isDirectory(),
+      () => false,
+    );
+    if (!made) throw error;
+  }
+}
+
 /** Creates `results/` if needed and refuses one that is a symlink or a file (nothing is written through it). */
 export async function ensureResultsDir(resultsDir: string): Promise<void> {
   const stats = await lstat(resultsDir).catch((error: NodeJS.ErrnoException) => {
@@ -84,9 +100,7 @@ export async function ensureResultsDir(resultsDir: string): Promise<void> {
     throw error;
   });
   if (!stats) {
-    await mkdir(resultsDir).catch((error: NodeJS.ErrnoException) => {
-      if (error.code !== 'EEXIST') throw error;
-    });
+    await makeDirectory(resultsDir);
     return ensureResultsDir(resultsDir);
   }
   if (!stats.isDirectory()) {

@@ -2,6 +2,7 @@ import { constants } from 'node:fs';
 import { type FileHandle, lstat, mkdir, open, readdir, stat, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { type HeldDir, holdDirectory } from '../job/paths.js';
+import { isDriveFailure } from '../shared/errors.js';
 import { idProblem } from '../shared/ids.js';
 import type { Logger } from '../shared/log.js';
 
@@ -126,11 +127,23 @@ export async function addRunning(jobsRoot: string, id: string, log?: Logger): Pr
     log,
     async (dir) => {
       const flags = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
-      await open(path.join(dir, id), flags, 0o644).then(
+      const entry = path.join(dir, id);
+      await open(entry, flags, 0o644).then(
         (handle) => handle.close(),
-        (error: NodeJS.ErrnoException) => {
-          // Already there (also a link planted under the name: O_EXCL never follows it, nothing is written).
-          if (error.code !== 'EEXIST') throw error;
+        async (error: NodeJS.ErrnoException) => {
+          // Already there (also a link planted under the name: O_EXCL never follows it, nothing is written). Read
+          // back, not taken from the code: two hosts adding the same job race, and sshfs answers EPERM as often
+          // as EEXIST.
+          if (
+            await lstat(entry).then(
+              () => true,
+              () => false,
+            )
+          )
+            return;
+          if (isDriveFailure(error)) throw error;
+          // The index only saves a walk: a job that cannot be listed still runs.
+          log?.warn(`cannot add ${id} to the index of running jobs: ${error.message}`);
         },
       );
     },

@@ -85,7 +85,38 @@ describe('the installed command', () => {
       expect(sub.stdout).toContain('Usage: mqtt-fs-worker submit');
       expect(sub.stdout).toContain('--steps');
       expect(sub.stdout).toContain('MQTT_URL');
+      // Only its own: no limits, staging or workspaces options of the worker.
+      for (const foreign of ['--max-memory', '--stage', '--workspaces-dir', '--run-as'])
+        expect(sub.stdout, `${args.join(' ')}: ${foreign}`).not.toContain(foreign);
     }
+    const workers = await cli(['workers', '--help']);
+    expect(workers.stdout).toContain('--presence-topic');
+    expect(workers.stdout).not.toContain('--jobs-dir');
+    expect((await cli(['status', '--help'])).stdout).not.toContain('--url');
+  });
+
+  it('answers an unknown command, option or help topic in one line, in one style, exit 2', async () => {
+    for (const [args, line] of [
+      [['help', 'bogus'], "unknown command 'bogus'"],
+      [['--bogus'], "unknown option '--bogus'"],
+      [['submit', 'x', '--bogus'], "unknown option '--bogus'"],
+      [['submit'], "missing required argument 'id'"],
+    ] as const) {
+      const run = await cli([...args]);
+      expect(run.code, args.join(' ')).toBe(2);
+      const lines = run.stderr.trim().split('\n');
+      expect(lines, args.join(' ')).toHaveLength(1);
+      expect(lines[0]).toMatch(new RegExp(`^mqtt-fs-worker: INVALID_OPTION: ${line}`));
+      expect(run.stdout).toBe('');
+    }
+  });
+
+  it('takes the dry run payload file anywhere on the line (--dry-run --watch file.json too)', async () => {
+    const cwd = await tempDir();
+    await writeFile(path.join(cwd, 'mine.json'), '{"id": "anywhere", "steps": ["echo hi"]}');
+    const after = await cli(['--dry-run', '--quiet', 'mine.json'], { cwd });
+    expect(after.code, after.stderr).toBe(0);
+    expect(JSON.parse(after.stdout)).toMatchObject({ id: 'anywhere', status: 'success' });
   });
 
   it('runs ./test-payload.json with --dry-run, prints the result and exits 0', async () => {

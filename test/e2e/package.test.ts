@@ -35,6 +35,13 @@ describe('the npm package', () => {
       }),
     );
     const files: string[] = packed.files.map((f: { path: string }) => f.path);
+    // The README's size figures are the packed package's, to one decimal.
+    const readme = await readFile(path.join(root, 'README.md'), 'utf8');
+    const [, installed, download] = /about ([\d.]+) MB installed, a ([\d.]+) MB download/.exec(readme) ?? [];
+    expect(Number(installed)).toBeCloseTo(packed.unpackedSize / 1e6, 1);
+    expect(Number(download)).toBeCloseTo(packed.size / 1e6, 1);
+    // Only what runs: the bundles, the library's single module, and the types (no per-module JavaScript).
+    expect(files.filter((f) => f.startsWith('dist/') && f.endsWith('.js'))).toEqual(['dist/index.js']);
     expect(files).toContain('bin/mqtt-fs-worker.js');
     expect(files).toContain('bin/package.json'); // makes the bin CommonJS
     expect(files).toContain('dist/bundle/cli.cjs');
@@ -174,7 +181,11 @@ describe('deployment files', () => {
 
 describe('the README', () => {
   it('documents every option, variable, error code and exit code the worker has', async () => {
-    const readme = await readFile(path.join(root, 'README.md'), 'utf8');
+    // The README and the reference pages under docs/ it links to.
+    const pages = ['README.md', ...(await readdir(path.join(root, 'docs'))).map((name) => `docs/${name}`)];
+    const readme = (await Promise.all(pages.map((page) => readFile(path.join(root, page), 'utf8')))).join(
+      '\n',
+    );
     const { ErrorCode, ExitCode } = await import('../../src/shared/errors.js');
     for (const def of OPTION_DEFS) {
       const long = def.flags.split(/[ ,]+/).find((part) => part.startsWith('--')) as string;

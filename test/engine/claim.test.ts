@@ -1,9 +1,9 @@
 import { spawnSync } from 'node:child_process';
 import { readdir, utimes, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import {
-  acquireClaim,
+  acquireClaim as acquire,
   acquirePublisher,
   type Identity,
   inspectClaim,
@@ -17,6 +17,17 @@ import { tempDir } from '../helpers/tmp.js';
 // while its heartbeat is younger than the lease).
 
 const LEASE = 60_000;
+
+// Every claim holds its file open: closed after each test, never left to the garbage collector.
+const held: { stopHeartbeat(): void }[] = [];
+afterEach(() => {
+  for (const claim of held.splice(0)) claim.stopHeartbeat();
+});
+const acquireClaim: typeof acquire = async (...args) => {
+  const claim = await acquire(...args);
+  if (claim) held.push(claim);
+  return claim;
+};
 const stored = { request: '{"id":"j"}' };
 
 function deadProcess(workerId: string): Identity {

@@ -1,11 +1,27 @@
 import { spawn } from 'node:child_process';
+import { mkdtemp } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { describe, expect, it } from 'vitest';
+import { build } from 'esbuild';
+import { beforeAll, describe, expect, it } from 'vitest';
 import { sleep } from '../helpers/tmp.js';
 
-// The helper writes to the process's own descriptors, so each case runs in a child process (the built module;
-// npm test builds first) whose stdout is a pipe this test controls.
-const BUILT = fileURLToPath(new URL('../../dist/cli/stdio.js', import.meta.url));
+// The helper writes to the process's own descriptors, so each case runs in a child process (the module, compiled
+// here for it) whose stdout is a pipe this test controls.
+let BUILT = '';
+beforeAll(async () => {
+  // Not a per-test temp folder (removed after each test): the module serves every test of the file.
+  BUILT = path.join(await mkdtemp(path.join(tmpdir(), 'mfw-stdio-')), 'stdio.mjs');
+  await build({
+    entryPoints: [fileURLToPath(new URL('../../src/cli/stdio.ts', import.meta.url))],
+    bundle: true,
+    format: 'esm',
+    platform: 'node',
+    outfile: BUILT,
+    logLevel: 'warning',
+  });
+});
 
 function child(body: string): ReturnType<typeof spawn> {
   const script = `import { stdioFlushed, writeStdio } from ${JSON.stringify(BUILT)};\n${body}`;
