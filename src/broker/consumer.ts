@@ -17,8 +17,8 @@ export interface ConsumerInput {
   readonly clientId: string;
   readonly clean: boolean;
   readonly sessionExpirySeconds: number | undefined;
-  /** The subscription to make; undefined: take only what the session already holds (drain). */
-  readonly topic: string | undefined;
+  /** The subscriptions to make (one SUBSCRIBE); none: take only what the session already holds (drain). */
+  readonly topics: readonly string[];
   readonly will?: IClientOptions['will'];
   readonly log: Logger;
   /** Called once the connection is under way: work to overlap with the broker's answer. */
@@ -66,21 +66,25 @@ export class JobConsumer {
     const consumer = new JobConsumer(client, sessionPresent, inbox, closed);
     try {
       checkGrants(connack, input);
-      const topic = input.topic;
-      if (topic === undefined) return consumer;
+      const { topics } = input;
+      if (topics.length === 0) return consumer;
       // A present session still holds the subscription (and may already be delivering): do not wait for a SUBACK
       // that MQTT.js cannot read while a delivered job is held.
       const subscribed = new Promise<void>((resolve, reject) => {
-        client.subscribe(topic, { qos: 1 }, (error, granted) => {
-          const code = granted?.[0]?.qos;
-          if (error) reject(error);
-          else if (code !== undefined && code >= 0x80)
-            reject(unsuitable(`the broker refused the subscription to ${topic} (code ${code})`));
-          else if (code === 0)
-            reject(
-              unsuitable(`the broker granted the subscription to ${topic} at QoS 0 only: jobs could be lost`),
-            );
-          else resolve();
+        client.subscribe([...topics], { qos: 1 }, (error, granted) => {
+          if (error) return reject(error);
+          for (const [i, topic] of topics.entries()) {
+            const code = granted?.[i]?.qos;
+            if (code !== undefined && code >= 0x80)
+              return reject(unsuitable(`the broker refused the subscription to ${topic} (code ${code})`));
+            if (code === 0)
+              return reject(
+                unsuitable(
+                  `the broker granted the subscription to ${topic} at QoS 0 only: jobs could be lost`,
+                ),
+              );
+          }
+          resolve();
         });
       });
       if (!sessionPresent) await subscribed;
@@ -190,7 +194,7 @@ class Inbox {
 /** What the grants are checked against: the slot's client id, session and jobs topic. */
 export type GrantsInput = Pick<
   ConsumerInput,
-  'clientId' | 'clean' | 'sessionExpirySeconds' | 'topic' | 'log'
+  'clientId' | 'clean' | 'sessionExpirySeconds' | 'topics' | 'log'
 >;
 
 export interface Connack {
@@ -214,16 +218,17 @@ function unsuitable(message: string): WorkerError {
  */
 export function checkGrants(connack: Connack, input: GrantsInput): void {
   const granted = connack.properties ?? {};
-  const topic = input.topic ?? '';
   if (granted.maximumQoS === 0)
     throw unsuitable('the broker allows QoS 0 only: jobs could be lost (maximum QoS 0)');
-  if (isShared(topic) && granted.sharedSubscriptionAvailable === false) {
-    throw unsuitable(
-      `the broker has no shared subscriptions, so ${topic} would never deliver a job; use the plain topic (pull dispatch)`,
-    );
+  for (const topic of input.topics) {
+    if (isShared(topic) && granted.sharedSubscriptionAvailable === false) {
+      throw unsuitable(
+        `the broker has no shared subscriptions, so ${topic} would never deliver a job; use the plain topic (pull dispatch)`,
+      );
+    }
+    if (/[+#]/.test(topic) && granted.wildcardSubscriptionAvailable === false)
+      throw unsuitable(`the broker allows no wildcard subscriptions, and ${topic} has one`);
   }
-  if (/[+#]/.test(topic) && granted.wildcardSubscriptionAvailable === false)
-    throw unsuitable(`the broker allows no wildcard subscriptions, and ${topic} has one`);
   if (granted.assignedClientIdentifier !== undefined && granted.assignedClientIdentifier !== input.clientId) {
     throw unsuitable(
       `the broker assigned the client id ${granted.assignedClientIdentifier} instead of ${input.clientId}: the slot's session would not be its own`,

@@ -27,7 +27,9 @@ export interface DrainInput {
 export interface DrainOutcome {
   readonly slot: string;
   readonly mode: 'pull' | 'shared';
+  /** The first of the slot's subscriptions (all of them in `topics`). */
   readonly topic: string;
+  readonly topics: readonly string[];
   readonly moved: number;
   /** How the session was ended, for the protocol in use. */
   readonly ended: string;
@@ -50,29 +52,30 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
         'up to 10 s after it exits), or add --force if its process is known to be gone',
     );
   }
-  const named = presence?.topics?.[0];
-  const topic = input.topic ?? named ?? input.defaultTopic;
+  const named = presence?.topics?.length ? presence.topics : undefined;
+  const topics = input.topic !== undefined ? [input.topic] : (named ?? [input.defaultTopic]);
+  const topic = topics[0] as string;
   if (input.topic === undefined)
     input.log.info(
       named
-        ? `slot ${input.slot} subscribed ${topic} (from its presence)`
+        ? `slot ${input.slot} subscribed ${topics.join(', ')} (from its presence)`
         : `slot ${input.slot} left no presence naming its subscription; assuming ${topic} (say --topic otherwise)`,
     );
   const v5 = input.settings.protocol === '5';
   const ended = v5 ? 'MQTT 5: clean start, session expiry 0' : 'MQTT 3.1.1: clean session';
-  if (!isShared(topic)) {
+  if (!topics.some(isShared)) {
     await endSession(input);
     input.log.info(
       `ended slot ${input.slot}'s session (${ended}); pull dispatch: its requests are every slot's too`,
     );
-    return { slot: input.slot, mode: 'pull', topic, moved: 0, ended };
+    return { slot: input.slot, mode: 'pull', topic, topics, moved: 0, ended };
   }
-  const moved = await moveAll(input, topic);
+  const moved = await moveAll(input, topics);
   await endSession(input);
   input.log.info(
     `drained slot ${input.slot}: moved ${moved} job${moved === 1 ? '' : 's'} back to the group; ended its session (${ended})`,
   );
-  return { slot: input.slot, mode: 'shared', topic, moved, ended };
+  return { slot: input.slot, mode: 'shared', topic, topics, moved, ended };
 }
 
 /** The slot's retained presence (sent right after the SUBACK), or undefined when it has none. */
@@ -99,7 +102,7 @@ async function readPresence(input: DrainInput): Promise<Presence | undefined> {
  * Moves each message of the slot's session back to the group. One connection per message: while a message is
  * held, MQTT.js reads nothing else, and the next one is delivered only to the session's next connection.
  */
-async function moveAll(input: DrainInput, topic: string): Promise<number> {
+async function moveAll(input: DrainInput, topics: readonly string[]): Promise<number> {
   const publisher = await connectBroker({
     settings: input.settings,
     clientId: `drain-${randomBytes(6).toString('hex')}`,
@@ -113,11 +116,11 @@ async function moveAll(input: DrainInput, topic: string): Promise<number> {
         clientId: input.slot,
         clean: false,
         sessionExpirySeconds: undefined,
-        topic: undefined,
+        topics: [],
         log: input.log,
       });
       // The slot's subscription goes first, so that the broker deals it no new jobs meanwhile.
-      if (moved === 0) consumer.client.unsubscribe(topic);
+      if (moved === 0) consumer.client.unsubscribe([...topics]);
       const delivery = await Promise.race([
         consumer.next(),
         new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), input.quietMs).unref()),

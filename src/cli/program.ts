@@ -55,6 +55,8 @@ function addWorkerOptions(
       def.flags,
       `${def.description} [env: ${def.env}]${defaultText ? ` (default: ${defaultText})` : ''}`,
     );
+    if (def.repeatable)
+      option.argParser((value: string, earlier?: string) => (earlier ? `${earlier},${value}` : value));
     keyOf.set(option.attributeName(), def.key);
     command.addOption(option);
   }

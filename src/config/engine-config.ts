@@ -37,8 +37,20 @@ export async function engineConfig(
     mask: maskedValues(options),
     limits: {
       policy: options.limits,
-      defaults: { cpus: options.cpus, memoryBytes: options.memoryBytes, pids: options.pids },
-      ceilings: { cpus: options.maxCpus, memoryBytes: options.maxMemoryBytes, pids: options.maxPids },
+      defaults: {
+        cpus: options.cpus,
+        memoryBytes: options.memoryBytes,
+        pids: options.pids,
+        ioReadBps: options.ioBps,
+        ioWriteBps: options.ioBps,
+      },
+      ceilings: {
+        cpus: options.maxCpus,
+        memoryBytes: options.maxMemoryBytes,
+        pids: options.maxPids,
+        ioReadBps: options.maxIoBps,
+        ioWriteBps: options.maxIoBps,
+      },
     },
   };
 }

@@ -17,7 +17,10 @@ export interface Options {
   readonly id: string;
   readonly jobsDir: string;
   readonly workspacesDir: string;
+  /** The first of `topics`: where `submit` publishes, what `drain` assumes. */
   readonly topic: string;
+  /** Every subscription of the slot (`--topic` given several times, or comma-separated): one session, one claim per job. */
+  readonly topics: readonly string[];
   readonly clean: boolean;
   readonly keepaliveMs: number;
   readonly connectTimeoutMs: number;
@@ -48,6 +51,9 @@ export interface Options {
   readonly maxCpus: number | undefined;
   readonly maxMemoryBytes: number | undefined;
   readonly maxPids: number | undefined;
+  /** Default and ceiling of a job's I/O bandwidth, bytes per second in each direction. */
+  readonly ioBps: number | undefined;
+  readonly maxIoBps: number | undefined;
   readonly limits: 'auto' | 'required' | 'optional' | 'off';
   readonly stage: 'auto' | 'copy' | 'overlay';
   /** Run steps as this user (the worker must be root). */
@@ -87,6 +93,8 @@ export interface OptionDef {
   readonly kind: Kind;
   /** Shown in help where the default is not a plain value. */
   readonly defaultText?: string;
+  /** Given several times, its values are joined with commas (as its environment variable takes them). */
+  readonly repeatable?: boolean;
 }
 
 const text = (fallback: string): Kind => ({ type: 'text', fallback });
@@ -110,6 +118,11 @@ const cpus: Kind = { type: 'limit', parse: positive, expected: 'a number of CPUs
 const memory: Kind = { type: 'limit', parse: parseSizeValue, expected: 'a size like "2G"' };
 
 const pids: Kind = { type: 'limit', parse: count, expected: 'a whole number of processes like 512' };
+const bandwidth: Kind = {
+  type: 'limit',
+  parse: parseSizeValue,
+  expected: 'a rate in bytes per second like "10M"',
+};
 
 /** The option table: commander's help, the README and `resolveOptions` all follow it. */
 export const OPTION_DEFS: readonly OptionDef[] = [
@@ -195,8 +208,10 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     key: 'topic',
     flags: '-t, --topic <topic>',
     env: 'MQTT_TOPIC',
-    description: 'subscription, e.g. $share/workers/jobs/pending',
+    description:
+      'subscription, e.g. jobs/pending/gpu; repeat it (or comma-separate it) for a slot that serves several pools',
     kind: topic('jobs/pending', true),
+    repeatable: true,
   },
   {
     key: 'clean',
@@ -355,6 +370,22 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     env: 'MQTT_MAX_PIDS',
     description: 'the most processes a job may ask for',
     kind: pids,
+    defaultText: 'none',
+  },
+  {
+    key: 'ioBps',
+    flags: '--io-bps <rate>',
+    env: 'MQTT_IO_BPS',
+    description: "each job's default I/O bandwidth, bytes per second read and written (cgroups)",
+    kind: bandwidth,
+    defaultText: 'none',
+  },
+  {
+    key: 'maxIoBps',
+    flags: '--max-io-bps <rate>',
+    env: 'MQTT_MAX_IO_BPS',
+    description: 'the most I/O bandwidth a job may ask for, each direction',
+    kind: bandwidth,
     defaultText: 'none',
   },
   {

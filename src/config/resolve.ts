@@ -47,8 +47,9 @@ export function longFlag(def: OptionDef): string {
  * expire: a day outlasts any restart or maintenance, and bounds what an abandoned session piles up. A shared
  * subscription's session holds the only copy of each job dealt to it: it never expires (retire it with drain).
  */
-function defaultSessionExpiryMs(topic: string): number | undefined {
-  return isShared(topic) ? undefined : 24 * 60 * 60 * 1000;
+// A session that holds the only copy of what a share group dealt it never expires by default.
+function defaultSessionExpiryMs(topics: readonly string[]): number | undefined {
+  return topics.some(isShared) ? undefined : 24 * 60 * 60 * 1000;
 }
 
 export function resolveOptions(
@@ -65,7 +66,22 @@ export function resolveOptions(
     const problem = (expected: string): void => {
       problems.push(`${from}: expected ${expected}, got ${describeValue(given)}`);
     };
-    values[def.key] = resolveOne(def.kind, given, problem, context);
+    if (def.repeatable) {
+      // Each of several values (`--topic a --topic b`, or `MQTT_TOPIC=a,b`) is checked on its own.
+      const parts =
+        typeof given === 'string'
+          ? given
+              .split(',')
+              .map((part) => part.trim())
+              .filter(Boolean)
+          : [];
+      const all =
+        parts.length > 0
+          ? parts.map((part) => resolveOne(def.kind, part, problem, context))
+          : [resolveOne(def.kind, given, problem, context)];
+      values[def.key] = all[0];
+      values[`${def.key}s`] = [...new Set(all)];
+    } else values[def.key] = resolveOne(def.kind, given, problem, context);
   }
 
   const options = values as unknown as Options & { id: string };
@@ -114,27 +130,22 @@ function checkTogether(
       `--response-topic-prefix: expected a topic prefix without wildcards, not starting with $, got ${describeValue(prefix)}`,
     );
   }
-  const filter = plainTopic(options.topic);
-  for (const key of [
-    'resultsTopic',
-    'statusTopic',
-    'cancelTopic',
-    'presenceTopic',
-    'rejectedTopic',
-  ] as const) {
+  for (const topic of options.topics) {
+    const filter = plainTopic(topic);
+    const own = (
+      ['resultsTopic', 'statusTopic', 'cancelTopic', 'presenceTopic', 'rejectedTopic'] as const
+    ).find((key) => topicMatches(filter, `${options[key]}/x`) || topicMatches(filter, options[key]));
     // A jobs topic that also takes the worker's own messages would treat every result as a request.
-    if (topicMatches(filter, `${options[key]}/x`) || topicMatches(filter, options[key])) {
+    if (own)
       problems.push(
-        `--topic: ${describeValue(options.topic)} also matches the worker's own messages on ${options[key]}/…; use a topic of its own, e.g. jobs/pending`,
+        `--topic: ${describeValue(topic)} also matches the worker's own messages on ${options[own]}/…; use a topic of its own, e.g. jobs/pending`,
       );
-      break;
-    }
   }
   if (/^dry-run-\d+$/.test(options.id)) {
     problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
   }
   const expiryGiven = flags.sessionExpirySeconds !== undefined || env.MQTT_SESSION_EXPIRY !== undefined;
-  const expiryMs = expiryGiven ? options.sessionExpirySeconds : defaultSessionExpiryMs(options.topic);
+  const expiryMs = expiryGiven ? options.sessionExpirySeconds : defaultSessionExpiryMs(options.topics);
   (options as { sessionExpirySeconds: number | undefined }).sessionExpirySeconds =
     expiryMs === undefined ? undefined : Math.ceil(expiryMs / 1000);
   if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {

@@ -1,5 +1,6 @@
 import { writeFileAtomic } from '../shared/atomic-write.js';
 import type { ErrorCode } from '../shared/errors.js';
+import type { LimitName } from '../step/run-step.js';
 import { MANIFEST_FILE, MANIFEST_NAME } from './results-layout.js';
 import type { SkippedEntry } from './workspace/stage.js';
 import type { Artifact } from './workspace/sync.js';
@@ -24,7 +25,9 @@ export interface StepRecord {
   peakMemoryBytes: number | null;
   cpuMs: number | null;
   oomKilled: boolean | null;
-  limitsHit: readonly ('cpus' | 'memory' | 'pids')[] | null;
+  limitsHit: readonly LimitName[] | null;
+  ioReadBytes: number | null;
+  ioWriteBytes: number | null;
   /** Without a cgroup: processes the step left behind outside its process group, found by their tag and killed. */
   leftoversKilled: number;
 }
@@ -52,6 +55,10 @@ export interface Manifest {
     cpus: number | null;
     memoryBytes: number | null;
     pids: number | null;
+    /** Bytes per second per direction, and the block devices they apply to: only where an I/O limit is in play. */
+    ioReadBps?: number | null;
+    ioWriteBps?: number | null;
+    ioDevices?: readonly string[];
     reason?: string;
   };
   steps: StepRecord[];

@@ -1,7 +1,16 @@
 import { constants } from 'node:fs';
 import { open, readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
-import { effectiveLimits, type JobLimits, type LimitSettings, openJobLimits } from '../limits/index.js';
+import {
+  type EffectiveLimits,
+  effectiveLimits,
+  ioDevices,
+  type JobLimits,
+  type LimitSettings,
+  limitsIo,
+  openJobLimits,
+  requireDevices,
+} from '../limits/index.js';
 import { ErrorCode, toErrorInfo, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { formatBytes, formatDuration } from '../shared/units.js';
@@ -196,7 +205,11 @@ async function prepare(state: RunState): Promise<JobSpec> {
 async function stageJobAndLimits(state: RunState, spec: JobSpec): Promise<Staged> {
   const { config, run, manifest, now } = state;
   const settings = config.limits ?? LIMITS_OFF;
-  const limits = effectiveLimits(spec.limits, settings);
+  const limits = withIoDevices(
+    effectiveLimits(spec.limits, settings),
+    config,
+    (state.paths as JobPaths).jobDir,
+  );
   const opening = openJobLimits(limits, settings.policy, `mqtt-fs-worker-${config.workerId}`).then(
     (opened) => (state.limits = opened),
   );
@@ -223,6 +236,15 @@ async function stageJobAndLimits(state: RunState, spec: JobSpec): Promise<Staged
       : `staged ${staged.files} files (${formatBytes(staged.bytes)}) in ${took}`,
   );
   return { ...stagedOutcome.value, limits: opened.value };
+}
+
+/** I/O limits apply to the block devices under the workspace and the job's folder (see limits/io.ts). */
+function withIoDevices(limits: EffectiveLimits, config: EngineConfig, jobDir: string): EffectiveLimits {
+  if (!limitsIo(limits) || config.limits?.policy === 'off') return limits;
+  const where = [config.workspacesDir, jobDir];
+  const devices = ioDevices(where);
+  requireDevices(devices, where);
+  return { ...limits, ioDevices: devices };
 }
 
 async function runAllSteps(state: RunState, spec: JobSpec, staged: Staged): Promise<void> {

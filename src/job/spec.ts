@@ -161,6 +161,9 @@ const jobFile = v.strictObject(
             ),
           ),
           memory: v.optional(size),
+          ioBps: v.optional(size),
+          ioReadBps: v.optional(size),
+          ioWriteBps: v.optional(size),
           pids: v.optional(
             v.pipe(
               v.number((issue) => `Expected a whole number of processes, got ${describeValue(issue.input)}`),
@@ -247,7 +250,13 @@ export function parseJobFile(text: string, source = 'job.json', stepsOverride?: 
     steps: toStepSpecs(spec.steps),
     env: spec.env ?? {},
     timeoutMs: spec.timeout,
-    limits: { cpus: spec.limits?.cpus, memoryBytes: spec.limits?.memory, pids: spec.limits?.pids },
+    limits: {
+      cpus: spec.limits?.cpus,
+      memoryBytes: spec.limits?.memory,
+      pids: spec.limits?.pids,
+      ioReadBps: spec.limits?.ioReadBps ?? spec.limits?.ioBps,
+      ioWriteBps: spec.limits?.ioWriteBps ?? spec.limits?.ioBps,
+    },
     artifacts: { include: spec.artifacts?.include ?? ['**'], exclude: spec.artifacts?.exclude ?? [] },
   };
 }

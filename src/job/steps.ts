@@ -159,6 +159,8 @@ export function pendingStep(step: StepSpec): StepRecord {
     cpuMs: null,
     oomKilled: null,
     limitsHit: null,
+    ioReadBytes: null,
+    ioWriteBytes: null,
     leftoversKilled: 0,
   };
 }

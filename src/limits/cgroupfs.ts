@@ -2,7 +2,7 @@ import { close, openSync, write } from 'node:fs';
 import { readdir, rmdir } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
-import type { StepAccounting, StepSandbox } from '../step/run-step.js';
+import type { LimitName, StepAccounting, StepSandbox } from '../step/run-step.js';
 import { readKernelFile } from './detect.js';
 
 // What both cgroup versions share: the cgroupfs itself (control files, process lists, removal), the accounting
@@ -12,6 +12,16 @@ export interface EffectiveLimits {
   readonly cpus: number | null;
   readonly memoryBytes: number | null;
   readonly pids: number | null;
+  /** Bytes per second, per direction, on each of `ioDevices` (see io.ts); absent or null: no limit. */
+  readonly ioReadBps?: number | null;
+  readonly ioWriteBps?: number | null;
+  /** The block devices the I/O limits apply to (`MAJ:MIN`). */
+  readonly ioDevices?: readonly string[];
+}
+
+/** Whether any I/O limit is in play. */
+export function limitsIo(limits: EffectiveLimits): boolean {
+  return (limits.ioReadBps ?? null) !== null || (limits.ioWriteBps ?? null) !== null;
 }
 
 /** A job's cgroups: one sandbox per step, all below a folder named after the worker. */
@@ -149,24 +159,41 @@ export function accounting(
   oomKills: number | null,
   cpuMs: number | null,
   hit: StepAccounting['limitsHit'],
+  io: { read: number | null; write: number | null } = { read: null, write: null },
 ): StepAccounting {
   return {
     peakMemoryBytes: peak,
     cpuMs: cpuMs === null ? null : Math.round(cpuMs),
     oomKilled: oomKills === null ? null : oomKills > 0,
     limitsHit: hit,
+    ioReadBytes: io.read,
+    ioWriteBytes: io.write,
   };
 }
 
-/** The limits a step ran into, from the kernel's own counters (null where none could be read). */
+/**
+ * The limits a step ran into, from the kernel's own counters (null where none could be read); `io` is a judgement
+ * from byte counts (see io.ts), counted as one more counter.
+ */
 export function limitsHit(
-  counters: Record<'cpus' | 'memory' | 'pids', number | null>,
+  counters: Record<'cpus' | 'memory' | 'pids', number | null> & { io?: boolean | null },
 ): StepAccounting['limitsHit'] {
-  const known = Object.entries(counters).filter(([, count]) => count !== null);
+  const { io, ...rest } = counters;
+  const known = Object.entries({
+    ...rest,
+    ...(io === undefined || io === null ? {} : { io: io ? 1 : 0 }),
+  }).filter(([, count]) => count !== null);
   if (known.length === 0) return null;
-  return known
-    .filter(([, count]) => (count as number) > 0)
-    .map(([name]) => name as 'cpus' | 'memory' | 'pids');
+  return known.filter(([, count]) => (count as number) > 0).map(([name]) => name as LimitName);
+}
+
+/** Sums `MAJ:MIN key=value …` (io.stat) or `MAJ:MIN Key value` (blkio) lines for one key across devices. */
+export function sumPerDevice(text: string | undefined, key: string): number | null {
+  if (text === undefined) return null;
+  let total = 0;
+  for (const match of text.matchAll(new RegExp(`^\\d+:\\d+\\b.*?\\b${key}[ =](\\d+)`, 'gm')))
+    total += Number(match[1]);
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------------------- v1 ----

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import path from 'node:path';
 
 /** The v1 controllers the worker uses (cpu and cpuacct may share a mount or not). */
-export const V1_CONTROLLERS = ['memory', 'cpu', 'cpuacct', 'pids', 'freezer'] as const;
+export const V1_CONTROLLERS = ['memory', 'cpu', 'cpuacct', 'pids', 'freezer', 'blkio'] as const;
 export type V1Controller = (typeof V1_CONTROLLERS)[number];
 
 /** Where this process's cgroups are, per hierarchy. */

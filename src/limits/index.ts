@@ -1,17 +1,22 @@
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import { formatBytes } from '../shared/units.js';
-import type { EffectiveLimits, JobCgroups } from './cgroupfs.js';
+import { type EffectiveLimits, type JobCgroups, limitsIo } from './cgroupfs.js';
 import { type CgroupLayout, detectLayout, readKernelFile } from './detect.js';
 import { openCgroupV1 } from './v1.js';
 import { openCgroupV2 } from './v2.js';
 
 export type { EffectiveLimits, JobCgroups } from './cgroupfs.js';
+export { limitsIo } from './cgroupfs.js';
+export { ioDevices, requireDevices } from './io.js';
 
 /** Limits as a job asks for them (or as the worker's defaults and ceilings give them): absent means none. */
 export interface RequestedLimits {
   readonly cpus?: number;
   readonly memoryBytes?: number;
   readonly pids?: number;
+  /** Bytes per second read from, and written to, the devices under the workspace. */
+  readonly ioReadBps?: number;
+  readonly ioWriteBps?: number;
 }
 
 export type LimitsPolicy = 'auto' | 'required' | 'optional' | 'off';
@@ -34,16 +39,19 @@ export function effectiveLimits(requested: RequestedLimits, settings: LimitSetti
     const ceiling = settings.ceilings[key];
     if (value !== undefined && ceiling !== undefined && value > ceiling) {
       const what = requested[key] !== undefined ? 'asks for' : 'defaults to';
-      problems.push(
-        `limits.${key === 'memoryBytes' ? 'memory' : key} ${what} ${show(value)}, above the worker's ceiling of ${show(ceiling)}`,
-      );
+      const name = key === 'memoryBytes' ? 'memory' : key;
+      problems.push(`limits.${name} ${what} ${show(value)}, above the worker's ceiling of ${show(ceiling)}`);
     }
     return value ?? null;
   };
+  const rate = (n: number) => `${formatBytes(n)}/s`;
+  const io = { ioReadBps: pick('ioReadBps', rate), ioWriteBps: pick('ioWriteBps', rate) };
   const limits = {
     cpus: pick('cpus', String),
     memoryBytes: pick('memoryBytes', formatBytes),
     pids: pick('pids', String),
+    // Only where one is in play: a manifest without I/O limits reads as before.
+    ...(io.ioReadBps !== null || io.ioWriteBps !== null ? io : {}),
   };
   if (problems.length > 0) {
     throw new WorkerError(
@@ -83,7 +91,8 @@ export async function openJobLimits(
 ): Promise<JobLimits> {
   if (policy === 'off')
     return { mode: 'none', limits: NONE, reason: `limits are off (--limits off)${UNCONTAINED}` };
-  const anyLimit = limits.cpus !== null || limits.memoryBytes !== null || limits.pids !== null;
+  const anyLimit =
+    limits.cpus !== null || limits.memoryBytes !== null || limits.pids !== null || limitsIo(limits);
   const required = policy === 'required' || (policy === 'auto' && anyLimit);
   try {
     const found = layout ?? detectLayout();

@@ -10,18 +10,21 @@ import {
   type EffectiveLimits,
   type JobCgroups,
   limitsHit,
+  limitsIo,
   procsOf,
   Removals,
   readKeyed,
   readNumber,
   removeCgroup,
   signalAll,
+  sumPerDevice,
   sweep,
   unavailable,
   waitEmpty,
   writeControl,
 } from './cgroupfs.js';
 import { type CgroupLayout, readKernelFile } from './detect.js';
+import { ioLimitHit } from './io.js';
 
 // cgroup v1: one hierarchy per controller; a job gets a folder in each it uses, and a step one below each.
 
@@ -31,7 +34,7 @@ export async function openCgroupV1(
   name: string,
   limits: EffectiveLimits,
 ): Promise<JobCgroups> {
-  const { memory, cpu, cpuacct, pids, freezer } = layout.v1;
+  const { memory, cpu, cpuacct, pids, freezer, blkio } = layout.v1;
   checkControllers(layout, limits);
   const rootsIn = (dirs: Record<string, string | undefined>): Map<string, string> => {
     const found = new Map<string, string>();
@@ -47,12 +50,13 @@ export async function openCgroupV1(
     freezer,
     cpu: limits.cpus !== null ? cpu : undefined,
     pids: limits.pids !== null ? pids : undefined,
+    blkio: limitsIo(limits) ? blkio : undefined,
   });
   const rootDirs = [...new Set(roots.values())];
   const removeRoots = () => Promise.all(rootDirs.map((root) => sweep(root, async () => {})));
   const removals = new Removals();
   // Stale cgroups of this worker's earlier (crashed) run, in every hierarchy, then the job's own folders.
-  await sweepEarlier(rootsIn({ memory, cpu, cpuacct, pids, freezer }), roots.get('freezer'));
+  await sweepEarlier(rootsIn({ memory, cpu, cpuacct, pids, freezer, blkio }), roots.get('freezer'));
   try {
     await Promise.all(rootDirs.map((root) => mkdir(root, { recursive: true })));
   } catch (error) {
@@ -60,7 +64,7 @@ export async function openCgroupV1(
   }
   const makeStep = async (index: number): Promise<StepSandbox> => {
     const dirs = await makeStepDirs(roots, index, limits);
-    return v1Sandbox(dirs, (unique) => removals.start(Promise.all(unique.map(removeCgroup))));
+    return v1Sandbox(dirs, limits, (unique) => removals.start(Promise.all(unique.map(removeCgroup))));
   };
   // The first step's cgroups are made with the job's (while the job is staged).
   const first = await makeStep(0).catch(async (error) => {
@@ -81,11 +85,12 @@ export async function openCgroupV1(
 
 /** Throws naming the fix when a limit in play has no hierarchy mounted. */
 function checkControllers(layout: CgroupLayout, limits: EffectiveLimits): void {
-  const { memory, cpu, pids } = layout.v1;
+  const { memory, cpu, pids, blkio } = layout.v1;
   const lacking = [
     limits.memoryBytes !== null && !memory ? 'memory' : '',
     limits.cpus !== null && !cpu ? 'cpu' : '',
     limits.pids !== null && !pids ? 'pids' : '',
+    limitsIo(limits) && !blkio ? 'blkio' : '',
   ].filter(Boolean);
   if (lacking.length > 0) {
     throw new WorkerError(
@@ -120,10 +125,12 @@ async function makeStepDirs(
     const memoryDir = dirs.get('memory');
     const cpuDir = dirs.get('cpu');
     const pidsDir = dirs.get('pids');
+    const blkioDir = dirs.get('blkio');
     await Promise.all([
       memoryDir && limits.memoryBytes !== null && limitMemoryV1(memoryDir, limits.memoryBytes),
       cpuDir && limits.cpus !== null && limitCpuV1(cpuDir, limits.cpus),
       pidsDir && limits.pids !== null && writeControl(path.join(pidsDir, 'pids.max'), String(limits.pids)),
+      blkioDir && limitIoV1(blkioDir, limits),
     ]);
   } catch (error) {
     throw unavailable([...dirs.values()][0] ?? 'cgroup v1', error);
@@ -142,6 +149,16 @@ async function limitCpuV1(dir: string, cpus: number): Promise<void> {
   await writeControl(path.join(dir, 'cpu.cfs_quota_us'), String(Math.round(cpus * CPU_PERIOD_US)));
 }
 
+// One device a write: the kernel reads one `MAJ:MIN BYTES` rule from each.
+async function limitIoV1(dir: string, limits: EffectiveLimits): Promise<void> {
+  for (const device of limits.ioDevices ?? []) {
+    if (limits.ioReadBps)
+      await writeControl(path.join(dir, 'blkio.throttle.read_bps_device'), `${device} ${limits.ioReadBps}`);
+    if (limits.ioWriteBps)
+      await writeControl(path.join(dir, 'blkio.throttle.write_bps_device'), `${device} ${limits.ioWriteBps}`);
+  }
+}
+
 async function killV1(freezerDir: string): Promise<void> {
   await writeControl(path.join(freezerDir, 'freezer.state'), 'FROZEN').catch(() => {});
   for (let i = 0; i < 500; i++) {
@@ -153,8 +170,13 @@ async function killV1(freezerDir: string): Promise<void> {
   await writeControl(path.join(freezerDir, 'freezer.state'), 'THAWED').catch(() => {});
 }
 
-function v1Sandbox(dirs: Map<string, string>, remove: (unique: string[]) => void): StepSandbox {
+function v1Sandbox(
+  dirs: Map<string, string>,
+  limits: EffectiveLimits,
+  remove: (unique: string[]) => void,
+): StepSandbox {
   const unique = [...new Set(dirs.values())];
+  const made = Date.now();
   const any = dirs.get('freezer') ?? dirs.get('memory') ?? (unique[0] as string);
   const killAll = async (): Promise<void> => {
     // The common case: the step left nothing behind.
@@ -177,14 +199,26 @@ function v1Sandbox(dirs: Map<string, string>, remove: (unique: string[]) => void
       const usageNs = cpuacct ? readNumber(path.join(cpuacct, 'cpuacct.usage')) : null;
       const cpu = dirs.get('cpu');
       const pids = dirs.get('pids');
+      const blkio = dirs.get('blkio');
+      const ioStat = blkio
+        ? readKernelFile(path.join(blkio, 'blkio.throttle.io_service_bytes_recursive'))
+        : undefined;
+      const io = { read: sumPerDevice(ioStat, 'Read'), write: sumPerDevice(ioStat, 'Write') };
       const hit = limitsHit({
+        io: blkio
+          ? ioLimitHit(
+              io,
+              { read: limits.ioReadBps ?? null, write: limits.ioWriteBps ?? null },
+              (Date.now() - made) / 1000,
+            )
+          : null,
         cpus: cpu ? readKeyed(path.join(cpu, 'cpu.stat'), 'nr_throttled') : null,
         // failcnt counts charges refused at the limit; an OOM kill is one too, whatever failcnt shows.
         memory: memory ? (readNumber(path.join(memory, 'memory.failcnt')) ?? 0) + (oomKills ?? 0) : null,
         pids: pids ? readKeyed(path.join(pids, 'pids.events'), 'max') : null,
       });
       remove(unique);
-      return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6, hit);
+      return accounting(peak, oomKills, usageNs === null ? null : usageNs / 1e6, hit, io);
     },
   };
 }

@@ -10,18 +10,21 @@ import {
   type EffectiveLimits,
   type JobCgroups,
   limitsHit,
+  limitsIo,
   procsOf,
   Removals,
   readKeyed,
   readNumber,
   removeCgroup,
   signalAll,
+  sumPerDevice,
   sweep,
   unavailable,
   waitEmpty,
   writeControl,
 } from './cgroupfs.js';
 import { readKernelFile } from './detect.js';
+import { ioLimitHit } from './io.js';
 
 // cgroup v2: one unified tree; the worker's own cgroup holds a supervisor/ leaf and one cgroup per step.
 
@@ -37,7 +40,7 @@ export async function openCgroupV2(
   remove: (dir: string) => Promise<void> = removeCgroup,
 ): Promise<JobCgroups> {
   const available = checkDelegation(own, limits);
-  await enterSupervisor(own, available);
+  await enterSupervisor(own, available, limitsIo(limits));
   // Moving the worker into supervisor/ waited out the kernel's RCU grace period once (moving another process
   // does; see StepSandbox): the steps' moves soon after it are quick.
   const prefix = `${name}-step-`;
@@ -51,7 +54,7 @@ export async function openCgroupV2(
     step: async (index) => {
       const dir = path.join(own, `${prefix}${index}`);
       await makeStep(dir, limits);
-      return v2Sandbox(dir, () => removals.start(remove(dir)));
+      return v2Sandbox(dir, limits, () => removals.start(remove(dir)));
     },
     close: async () => {
       const failure = await removals.done();
@@ -71,13 +74,13 @@ function checkDelegation(own: string, limits: EffectiveLimits): string[] {
     );
   }
   const available = (readKernelFile(path.join(own, 'cgroup.controllers')) ?? '').split(/\s+/);
-  const missing = WANTED.filter((c) => !available.includes(c));
   const needed = [
     limits.cpus !== null ? 'cpu' : '',
     limits.memoryBytes !== null ? 'memory' : '',
     limits.pids !== null ? 'pids' : '',
+    limitsIo(limits) ? 'io' : '',
   ];
-  const lacking = needed.filter((c) => c && missing.includes(c));
+  const lacking = needed.filter((c) => c && !available.includes(c));
   if (lacking.length > 0) {
     throw new WorkerError(
       ErrorCode.LIMITS_UNAVAILABLE,
@@ -91,14 +94,17 @@ function checkDelegation(own: string, limits: EffectiveLimits): string[] {
  * Processes may live only in leaves once controllers are enabled below: every process of the worker's own cgroup
  * (the worker, an init, siblings of the unit) moves into supervisor/, then the controllers are enabled.
  */
-async function enterSupervisor(own: string, available: readonly string[]): Promise<void> {
+async function enterSupervisor(own: string, available: readonly string[], io: boolean): Promise<void> {
   const supervisor = path.join(own, 'supervisor');
   try {
     await mkdir(supervisor, { recursive: true });
     // Move every process of our own cgroup (the worker, an init, siblings of the unit) into supervisor/.
     for (const pid of procsOf(own))
       await writeControl(path.join(supervisor, 'cgroup.procs'), String(pid)).catch(() => {});
-    const enable = WANTED.filter((c) => available.includes(c)).map((c) => `+${c}`);
+    // io only for a job that limits it: it is the one controller whose accounting costs every step's writes.
+    const enable = [...WANTED, ...(io ? ['io'] : [])]
+      .filter((c) => available.includes(c))
+      .map((c) => `+${c}`);
     if (enable.length > 0) await writeControl(path.join(own, 'cgroup.subtree_control'), enable.join(' '));
   } catch (error) {
     throw unavailable(own, error);
@@ -120,6 +126,13 @@ async function makeStep(dir: string, limits: EffectiveLimits): Promise<void> {
         `${Math.round(limits.cpus * CPU_PERIOD_US)} ${CPU_PERIOD_US}`,
       );
     if (limits.pids !== null) await writeControl(path.join(dir, 'pids.max'), String(limits.pids));
+    // One device a write: `MAJ:MIN rbps=N wbps=N` ("max" for a direction without a limit).
+    if (limitsIo(limits))
+      for (const device of limits.ioDevices ?? [])
+        await writeControl(
+          path.join(dir, 'io.max'),
+          `${device} rbps=${limits.ioReadBps ?? 'max'} wbps=${limits.ioWriteBps ?? 'max'}`,
+        );
   } catch (error) {
     throw unavailable(dir, error);
   }
@@ -138,22 +151,36 @@ async function killV2(dir: string): Promise<void> {
   await waitEmpty(dir);
 }
 
-function v2Sandbox(dir: string, remove: () => void): StepSandbox {
+function v2Sandbox(dir: string, limits: EffectiveLimits, remove: () => void): StepSandbox {
+  let joined = Date.now();
   return {
-    join: async (pid) => writeControl(path.join(dir, 'cgroup.procs'), String(pid)),
+    join: async (pid) => {
+      joined = Date.now();
+      await writeControl(path.join(dir, 'cgroup.procs'), String(pid));
+    },
     signal: async (signal) => (signal === 'SIGKILL' ? killV2(dir) : signalAll(procsOf(dir), signal)),
     close: async () => {
       await killV2(dir);
       const peak = readNumber(path.join(dir, 'memory.peak'));
       const oomKills = readKeyed(path.join(dir, 'memory.events'), 'oom_kill');
       const usageUsec = readKeyed(path.join(dir, 'cpu.stat'), 'usage_usec');
+      const limited = limitsIo(limits);
+      const ioStat = limited ? readKernelFile(path.join(dir, 'io.stat')) : undefined;
+      const io = { read: sumPerDevice(ioStat, 'rbytes'), write: sumPerDevice(ioStat, 'wbytes') };
       const hit = limitsHit({
+        io: limited
+          ? ioLimitHit(
+              io,
+              { read: limits.ioReadBps ?? null, write: limits.ioWriteBps ?? null },
+              (Date.now() - joined) / 1000,
+            )
+          : null,
         cpus: readKeyed(path.join(dir, 'cpu.stat'), 'nr_throttled'),
         memory: readKeyed(path.join(dir, 'memory.events'), 'max'),
         pids: readKeyed(path.join(dir, 'pids.events'), 'max'),
       });
       remove();
-      return accounting(peak, oomKills, usageUsec === null ? null : usageUsec / 1000, hit);
+      return accounting(peak, oomKills, usageUsec === null ? null : usageUsec / 1000, hit, io);
     },
   };
 }

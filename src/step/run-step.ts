@@ -7,12 +7,21 @@ import { LogSink } from './log-sink.js';
 import { StreamMasker } from './mask.js';
 
 /** What a step's cgroup measured; all null where no cgroup applied. */
+/** A limit a step can run into. */
+export type LimitName = 'cpus' | 'memory' | 'pids' | 'io';
+
 export interface StepAccounting {
   readonly peakMemoryBytes: number | null;
   readonly cpuMs: number | null;
   readonly oomKilled: boolean | null;
-  /** The limits the step ran into (`cpus` throttled, `memory` at its maximum, `pids` refused a fork); null: unknown. */
-  readonly limitsHit: readonly ('cpus' | 'memory' | 'pids')[] | null;
+  /**
+   * The limits the step ran into (`cpus` throttled, `memory` at its maximum, `pids` refused a fork, `io` held to its
+   * bandwidth); null: unknown.
+   */
+  readonly limitsHit: readonly LimitName[] | null;
+  /** Bytes the step read from and wrote to block devices (where I/O is accounted: an I/O limit in play). */
+  readonly ioReadBytes: number | null;
+  readonly ioWriteBytes: number | null;
 }
 
 export const NO_ACCOUNTING: StepAccounting = Object.freeze({
@@ -20,6 +29,8 @@ export const NO_ACCOUNTING: StepAccounting = Object.freeze({
   cpuMs: null,
   oomKilled: null,
   limitsHit: null,
+  ioReadBytes: null,
+  ioWriteBytes: null,
 });
 
 /**

@@ -85,7 +85,7 @@ async function brokerCheck(options: Options): Promise<Check> {
         clientId: `${options.id}.doctor`,
         clean: options.clean,
         sessionExpirySeconds: options.sessionExpirySeconds,
-        topic: options.topic,
+        topics: options.topics,
         log,
       });
       const granted = await client.subscribeAsync(`${options.statusTopic}/doctor-probe`, { qos: 1 });

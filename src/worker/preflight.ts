@@ -1,7 +1,13 @@
 import { constants } from 'node:fs';
 import { access, mkdir } from 'node:fs/promises';
 import { jobsDirProblem } from '../job/paths.js';
-import { type EffectiveLimits, effectiveLimits, type LimitSettings, openJobLimits } from '../limits/index.js';
+import {
+  type EffectiveLimits,
+  effectiveLimits,
+  type LimitSettings,
+  limitsIo,
+  openJobLimits,
+} from '../limits/index.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import { inspectDrive } from './drive.js';
 
@@ -21,6 +27,9 @@ export interface PreflightInput {
   readonly claimLeaseMs?: number;
 }
 
+/** The worker option behind each limit (a default above its own ceiling is a settings problem). */
+const OPTION_OF: Record<string, string> = { ioReadBps: 'io-bps', ioWriteBps: 'io-bps' };
+
 /**
  * Throws NOT_READY (the machine: directories, a drive that cannot honour the lease) or INVALID_OPTION (the
  * settings) naming every problem found; returns what is worth a warning.
@@ -33,7 +42,9 @@ export async function preflight(input: PreflightInput): Promise<string[]> {
     defaults = effectiveLimits({}, input.limits);
   } catch (error) {
     settings.push(
-      ...(error as WorkerError).problems.map((p) => p.replace(/^limits\.(\w+) defaults to/, '--$1 is')),
+      ...(error as WorkerError).problems.map((p) =>
+        p.replace(/^limits\.(\w+) defaults to/, (_, key: string) => `--${OPTION_OF[key] ?? key} is`),
+      ),
     );
   }
   if (settings.length > 0) {
@@ -62,7 +73,8 @@ export async function preflight(input: PreflightInput): Promise<string[]> {
  */
 async function cgroupsProblem(input: PreflightInput, defaults: EffectiveLimits): Promise<string | undefined> {
   const { policy } = input.limits;
-  const anyDefault = defaults.cpus !== null || defaults.memoryBytes !== null || defaults.pids !== null;
+  const anyDefault =
+    defaults.cpus !== null || defaults.memoryBytes !== null || defaults.pids !== null || limitsIo(defaults);
   if (policy !== 'required' && !(policy === 'auto' && anyDefault)) return undefined;
   try {
     const opened = await openJobLimits(defaults, policy, input.cgroupName);

@@ -65,14 +65,14 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
     host: input.config.hostname,
     version: input.config.version,
     connectedAt: new Date(),
-    topics: [options.topic],
+    topics: options.topics,
   };
   const consumer = await JobConsumer.connect({
     settings: options,
     clientId: options.id,
     clean: options.clean,
     sessionExpirySeconds: options.sessionExpirySeconds,
-    topic: options.topic,
+    topics: options.topics,
     will: {
       topic: presenceTopic(options),
       payload: Buffer.from(presenceMessage(source, 'offline')),
@@ -89,7 +89,7 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
       loadEngine().catch(() => {}); // a failure shows where a job awaits the engine
     },
   });
-  log.info(`connected to the broker as ${options.id}; waiting for one job on ${options.topic}`, {
+  log.info(`connected to the broker as ${options.id}; waiting for one job on ${options.topics.join(', ')}`, {
     session: consumer.sessionPresent ? 'resumed' : 'new',
   });
   consumer.fireAndForget(presenceTopic(options), presenceMessage(source, 'idle'), true);
@@ -120,7 +120,7 @@ export function warnAboutSettings(options: Options, log: Logger): void {
       'MQTT 3.1.1 cannot ask the broker for one message in flight: set max_inflight_messages 1 on the broker',
     );
   }
-  if (isShared(options.topic) && !options.clean && options.sessionExpirySeconds !== undefined) {
+  if (options.topics.some(isShared) && !options.clean && options.sessionExpirySeconds !== undefined) {
     log.warn(
       `--session-expiry ${options.sessionExpirySeconds}s with a shared subscription: the jobs dealt to this slot are lost if it stays away longer`,
     );

@@ -82,6 +82,8 @@ export interface SlotRow {
   readonly lastSeen: string;
   readonly version: string | null;
   readonly host: string | null;
+  /** The subscriptions (pools) the slot takes jobs from; null where its presence does not say. */
+  readonly topics: readonly string[] | null;
 }
 
 /** What `workers` shows of each slot at `now`. */
@@ -101,6 +103,7 @@ export function slotRows(slots: readonly Presence[], now: number, abandonedAfter
       lastSeen: slot.state === 'offline' ? slot.at : new Date(now).toISOString(),
       version: slot.version ?? null,
       host: slot.host ?? null,
+      topics: slot.topics ?? null,
     };
   });
 }
@@ -110,7 +113,7 @@ export function formatWorkers(rows: readonly SlotRow[], now: number, color: bool
   if (rows.length === 0) return 'no slots have announced themselves on this broker\n';
   const paint = (code: number, text: string) => (color ? `\u001b[${code}m${text}\u001b[0m` : text);
   const colours: Record<SlotRow['state'], number> = { idle: 32, busy: 33, offline: 90, abandoned: 31 };
-  const header = ['SLOT', 'STATE', 'JOB', 'STEP', 'FOR', 'LAST SEEN', 'VERSION', 'HOST'];
+  const header = ['SLOT', 'STATE', 'JOB', 'STEP', 'FOR', 'LAST SEEN', 'VERSION', 'HOST', 'TOPICS'];
   const cells = rows.map((row) => [
     row.id,
     row.state,
@@ -122,6 +125,7 @@ export function formatWorkers(rows: readonly SlotRow[], now: number, color: bool
       : `${formatDuration(Math.max(0, now - Date.parse(row.lastSeen)))} ago`,
     row.version ?? '-',
     row.host ?? '-',
+    row.topics?.join(',') ?? '-',
   ]);
   const widths = header.map((title, column) =>
     Math.max(title.length, ...cells.map((c) => (c[column] ?? '').length)),

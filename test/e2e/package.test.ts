@@ -101,7 +101,8 @@ describe('deployment files', () => {
     for (const name of Object.keys(worker.environment)) expect(documentedEnv.has(name), name).toBe(true);
     // Pull dispatch, the fleet's default; the broker is reachable from this host only.
     expect(worker.environment.MQTT_TOPIC).toBe('jobs/pending');
-    expect(mosquitto.ports).toEqual(['127.0.0.1:1883:1883']);
+    // Off 1883, which Debian's own mosquitto service holds on many hosts.
+    expect(mosquitto.ports).toEqual(['127.0.0.1:11883:1883']);
     expect(worker.volumes).toContain('./jobs:/jobs');
     expect(worker.environment.MQTT_JOBS_DIR).toBe('/jobs');
     for (const volume of mosquitto.volumes.filter((v: string) => !v.startsWith('.'))) {

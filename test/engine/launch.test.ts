@@ -9,7 +9,8 @@ import { tempDir } from '../helpers/tmp.js';
 const UID = process.getuid?.() ?? 0;
 // Every load runs in a process of its own: within one process V8 finds a script it compiled before in memory and
 // never looks at the cache it is given. The built module runs there (npm test builds first).
-const BUILT = fileURLToPath(new URL('../../dist/launch.js', import.meta.url));
+// The launcher as the bin loads it: the bundle (npm test builds first).
+const BUILT = fileURLToPath(new URL('../../dist/bundle/launch.cjs', import.meta.url));
 
 // Enough functions that a cache made after calling them differs from one made before.
 const FIXTURE = `
@@ -33,7 +34,8 @@ async function fixture(): Promise<{ file: string; cacheDir: string }> {
 
 /** Loads the fixture through the cache in a new process, runs it, then saves as after a run (warm or not). */
 function load(file: string, settings: CacheSettings, save?: boolean): { cache: string; code: number } {
-  const script = `import { loadWithCache } from ${JSON.stringify(BUILT)};
+  const script = `import { createRequire } from 'node:module';
+  const { loadWithCache } = createRequire(import.meta.url)(${JSON.stringify(BUILT)});
     const [file, settings, uid, save] = JSON.parse(process.argv[1]);
     const loaded = loadWithCache(file, settings, uid);
     const code = await loaded.exports.main([], { jobDone() {} });
@@ -47,7 +49,8 @@ function load(file: string, settings: CacheSettings, save?: boolean): { cache: s
 
 /** The binary's path: `launch()` in a new process with these arguments and variables; its exit code. */
 function launch(file: string, args: string[], env: Record<string, string>): number {
-  const script = `import { launch } from ${JSON.stringify(BUILT)};
+  const script = `import { createRequire } from 'node:module';
+  const { launch } = createRequire(import.meta.url)(${JSON.stringify(BUILT)});
     process.exitCode = await launch(${JSON.stringify(file)}, process.argv, process.env);`;
   try {
     // `node -e` has no script path in argv: 'bin' stands in for it, as argv[1] of the real binary.

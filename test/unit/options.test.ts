@@ -64,6 +64,23 @@ describe('resolveOptions', () => {
     expect(() => resolveOptions({}, { MQTT_RESULTS_TOPIC: '$SYS/x' }, context)).toThrow(/MQTT_RESULTS_TOPIC/);
   });
 
+  it('takes several topics (a slot serving several pools): repeated on the command line, comma-separated in the environment', () => {
+    // commander joins a repeated --topic with commas (program.ts), as MQTT_TOPIC is written.
+    const flagged = resolveOptions({ topic: 'jobs/pending,jobs/gpu' }, {}, context);
+    expect(flagged.topics).toEqual(['jobs/pending', 'jobs/gpu']);
+    expect(flagged.topic).toBe('jobs/pending');
+    const fromEnv = resolveOptions({}, { MQTT_TOPIC: ' jobs/pending , jobs/pending/gpu ' }, context);
+    expect(fromEnv.topics).toEqual(['jobs/pending', 'jobs/pending/gpu']);
+    expect(resolveOptions({}, {}, context).topics).toEqual(['jobs/pending']);
+    // Any shared one keeps the session from expiring; each topic is checked on its own.
+    expect(
+      resolveOptions({ topic: 'jobs/pending,$share/w/jobs/gpu' }, {}, context).sessionExpirySeconds,
+    ).toBeUndefined();
+    expect(problemsOf({ topic: 'jobs/pending,jobs/#' })).toEqual([
+      expect.stringContaining('--topic: "jobs/#" (string) also matches the worker\'s own messages'),
+    ]);
+  });
+
   it('refuses a jobs topic that would also take the worker own messages', () => {
     for (const topic of ['jobs/#', '$share/g/jobs/#', 'jobs/+/+', '#'])
       expect(() => resolveOptions({ topic }, {}, context), topic).toThrow(
