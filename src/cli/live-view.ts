@@ -1,4 +1,3 @@
-import { StringDecoder } from 'node:string_decoder';
 import type { Manifest, StepRecord } from '../job/report.js';
 import type { JobEvent } from '../job/run-job.js';
 import { formatBytes, formatDuration } from '../shared/units.js';
@@ -7,27 +6,44 @@ import { formatBytes, formatDuration } from '../shared/units.js';
 // name, then a summary. It goes to stderr, beside the log, so that stdout keeps only the result message.
 
 export interface LiveViewOptions {
-  readonly write: (text: string) => void;
+  readonly write: (text: string | Buffer) => void;
   /** ANSI colours (a TTY without NO_COLOR). */
   readonly color: boolean;
+  /** Bytes written but not yet taken by the reader (a pipe to a slow `tee`, a paused terminal). */
+  readonly backlog?: () => number;
 }
 
 // A line longer than this is shown in pieces: the view never holds more than this per step.
 const MAX_PENDING = 16 * 1024;
+// Past this much unread output the view drops lines (and says how much) instead of queueing them: the log file has
+// every byte, and the worker's memory stays flat however fast a step prints and however slow the reader is.
+const MAX_BACKLOG = 1024 * 1024;
 const PALETTE = [36, 35, 34, 33, 32, 96, 95, 94];
+const NEWLINE = Buffer.from('\n');
+
+/** Where to cut `bytes` at most `at` long without splitting a UTF-8 sequence (continuation bytes are 10xxxxxx). */
+function charBoundary(bytes: Buffer, at: number): number {
+  let cut = at;
+  while (cut > at - 4 && cut > 0 && ((bytes[cut] ?? 0) & 0xc0) === 0x80) cut--;
+  return cut > 0 ? cut : at;
+}
 
 export class LiveView {
-  readonly #write: (text: string) => void;
+  readonly #write: (text: string | Buffer) => void;
   readonly #color: boolean;
   readonly #names = new Map<number, string>();
-  #decoder = new StringDecoder('utf8');
   #step = -1;
-  #pending = '';
+  /** The bytes of an unfinished line (never more than MAX_PENDING). */
+  #pending: Buffer = Buffer.alloc(0);
   #width = 0;
+  readonly #backlog: () => number;
+  /** Bytes of the current step not shown because the reader fell behind; shown as one line once it caught up. */
+  #dropped = 0;
 
   constructor(options: LiveViewOptions) {
     this.#write = options.write;
     this.#color = options.color;
+    this.#backlog = options.backlog ?? (() => 0);
   }
 
   event(event: JobEvent): void {
@@ -36,23 +52,51 @@ export class LiveView {
       this.#step = event.step;
       this.#names.set(event.step, event.name);
       this.#width = Math.min(24, Math.max(this.#width, event.name.length));
-      this.#decoder = new StringDecoder('utf8');
+      this.#dropped = 0;
     } else if (event.type === 'step-ended') {
-      this.#pending += this.#decoder.end();
       this.#flush();
+      this.#sayDropped();
     }
   }
 
   output(step: number, chunk: Buffer): void {
     if (step !== this.#step) return; // steps run one after another: never the case, but never mixed either
-    this.#pending += this.#decoder.write(chunk);
-    const lines = this.#pending.split('\n');
-    this.#pending = lines.pop() ?? '';
-    for (const line of lines) this.#line(line);
-    while (this.#pending.length > MAX_PENDING) {
-      this.#line(this.#pending.slice(0, MAX_PENDING));
-      this.#pending = this.#pending.slice(MAX_PENDING);
+    if (this.#backlog() > MAX_BACKLOG) {
+      // Dropped whole, undecoded: a flood costs the view nothing while the reader catches up.
+      if (this.#dropped === 0) this.#pending = Buffer.alloc(0);
+      this.#dropped += chunk.length;
+      return;
     }
+    if (this.#dropped > 0) {
+      // Resume at a line's start: the rest of a dropped line is dropped too.
+      const newline = chunk.indexOf(10);
+      if (newline < 0) {
+        this.#dropped += chunk.length;
+        return;
+      }
+      this.#dropped += newline + 1;
+      this.#sayDropped();
+      chunk = chunk.subarray(newline + 1);
+    }
+    // Bytes, not strings: lines are cut at newlines (a byte no UTF-8 sequence holds), each gets its prefix, and the
+    // chunk goes out in one write. Decoding a flood into strings cost a step printing 100 MB ~30 MB of garbage.
+    const data = this.#pending.length > 0 ? Buffer.concat([this.#pending, chunk]) : chunk;
+    const prefix = Buffer.from(`${this.#prefix()} `);
+    const parts: Buffer[] = [];
+    let start = 0;
+    for (let newline = data.indexOf(10); newline >= 0; newline = data.indexOf(10, start)) {
+      parts.push(prefix, data.subarray(start, newline + 1));
+      start = newline + 1;
+    }
+    let rest = data.subarray(start);
+    while (rest.length > MAX_PENDING) {
+      const cut = charBoundary(rest, MAX_PENDING);
+      parts.push(prefix, rest.subarray(0, cut), NEWLINE);
+      rest = rest.subarray(cut);
+    }
+    // A copy: the rest must not keep the whole chunk alive.
+    this.#pending = Buffer.from(rest);
+    if (parts.length > 0) this.#write(Buffer.concat(parts));
   }
 
   summary(manifest: Manifest, resultsDir: string): void {
@@ -88,15 +132,30 @@ export class LiveView {
     return `${this.#paint(colour, status.padEnd(15))} ${step.name.padEnd(this.#width)}  ${facts.join('  ')}`;
   }
 
-  #line(text: string): void {
+  #prefix(): string {
     const name = this.#names.get(this.#step) ?? `step ${this.#step}`;
-    const prefix = this.#paint(PALETTE[this.#step % PALETTE.length] ?? 36, `${name.padEnd(this.#width)} |`);
-    this.#write(`${prefix} ${text}\n`);
+    return this.#paint(PALETTE[this.#step % PALETTE.length] ?? 36, `${name.padEnd(this.#width)} |`);
+  }
+
+  #line(text: string): void {
+    this.#write(`${this.#prefix()} ${text}\n`);
+  }
+
+  #sayDropped(): void {
+    if (this.#dropped === 0) return;
+    this.#line(
+      this.#paint(
+        90,
+        `… ${formatBytes(this.#dropped)} not shown: stderr could not keep up (the step's log has every byte)`,
+      ),
+    );
+    this.#dropped = 0;
   }
 
   #flush(): void {
-    if (this.#pending.length > 0) this.#line(this.#pending);
-    this.#pending = '';
+    if (this.#pending.length > 0)
+      this.#write(Buffer.concat([Buffer.from(`${this.#prefix()} `), this.#pending, NEWLINE]));
+    this.#pending = Buffer.alloc(0);
   }
 
   #paint(code: number, text: string): string {

@@ -20,12 +20,12 @@ function streamFor(fd: StdioFd): NodeJS.WriteStream {
  * Writes `text` to stdout (1) or stderr (2). A reader that went away (EPIPE) or a closed descriptor loses the text,
  * as it would have anyway, without an error event that would end the process.
  */
-export function writeStdio(fd: StdioFd, text: string): void {
+export function writeStdio(fd: StdioFd, text: string | Buffer): void {
   if (throughStream.has(fd)) {
     streamFor(fd).write(text);
     return;
   }
-  let rest = Buffer.from(text);
+  let rest = typeof text === 'string' ? Buffer.from(text) : text;
   while (rest.length > 0) {
     try {
       rest = rest.subarray(writeSync(fd, rest));
@@ -38,6 +38,11 @@ export function writeStdio(fd: StdioFd, text: string): void {
       return;
     }
   }
+}
+
+/** Bytes handed to a descriptor but not written yet (queued in Node's stream after EAGAIN): a slow reader's backlog. */
+export function backlog(fd: StdioFd): number {
+  return throughStream.has(fd) ? streamFor(fd).writableLength : 0;
 }
 
 /**

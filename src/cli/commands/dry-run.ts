@@ -8,7 +8,7 @@ import { idProblem } from '../../shared/ids.js';
 import type { Logger } from '../../shared/log.js';
 import { interruptOnSignals, logger, resolve, signalExitCode, VERSION } from '../context.js';
 import type { MainHooks } from '../main.js';
-import { writeStdio } from '../stdio.js';
+import { backlog, writeStdio } from '../stdio.js';
 
 export interface DryRunFlags {
   readonly quiet: boolean;
@@ -84,7 +84,11 @@ async function oneRun(input: OneRunInput): Promise<(signal: AbortSignal) => Prom
   return async (signal) => {
     const view = dry.quiet
       ? undefined
-      : new (await import('../live-view.js')).LiveView({ write: (text) => writeStdio(2, text), color });
+      : new (await import('../live-view.js')).LiveView({
+          write: (text) => writeStdio(2, text),
+          backlog: () => backlog(2),
+          color,
+        });
     try {
       const { manifest } = await dryRun({
         payloadFile: input.payload,
