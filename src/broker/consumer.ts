@@ -105,6 +105,11 @@ export class JobConsumer {
     return this.client.connected;
   }
 
+  /** Bytes handed to the connection but not yet sent: what a publisher of best-effort messages checks first. */
+  get backlog(): number {
+    return this.client.stream?.writableLength ?? 0;
+  }
+
   /** The next delivery; undefined when the connection closed first. */
   async next(): Promise<Delivery | undefined> {
     return Promise.race([this.#inbox.next(), this.#closed.then(() => undefined)]);

@@ -34,6 +34,9 @@ export interface SubmitInput {
   readonly confirmMs?: number;
   /** Each status event of the job (`submit --follow`). */
   readonly onStatus?: (event: Record<string, unknown>) => void;
+  /** Each batch of the job's step output (`submit --follow`), from `{logsTopic}/{id}`. */
+  readonly onLog?: (chunk: Record<string, unknown>) => void;
+  readonly logsTopic?: string;
 }
 
 export type SubmitOutcome =
@@ -170,6 +173,9 @@ class Submission {
           ...(this.#reply ? [this.#reply] : []),
           ...(this.#input.confirmMs !== undefined ? [status, result] : []),
           ...(this.#input.onStatus ? [status] : []),
+          ...(this.#input.onLog && this.#input.logsTopic
+            ? [`${this.#input.logsTopic}/${this.#input.id}`]
+            : []),
         ];
         if (topics.length > 0) await client.subscribeAsync([...new Set(topics)], { qos: 1 });
         return { closed };
@@ -235,6 +241,11 @@ class Submission {
 
   #receive(topic: string, payload: Buffer): void {
     const { result, rejected, status } = this.#topics;
+    if (this.#input.logsTopic && topic === `${this.#input.logsTopic}/${this.#input.id}`) {
+      const chunk = parseObject(payload);
+      if (chunk?.id === this.#input.id) this.#input.onLog?.(chunk);
+      return;
+    }
     const presence = this.#input.presenceTopic;
     if (presence && topic.startsWith(`${presence}/`)) {
       const slot = parsePresence(payload);

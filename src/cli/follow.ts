@@ -16,6 +16,8 @@ export class Follower {
   #stopStep: (() => void) | undefined;
   #tailing: Promise<void> = Promise.resolve();
   #queue: Promise<void> = Promise.resolve();
+  /** The step whose output comes over MQTT (no drive here), its name and its unfinished line. */
+  #live: { step: number; name: string; pending: string } | undefined;
 
   constructor(input: FollowerInput) {
     this.#input = input;
@@ -51,6 +53,19 @@ export class Follower {
     }
   }
 
+  /** A batch of step output from `{logs-topic}/{id}`: shown for a step whose log this host cannot read. */
+  chunk(chunk: { step?: unknown; text?: unknown }): void {
+    this.#queue = this.#queue
+      .then(() => {
+        const live = this.#live;
+        if (!live || chunk.step !== live.step || typeof chunk.text !== 'string') return;
+        const lines = (live.pending + chunk.text).split('\n');
+        live.pending = lines.pop() ?? '';
+        for (const line of lines) this.#input.write(`${live.name} | ${line}\n`);
+      })
+      .catch(() => {});
+  }
+
   /** Stops following; resolves once the last log bytes were shown. */
   async close(): Promise<void> {
     await this.#queue;
@@ -59,7 +74,10 @@ export class Follower {
 
   #tail(step: number, name: string): void {
     const jobDir = this.#input.jobDir();
-    if (!jobDir) return;
+    if (!jobDir) {
+      this.#live = { step, name, pending: '' };
+      return;
+    }
     let stop: () => void = () => {};
     const stopped = new Promise<void>((resolve) => {
       stop = resolve;
@@ -81,6 +99,8 @@ export class Follower {
   }
 
   async #endStep(): Promise<void> {
+    if (this.#live?.pending) this.#input.write(`${this.#live.name} | ${this.#live.pending}\n`);
+    this.#live = undefined;
     this.#stopStep?.();
     this.#stopStep = undefined;
     await this.#tailing.catch(() => {});

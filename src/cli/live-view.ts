@@ -1,6 +1,7 @@
 import type { Manifest, StepRecord } from '../job/report.js';
 import type { JobEvent } from '../job/run-job.js';
 import { formatBytes, formatDuration } from '../shared/units.js';
+import { charBoundary } from '../shared/utf8.js';
 
 // What a dry run shows on the terminal while it runs: each step's output line by line, prefixed with the step's
 // name, then a summary. It goes to stderr, beside the log, so that stdout keeps only the result message.
@@ -20,13 +21,6 @@ const MAX_PENDING = 16 * 1024;
 const MAX_BACKLOG = 1024 * 1024;
 const PALETTE = [36, 35, 34, 33, 32, 96, 95, 94];
 const NEWLINE = Buffer.from('\n');
-
-/** Where to cut `bytes` at most `at` long without splitting a UTF-8 sequence (continuation bytes are 10xxxxxx). */
-function charBoundary(bytes: Buffer, at: number): number {
-  let cut = at;
-  while (cut > at - 4 && cut > 0 && ((bytes[cut] ?? 0) & 0xc0) === 0x80) cut--;
-  return cut > 0 ? cut : at;
-}
 
 export class LiveView {
   readonly #write: (text: string | Buffer) => void;
@@ -139,6 +133,12 @@ export class LiveView {
 
   #line(text: string): void {
     this.#write(`${this.#prefix()} ${text}\n`);
+  }
+
+  /** A line of the view's own about the current step (grey), e.g. output that never arrived. */
+  note(text: string): void {
+    this.#flush();
+    this.#line(this.#paint(90, text));
   }
 
   #sayDropped(): void {

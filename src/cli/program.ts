@@ -33,6 +33,7 @@ const COMMAND_OPTIONS: Record<string, readonly (keyof Options)[] | 'all'> = {
     'statusTopic',
     'rejectedTopic',
     'presenceTopic',
+    'logsTopic',
     'jobsDir',
     'secret',
     'secretFile',
@@ -40,6 +41,8 @@ const COMMAND_OPTIONS: Record<string, readonly (keyof Options)[] | 'all'> = {
   status: ['jobsDir', 'claimLeaseMs', 'id', 'logFormat'],
   workers: [...BROKER, 'presenceTopic'],
   drain: [...BROKER, 'id', 'topic', 'presenceTopic'],
+  logs: [...BROKER, 'jobsDir', 'logsTopic', 'statusTopic', 'resultsTopic'],
+  jobs: ['jobsDir', 'claimLeaseMs', 'logFormat'],
   doctor: 'all',
 };
 
@@ -127,7 +130,7 @@ export function buildProgram(
 }
 
 function unknownCommand(word: string): string {
-  return `unknown command '${word}' (commands: validate, submit, status, workers, doctor, drain, help; see --help)`;
+  return `unknown command '${word}' (commands: validate, submit, status, logs, jobs, workers, doctor, drain, help; see --help)`;
 }
 
 /** The root command: the worker itself, or `--dry-run`. */
@@ -248,6 +251,43 @@ function defineFleetCommands(program: Command, wiring: Wiring): void {
       (await import('./commands/status.js')).runStatus(
         id,
         parsed as import('./commands/status.js').StatusFlags,
+        flagsOf(parsed),
+      ),
+    ),
+  );
+  withWorkerOptions(
+    wiring,
+    program
+      .command('jobs')
+      .description('the jobs under --jobs-dir: state, status, slot, attempt, times')
+      .option('--json', 'print JSON')
+      .option('--state <state>', 'only jobs in this state: queued, running, orphaned, finished, failed'),
+  ).action((parsed: Record<string, unknown>) =>
+    run(async () =>
+      (await import('./commands/jobs.js')).runJobs(
+        parsed as import('./commands/jobs.js').JobsFlags,
+        flagsOf(parsed),
+      ),
+    ),
+  );
+  withWorkerOptions(
+    wiring,
+    program
+      .command('logs')
+      .description(
+        "a job's step output: from the shared drive where it is reachable, live over MQTT with --follow",
+      )
+      .argument('<id>', 'job id')
+      .option(
+        '--follow',
+        "keep printing the job's output as it comes, until its result (exit 0 on success, 1 otherwise)",
+      )
+      .option('--timeout <duration>', 'with --follow: give up after this (exit 5)', '1h'),
+  ).action((id: string, parsed: Record<string, unknown>) =>
+    run(async () =>
+      (await import('./commands/logs.js')).runLogs(
+        id,
+        parsed as import('./commands/logs.js').LogsFlags,
         flagsOf(parsed),
       ),
     ),

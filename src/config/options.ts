@@ -37,6 +37,8 @@ export interface Options {
   readonly cancelTopic: string;
   readonly presenceTopic: string;
   readonly rejectedTopic: string;
+  /** Where each step's output goes as it comes, `{root}/{id}`; undefined: off. */
+  readonly logsTopic: string | undefined;
   /** MQTT 5 response topics are honoured only under this prefix; undefined: never. */
   readonly responseTopicPrefix: string | undefined;
   /** Grace between SIGTERM and SIGKILL when a step is stopped. */
@@ -301,6 +303,13 @@ export const OPTION_DEFS: readonly OptionDef[] = [
     env: 'MQTT_REJECTED_TOPIC',
     description: 'refused requests are reported on {root}/{id}, or {root} without a usable id',
     kind: topic('jobs/rejected'),
+  },
+  {
+    key: 'logsTopic',
+    flags: '--logs-topic <root>',
+    env: 'MQTT_LOGS_TOPIC',
+    description: 'each step\'s output is published to {root}/{id} as it comes (QoS 0, batched; "off": never)',
+    kind: topic('jobs/logs'),
   },
   {
     key: 'responseTopicPrefix',

@@ -114,6 +114,8 @@ function checkTogether(
   } catch {
     problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
   }
+  if (options.logsTopic !== undefined && OFF.has(options.logsTopic.trim().toLowerCase()))
+    (options as { logsTopic: string | undefined }).logsTopic = undefined;
   const prefix = options.responseTopicPrefix;
   (options as { responseTopicPrefix: string | undefined }).responseTopicPrefix =
     prefix === undefined
@@ -133,8 +135,11 @@ function checkTogether(
   for (const topic of options.topics) {
     const filter = plainTopic(topic);
     const own = (
-      ['resultsTopic', 'statusTopic', 'cancelTopic', 'presenceTopic', 'rejectedTopic'] as const
-    ).find((key) => topicMatches(filter, `${options[key]}/x`) || topicMatches(filter, options[key]));
+      ['resultsTopic', 'statusTopic', 'cancelTopic', 'presenceTopic', 'rejectedTopic', 'logsTopic'] as const
+    ).find((key) => {
+      const root = options[key];
+      return root !== undefined && (topicMatches(filter, `${root}/x`) || topicMatches(filter, root));
+    });
     // A jobs topic that also takes the worker's own messages would treat every result as a request.
     if (own)
       problems.push(

@@ -7,6 +7,7 @@ import { presenceMessage } from '../shared/presence.js';
 import { formatDuration } from '../shared/units.js';
 import type { Claim, Standing, StoredRequest } from './claim.js';
 import type { JobFolder } from './claiming.js';
+import { LogStream } from './log-stream.js';
 import { publishResult } from './publish.js';
 import { removeRunning } from './running-index.js';
 import { type Links, loadEngine, presenceTopic, type WorkerInput, type WorkerOutcome } from './serve.js';
@@ -45,6 +46,7 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
     },
   );
   const { announce, event } = progress(links, input, job, now);
+  const logs = logStreamFor(links, input, job);
   const { runJob, JobInterrupted } = await loadEngine();
   try {
     let completion = 'connection-lost' as Completion;
@@ -57,13 +59,19 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
       signal: stopping.signal,
       listening: stopping.listening,
       onEvent: (e: JobEvent) => {
+        if (e.type === 'step-started') logs?.stepStarted(e.step, e.name);
+        // A step's last output goes out before its end is announced.
+        if (e.type === 'step-ended') logs?.flush();
         event(e.type, eventFields(e));
         if (e.type === 'step-started') announce({ index: e.step, name: e.name });
       },
+      ...(logs ? { onOutput: (step: number, chunk: Buffer) => logs.output(step, chunk) } : {}),
       now,
       // The result goes out as soon as result.json is written; the workspace is removed after.
       onResult: async (manifest) => {
         claim.stopHeartbeat();
+        if (logs?.dropped)
+          jobLog.warn(`${logs.dropped} batches of step output were not published: the connection was behind`);
         completion = await completeJob(links, input, job, manifest, jobLog);
         // Between jobs the slot is idle: its next process says so again, or its will says offline.
         if (completion === 'published')
@@ -95,6 +103,20 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
     await stopping.dispose();
     await job.folder.results.close();
   }
+}
+
+/** Step output over MQTT (`--logs-topic`), on the job connection: QoS 0 needs no acknowledgement to read. */
+function logStreamFor(links: Links, input: WorkerInput, job: ClaimedJob): LogStream | undefined {
+  const root = input.options.logsTopic;
+  if (root === undefined) return undefined;
+  const topic = `${root}/${job.request.id}`;
+  return new LogStream({
+    id: job.request.id,
+    workerId: input.options.id,
+    attempt: job.claim.attempt,
+    send: (payload) => links.consumer.fireAndForget(topic, payload),
+    backlog: () => links.consumer.backlog,
+  });
 }
 
 /** The slot's busy presence (again at each step) and the job's status events, starting with `claimed`. */

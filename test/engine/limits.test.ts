@@ -172,6 +172,8 @@ describe('cgroup v2 against a v2-shaped tree', () => {
       cpuMs: 2500,
       oomKilled: true,
       limitsHit: ['memory'], // memory.events max 3; cpu and pids never throttled or refused
+      ioReadBytes: null,
+      ioWriteBytes: null,
     });
     // The leaf's removal runs on after the step's close; the job's close waits for it.
     await cgroups.close();
@@ -192,6 +194,8 @@ describe('cgroup v2 against a v2-shaped tree', () => {
       cpuMs: null,
       oomKilled: null,
       limitsHit: null,
+      ioReadBytes: null,
+      ioWriteBytes: null,
     });
   });
 
@@ -208,6 +212,8 @@ describe('cgroup v2 against a v2-shaped tree', () => {
       cpuMs: null,
       oomKilled: null,
       limitsHit: null,
+      ioReadBytes: null,
+      ioWriteBytes: null,
     });
     await expect(cgroups.close()).rejects.toBe(stuck);
   });

@@ -103,7 +103,10 @@ export function pullArgs(
   id: string,
   extra: string[] = [],
 ): string[] {
-  return [...workerArgs(url, dirs, id), '--topic', 'jobs/pending', ...extra];
+  // workerArgs' shared topic left out: --topic given twice subscribes both (a slot serving several pools).
+  const shared = workerArgs(url, dirs, id);
+  const at = shared.indexOf('--topic');
+  return [...shared.slice(0, at), ...shared.slice(at + 2), '--topic', 'jobs/pending', ...extra];
 }
 
 export function workerArgs(

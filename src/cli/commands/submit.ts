@@ -67,7 +67,13 @@ export async function runSubmit(id: string, submitFlags: SubmitFlags, flags: Opt
     wait: (submitFlags.wait || submitFlags.follow) ?? false,
     timeoutMs,
     log,
-    ...(follower ? { onStatus: (event: Record<string, unknown>) => follower.event(event) } : {}),
+    ...(follower
+      ? {
+          onStatus: (event: Record<string, unknown>) => follower.event(event),
+          onLog: (chunk: Record<string, unknown>) => follower.chunk(chunk),
+          ...(options.logsTopic ? { logsTopic: options.logsTopic } : {}),
+        }
+      : {}),
   });
   await follower?.close();
   if (outcome.kind === 'timeout') {
