@@ -43,6 +43,16 @@ const COMMAND_OPTIONS: Record<string, readonly (keyof Options)[] | 'all'> = {
   drain: [...BROKER, 'id', 'topic', 'presenceTopic'],
   logs: [...BROKER, 'jobsDir', 'logsTopic', 'statusTopic', 'resultsTopic'],
   jobs: ['jobsDir', 'claimLeaseMs', 'logFormat'],
+  dashboard: [
+    ...BROKER,
+    'jobsDir',
+    'claimLeaseMs',
+    'presenceTopic',
+    'statusTopic',
+    'resultsTopic',
+    'logsTopic',
+    'cancelTopic',
+  ],
   doctor: 'all',
 };
 
@@ -130,7 +140,7 @@ export function buildProgram(
 }
 
 function unknownCommand(word: string): string {
-  return `unknown command '${word}' (commands: validate, submit, status, logs, jobs, workers, doctor, drain, help; see --help)`;
+  return `unknown command '${word}' (commands: validate, submit, status, logs, jobs, workers, dashboard, doctor, drain, help; see --help)`;
 }
 
 /** The root command: the worker itself, or `--dry-run`. */
@@ -251,6 +261,26 @@ function defineFleetCommands(program: Command, wiring: Wiring): void {
       (await import('./commands/status.js')).runStatus(
         id,
         parsed as import('./commands/status.js').StatusFlags,
+        flagsOf(parsed),
+      ),
+    ),
+  );
+  withWorkerOptions(
+    wiring,
+    program
+      .command('dashboard')
+      .description("a local web page of the fleet: slots, jobs, a job's live output (Ctrl-C to stop)")
+      .option('--port <port>', 'port to listen on (0: any free one)', '8080')
+      .option(
+        '--host <address>',
+        'address to listen on (loopback by default: the page has no login)',
+        '127.0.0.1',
+      )
+      .option('--allow-cancel', 'show a Cancel button that publishes on the cancel topic'),
+  ).action((parsed: Record<string, unknown>) =>
+    run(async () =>
+      (await import('./commands/dashboard.js')).runDashboard(
+        parsed as import('./commands/dashboard.js').DashboardFlags,
         flagsOf(parsed),
       ),
     ),

@@ -246,7 +246,7 @@ describe('the installed command', () => {
     const unknown = await cli(['sumbit', 'job_1']);
     expect(unknown.code).toBe(2);
     expect(unknown.stderr.trim()).toBe(
-      "mqtt-fs-worker: INVALID_OPTION: unknown command 'sumbit' (commands: validate, submit, status, logs, jobs, workers, doctor, drain, help; see --help)",
+      "mqtt-fs-worker: INVALID_OPTION: unknown command 'sumbit' (commands: validate, submit, status, logs, jobs, workers, dashboard, doctor, drain, help; see --help)",
     );
     const json = await cli(['--dry-run', '--kill-grace', 'soon', '--log-format', 'json']);
     expect(json.code).toBe(2);

@@ -39,7 +39,7 @@ export default function setup(project: TestProject): () => void {
   const missing = missingTools();
   if (missing.length > 0) {
     throw new Error(
-      `the tests need ${missing.join(' and ')}: apt-get install -y ${missing.join(' ')} (sshfs and openssh-server too, for the network-drive tests)`,
+      `the tests need ${missing.join(' and ')}: apt-get install -y ${missing.join(' ')} (sshfs and openssh-server too for the network-drive tests, chromium for the dashboard's)`,
     );
   }
   const prefix = mkdtempSync(path.join(tmpdir(), 'mfw-prefix-'));
