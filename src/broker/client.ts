@@ -90,8 +90,17 @@ export async function clientOptions(input: ConnectInput): Promise<IClientOptions
   };
 }
 
+const CLOSED_ON_V5 = 'CLOSED_ON_MQTT5_CONNECT';
+
 function classify(error: Error & { code?: unknown }, settings: BrokerSettings): WorkerError {
   const where = redactUrl(settings.url);
+  if (error.code === CLOSED_ON_V5) {
+    return new WorkerError(
+      ErrorCode.BROKER_REFUSED,
+      `Broker ${where} closed the connection on an MQTT 5 CONNECT without answering, as brokers that speak only MQTT 3.1.1 do (RabbitMQ 3.x): try --protocol 3.1.1`,
+      { cause: error },
+    );
+  }
   if (typeof error.code === 'number') {
     const code = error.code;
     const v5 = settings.protocol === '5';
@@ -230,7 +239,16 @@ export async function connectBroker(input: ConnectInput): Promise<MqttClient> {
       cleanup();
       resolve(client);
     };
-    const onClose = (): void => fail(new Error('the connection was closed before the broker answered'));
+    // A broker that reads an MQTT 5 CONNECT and hangs up without a CONNACK speaks only 3.1.1 (RabbitMQ 3.x does
+    // this): a refusal with the fix, not an outage to retry forever.
+    const connectSent = (): boolean =>
+      ((client.stream as { bytesWritten?: number } | undefined)?.bytesWritten ?? 0) > 0;
+    const onClose = (): void =>
+      fail(
+        connectSent() && input.settings.protocol === '5'
+          ? Object.assign(new Error('closed on an MQTT 5 CONNECT'), { code: CLOSED_ON_V5 })
+          : new Error('the connection was closed before the broker answered'),
+      );
     function fail(error: Error): void {
       cleanup();
       client.end(true);

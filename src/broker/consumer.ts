@@ -87,8 +87,15 @@ export class JobConsumer {
           resolve();
         });
       });
-      if (!sessionPresent) await subscribed;
-      else subscribed.catch((error: Error) => input.log.warn(`subscription not confirmed: ${error.message}`));
+      // A broker may send the first PUBLISH before the SUBACK (MQTT 5 §3.8.4 allows it; Artemis does with a group
+      // queue that holds jobs): MQTT.js then reads nothing more while the delivery is held, SUBACK included. A
+      // delivery proves the subscription; a refusal that comes later is still reported.
+      const first = await Promise.race([
+        subscribed.then(() => 'suback' as const),
+        inbox.firstArrival.then(() => 'publish' as const),
+      ]);
+      if (sessionPresent || first === 'publish')
+        subscribed.catch((error: Error) => input.log.warn(`subscription not confirmed: ${error.message}`));
     } catch (error) {
       await consumer.close({ force: true });
       throw error;
@@ -155,12 +162,18 @@ class Inbox {
   #waiting: ((delivery: Delivery) => void) | undefined;
   #taken = false;
   #held = 0;
+  #arrived: () => void = () => {};
+  /** Resolves at the first delivery (whether or not anyone took it yet). */
+  readonly firstArrival = new Promise<void>((resolve) => {
+    this.#arrived = resolve;
+  });
 
   constructor(log: Logger) {
     this.#log = log;
   }
 
   receive(delivery: Delivery): void {
+    this.#arrived();
     if (this.#taken) {
       this.#hold(delivery);
       return;

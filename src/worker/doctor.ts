@@ -1,10 +1,12 @@
 import { connectBroker, disconnect } from '../broker/client.js';
 import { type Connack, checkGrants } from '../broker/consumer.js';
+import { sharedSubscriptionProblem } from '../broker/probe.js';
 import type { Options } from '../config/options.js';
 import { jobsDirProblem } from '../job/paths.js';
 import type { EngineConfig } from '../job/run-job.js';
 import { effectiveLimits, openJobLimits } from '../limits/index.js';
 import type { Logger } from '../shared/log.js';
+import { isShared } from '../shared/topics.js';
 import { inspectDrive } from './drive.js';
 import { workspacesProblem } from './preflight.js';
 
@@ -92,6 +94,10 @@ async function brokerCheck(options: Options): Promise<Check> {
       const qos = granted[0]?.qos ?? 0;
       if (qos !== 1)
         return { name: 'broker', ok: false, detail: `a QoS 1 subscription was granted QoS ${qos}` };
+      if (options.protocol === '3.1.1' && options.topics.some(isShared)) {
+        const problem = await sharedSubscriptionProblem(options, `${options.id}.doctor`);
+        if (problem) return { name: 'broker', ok: false, detail: `${problem} (exit 7 in a worker)` };
+      }
       const extra = warnings.length > 0 ? `; ${warnings.join('; ')}` : '';
       return { name: 'broker', ok: true, detail: `${options.url} accepted MQTT ${options.protocol}${extra}` };
     } finally {

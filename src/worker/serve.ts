@@ -1,15 +1,17 @@
 import { type Delivery, JobConsumer } from '../broker/consumer.js';
+import { sharedSubscriptionProblem } from '../broker/probe.js';
 import { Sidecar } from '../broker/sidecar.js';
 import type { Options } from '../config/options.js';
 import type { EngineConfig } from '../job/run-job.js';
 import { parseRequest, type RequestPolicy } from '../job/spec.js';
-import { ErrorCode, isDriveFailure, toErrorInfo } from '../shared/errors.js';
+import { ErrorCode, isDriveFailure, toErrorInfo, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { type PresenceSource, presenceMessage } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
 import type { Identity } from './claim.js';
 import { takeOverOrphan } from './claiming.js';
 import { answerFailure, handleDelivery } from './delivery.js';
+import { sessionLost } from './session-memory.js';
 
 // The broker worker's loop: connect under the slot's session, hand each delivery to delivery.ts, look for jobs
 // whose worker died while idle (claiming.ts), run at most one job (run-claimed.ts), disconnect.
@@ -67,6 +69,15 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
     connectedAt: new Date(),
     topics: options.topics,
   };
+  if (options.protocol === '3.1.1' && options.topics.some(isShared)) {
+    // MQTT 3.1.1 cannot say it lacks shared subscriptions: proved before a job is taken (broker/probe.ts).
+    const problem = await sharedSubscriptionProblem(options, options.id);
+    if (problem)
+      throw new WorkerError(
+        ErrorCode.BROKER_UNSUITABLE,
+        `${problem}; use the plain topic (pull dispatch, the default) on this broker`,
+      );
+  }
   const consumer = await JobConsumer.connect({
     settings: options,
     clientId: options.id,
@@ -92,6 +103,11 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
   log.info(`connected to the broker as ${options.id}; waiting for one job on ${options.topics.join(', ')}`, {
     session: consumer.sessionPresent ? 'resumed' : 'new',
   });
+  if (sessionLost(options.workspacesDir, options.id, consumer.sessionPresent, !options.clean)) {
+    log.warn(
+      'SESSION LOST: this slot had a session on the broker and the broker has none now: the requests queued for it are gone (a broker that keeps sessions in memory restarted, or the session expired). Controllers that must not lose a request use `submit --confirm`',
+    );
+  }
   consumer.fireAndForget(presenceTopic(options), presenceMessage(source, 'idle'), true);
   const sidecar = new Sidecar(input);
   try {

@@ -17,6 +17,7 @@ import {
   slotLoop,
   startWorker,
   testClient,
+  workerArgs,
 } from '../helpers/worker.js';
 
 // What the worker does on brokers other than the reference setup: MQTT 3.1.1 on Mosquitto, Aedes (3.1.1 only, no
@@ -209,5 +210,99 @@ describe('end-to-end confirmation', () => {
       expect(run.code, `${ids[i]}: ${run.stderr}`).toBe(0);
       expect(JSON.parse(run.stdout)).toMatchObject({ id: ids[i], status: 'success' });
     }
+  });
+});
+
+describe('a PUBLISH before its SUBACK', () => {
+  it('runs the job a broker delivers ahead of the SUBACK (which it sends only once the job is acknowledged)', {
+    timeout: 60_000,
+  }, async () => {
+    const { startEagerBroker } = await import('../helpers/eager-broker.js');
+    const me = slot('eager');
+    const broker = await startEagerBroker(me, {
+      topic: 'jobs/pending',
+      payload: JSON.stringify({ id: 'early', steps: ['echo early bird'] }),
+    });
+    stops.push(() => broker.close());
+    const dirs = await fleetDirs();
+    const run = await runWorkerOnce(pullArgs(broker.url, dirs, me, ['--connect-timeout', '5s']));
+    expect(run.code, run.stderr).toBe(0);
+    expect(run.stderr).not.toContain('INTERNAL');
+    const result = broker.published.find((p) => p.topic === 'jobs/results/early');
+    expect(JSON.parse(result?.payload ?? '{}')).toMatchObject({ id: 'early', status: 'success' });
+  });
+});
+
+describe('brokers that say little on MQTT 3.1.1', () => {
+  it('proves a $share/ subscription: Aedes (none) stops the slot with exit 7 within seconds, and doctor says why', async () => {
+    const broker = await aedes();
+    const dirs = await fleetDirs();
+    const args = [
+      ...workerArgs(broker.url, dirs, slot('aedes-share')),
+      '--protocol',
+      '3.1.1',
+      '--connect-timeout',
+      '5s',
+    ];
+    const run = await runWorkerOnce(args);
+    expect(run.code, run.stderr).toBe(7);
+    expect(run.stderr).toContain('BROKER_UNSUITABLE');
+    expect(run.stderr).toContain('no shared subscriptions');
+    expect(run.stderr).not.toMatch(/\n\s+at /);
+    const doctor = await runWorkerOnce(['doctor', ...args]);
+    expect(doctor.code).toBe(1);
+    expect(doctor.stdout).toMatch(/^FAIL {2}broker .*no shared subscriptions/m);
+  });
+
+  it('takes the probe through on Mosquitto (shared subscriptions on 3.1.1), and runs the job', async () => {
+    const broker = await mosquitto(['max_inflight_messages 1']);
+    const dirs = await fleetDirs();
+    const id = slot('m311-share');
+    const client = await testClient(broker.url, { protocolVersion: 4 });
+    const results = await collect(client, 'jobs/results/+');
+    const worker = startWorker([...workerArgs(broker.url, dirs, id), '--protocol', '3.1.1']);
+    await worker.sawLog('waiting for one job');
+    await publishJob(client, { id: 'shared-311', steps: ['true'] });
+    expect((await worker.exited).code).toBe(0);
+    await waitFor(() => results.length === 1);
+    await client.endAsync();
+  });
+
+  it('says which protocol to use when a broker hangs up on an MQTT 5 CONNECT (exit 4)', async () => {
+    const { createServer } = await import('node:net');
+    const server = createServer((socket) => socket.once('data', () => socket.destroy()));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    stops.push(async () => {
+      server.close();
+    });
+    const { port } = server.address() as { port: number };
+    const dirs = await fleetDirs();
+    const run = await runWorkerOnce(
+      pullArgs(`mqtt://127.0.0.1:${port}`, dirs, slot('hangup'), ['--connect-timeout', '5s']),
+    );
+    expect(run.code, run.stderr).toBe(4);
+    expect(run.stderr).toContain('closed the connection on an MQTT 5 CONNECT');
+    expect(run.stderr).toContain('--protocol 3.1.1');
+  });
+});
+
+describe('a broker that lost the slot session', () => {
+  it('says so loudly: Aedes keeps sessions in memory, and a restart loses what was queued', {
+    timeout: 60_000,
+  }, async () => {
+    const first = await aedes();
+    const dirs = await fleetDirs();
+    const id = slot('amnesia');
+    await registerSlots(first.url, dirs, [id], v311);
+    // The same slot on a broker that has no session for it (Aedes started again).
+    await first.stop();
+    const second = await aedes();
+    const run = await runWorkerOnce(v311(second.url, dirs, id, ['--idle-timeout', '300ms']));
+    expect(run.code, run.stderr).toBe(0);
+    expect(run.stderr).toContain('SESSION LOST');
+    expect(run.stderr).toContain('submit --confirm');
+    // Its next start finds the session this run made: nothing to say.
+    const again = await runWorkerOnce(v311(second.url, dirs, id, ['--idle-timeout', '300ms']));
+    expect(again.stderr).not.toContain('SESSION LOST');
   });
 });

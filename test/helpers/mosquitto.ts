@@ -197,7 +197,7 @@ export class AedesBroker {
   }
 
   async stop(): Promise<void> {
-    if (this.#process.exitCode !== null) return;
+    if (this.#process.exitCode !== null || this.#process.signalCode !== null) return;
     const exited = new Promise<void>((resolve) => this.#process.once('exit', () => resolve()));
     this.#process.kill('SIGKILL');
     await exited;
