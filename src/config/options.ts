@@ -21,6 +21,11 @@ export interface Options {
   readonly topic: string;
   /** Every subscription of the slot (`--topic` given several times, or comma-separated): one session, one claim per job. */
   readonly topics: readonly string[];
+  /**
+   * Bounded fan-out: each request reaches this many slots (one in each of K share groups) instead of every slot;
+   * undefined: all (pull dispatch). `topics` are then the `$share/mqtt-fs-worker-fanout-{g}/…` subscriptions.
+   */
+  readonly fanout: number | undefined;
   readonly clean: boolean;
   readonly keepaliveMs: number;
   readonly connectTimeoutMs: number;
@@ -214,6 +219,23 @@ export const OPTION_DEFS: readonly OptionDef[] = [
       'subscription, e.g. jobs/pending/gpu; repeat it (or comma-separate it) for a slot that serves several pools',
     kind: topic('jobs/pending', true),
     repeatable: true,
+  },
+  {
+    key: 'fanout',
+    flags: '--fanout <k>',
+    env: 'MQTT_FANOUT',
+    description:
+      'each request reaches K slots (one per share group; the first idle one claims it) instead of all',
+    kind: {
+      type: 'limit',
+      parse: (value) => {
+        if (value.trim().toLowerCase() === 'all') return 0;
+        const k = count(value);
+        return k !== undefined && k <= 64 ? k : undefined;
+      },
+      expected: '"all" or a number of slots from 1 to 64',
+    },
+    defaultText: 'all',
   },
   {
     key: 'clean',

@@ -47,9 +47,16 @@ export function longFlag(def: OptionDef): string {
  * expire: a day outlasts any restart or maintenance, and bounds what an abandoned session piles up. A shared
  * subscription's session holds the only copy of each job dealt to it: it never expires (retire it with drain).
  */
-// A session that holds the only copy of what a share group dealt it never expires by default.
-function defaultSessionExpiryMs(topics: readonly string[]): number | undefined {
-  return topics.some(isShared) ? undefined : 24 * 60 * 60 * 1000;
+/**
+ * The share group of a slot in a fan-out of `k`: its id's first number (slots named by ordinal, `slot-1`, a
+ * StatefulSet's `worker-0`, spread evenly over the groups), else a hash of its id.
+ */
+export function fanoutGroup(id: string, k: number): number {
+  const ordinal = /\d+/.exec(id)?.[0];
+  if (ordinal !== undefined) return Number(BigInt(ordinal) % BigInt(k));
+  let hash = 0x811c9dc5;
+  for (const char of id) hash = Math.imul(hash ^ (char.codePointAt(0) ?? 0), 0x01000193) >>> 0;
+  return hash % k;
 }
 
 export function resolveOptions(
@@ -114,6 +121,17 @@ function checkTogether(
   } catch {
     problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
   }
+  if (options.fanout === 0) (options as { fanout: number | undefined }).fanout = undefined;
+  if (options.fanout !== undefined) {
+    const shared = options.topics.filter(isShared);
+    if (shared.length > 0)
+      problems.push(
+        `--fanout: applies to plain topics, and ${describeValue(shared[0])} is a $share/ subscription already`,
+      );
+    const group = `mqtt-fs-worker-fanout-${fanoutGroup(options.id, options.fanout)}`;
+    const topics = options.topics.map((topic) => `$share/${group}/${topic}`);
+    Object.assign(options, { topics, topic: topics[0] });
+  }
   if (options.logsTopic !== undefined && OFF.has(options.logsTopic.trim().toLowerCase()))
     (options as { logsTopic: string | undefined }).logsTopic = undefined;
   const prefix = options.responseTopicPrefix;
@@ -150,7 +168,9 @@ function checkTogether(
     problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
   }
   const expiryGiven = flags.sessionExpirySeconds !== undefined || env.MQTT_SESSION_EXPIRY !== undefined;
-  const expiryMs = expiryGiven ? options.sessionExpirySeconds : defaultSessionExpiryMs(options.topics);
+  // Several copies of each request (pull, or a fan-out of 2 or more): a session may expire; the only copy may not.
+  const onlyCopy = options.fanout === 1 || (options.fanout === undefined && options.topics.some(isShared));
+  const expiryMs = expiryGiven ? options.sessionExpirySeconds : onlyCopy ? undefined : 24 * 60 * 60 * 1000;
   (options as { sessionExpirySeconds: number | undefined }).sessionExpirySeconds =
     expiryMs === undefined ? undefined : Math.ceil(expiryMs / 1000);
   if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {

@@ -1,7 +1,7 @@
-import { spawn } from 'node:child_process';
+import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { chromium } from 'playwright-core';
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
 import { freshBrokerPerTest } from '../helpers/mosquitto.js';
 import { tempDir, waitFor } from '../helpers/tmp.js';
 import {
@@ -22,6 +22,20 @@ import {
 const { broker } = freshBrokerPerTest();
 const CHROMIUM = '/usr/bin/chromium';
 
+// Every dashboard a test starts is stopped after it, whatever failed.
+const started: ChildProcess[] = [];
+afterEach(() => {
+  for (const child of started.splice(0)) if (child.exitCode === null) child.kill('SIGKILL');
+});
+
+function startDashboard(args: string[]): ChildProcess & { stdout: NodeJS.ReadableStream } {
+  const child = spawn(process.execPath, [BIN, 'dashboard', '--port', '0', ...args], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  started.push(child);
+  return child as ChildProcess & { stdout: NodeJS.ReadableStream };
+}
+
 describe.skipIf(!existsSync(CHROMIUM))('the dashboard in a browser', () => {
   it('lists a running slot, shows its job output as it grows, and cancels it', {
     timeout: 90_000,
@@ -32,11 +46,7 @@ describe.skipIf(!existsSync(CHROMIUM))('the dashboard in a browser', () => {
     await registerSlots(url, dirs, [me]);
     const worker = startWorker(pullArgs(url, dirs, me));
     await worker.sawLog('waiting for one job');
-    const dashboard = spawn(
-      process.execPath,
-      [BIN, 'dashboard', '--port', '0', '--url', url, '--jobs-dir', dirs.jobs, '--allow-cancel'],
-      { stdio: ['ignore', 'pipe', 'pipe'] },
-    );
+    const dashboard = startDashboard(['--url', url, '--jobs-dir', dirs.jobs, '--allow-cancel']);
     const address = await new Promise<string>((resolve, reject) => {
       let out = '';
       dashboard.stdout.on('data', (chunk: Buffer) => {
@@ -88,13 +98,7 @@ describe.skipIf(!existsSync(CHROMIUM))('the dashboard in a browser', () => {
 
   it('serves the page without --allow-cancel, and refuses a cancel then', async () => {
     const url = broker().url;
-    const dashboard = spawn(
-      process.execPath,
-      [BIN, 'dashboard', '--port', '0', '--url', url, '--jobs-dir', '/nowhere'],
-      {
-        stdio: ['ignore', 'pipe', 'pipe'],
-      },
-    );
+    const dashboard = startDashboard(['--url', url, '--jobs-dir', '/nowhere']);
     const address = await new Promise<string>((resolve) => {
       dashboard.stdout.once('data', (chunk: Buffer) => resolve(chunk.toString().trim()));
     });

@@ -40,6 +40,9 @@ function heldJob(flag: string): { steps: string[] } {
 
 type Result = { topic: string; body: Record<string, unknown> };
 
+/** Bounded fan-out of 2: slots `x-1`, `x-3` share one group, `x-2`, `x-4` the other (their ordinals). */
+const fanout2: SlotArgs = (url, dirs, id, extra = []) => pullArgs(url, dirs, id, ['--fanout', '2', ...extra]);
+
 const ids = (results: Result[]): string[] => results.map((r) => String(r.body.id));
 
 /** Long job first, then 12 short ones, through 3 slots; returns which short jobs finished while the long one ran. */
@@ -77,6 +80,15 @@ describe('pull dispatch', () => {
     expect(whileLong.sort()).toEqual(Array.from({ length: 12 }, (_, i) => `short-${i}`).sort());
     expect(results.every((r) => r.body.status === 'success')).toBe(true);
     expect(results).toHaveLength(13); // one result message per job
+  });
+
+  it('with --fanout 2 (each request reaches one slot in each of two share groups), no short job waits either', {
+    timeout: 120_000,
+  }, async () => {
+    const { whileLong, results } = await headOfLine(fanout2);
+    expect(whileLong.sort()).toEqual(Array.from({ length: 12 }, (_, i) => `short-${i}`).sort());
+    expect(results.every((r) => r.body.status === 'success')).toBe(true);
+    expect(results).toHaveLength(13);
   });
 
   it('with a shared subscription, jobs dealt to the busy slot wait for its long job (the price)', {
@@ -299,74 +311,80 @@ describe('clean sessions', () => {
   });
 });
 
-describe('chaos in pull mode', () => {
-  it('loses nothing with SIGKILLs, a broker restart and a slot retired for good mid-job', {
-    timeout: 240_000,
-  }, async () => {
-    const dirs = await fleetDirs();
-    const ledger = await tempDir('mfw-ledger-');
-    const slots = ['pc-1', 'pc-2', 'pc-3', 'pc-4'].map(slot);
-    await registerAll(dirs, slots);
-    // A persistent session of its own: results published while the broker restarts and this client reconnects
-    // wait for it instead of going by.
-    const client = await testClient(broker().url, {
-      reconnectPeriod: 200,
-      clean: false,
-      clientId: slot('chaos-watcher'),
-      properties: { sessionExpiryInterval: 3600 },
-    });
-    const results = await collect(client, 'jobs/results/+');
-    const jobs = Array.from({ length: 40 }, (_, i) => `pc-${i}`);
-    for (const id of jobs) await mkdir(path.join(dirs.jobs, id));
-    for (const id of jobs)
-      await publishJob(client, {
-        id,
-        steps: [`echo "$JOB_ATTEMPT" >> ${ledger}/${id}; sleep 0.$((RANDOM % 5 + 2))`],
+describe('chaos', () => {
+  for (const [mode, args] of [
+    ['pull', pullArgs],
+    ['--fanout 2', fanout2],
+  ] as const)
+    it(`loses nothing with SIGKILLs, a broker restart and a slot retired for good mid-job (${mode})`, {
+      timeout: 240_000,
+    }, async () => {
+      const dirs = await fleetDirs();
+      const ledger = await tempDir('mfw-ledger-');
+      const slots = ['pc-1', 'pc-2', 'pc-3', 'pc-4'].map((name) =>
+        slot(`${name}-${mode === 'pull' ? 'p' : 'f'}`),
+      );
+      await registerAll(dirs, slots, args);
+      // A persistent session of its own: results published while the broker restarts and this client reconnects
+      // wait for it instead of going by.
+      const client = await testClient(broker().url, {
+        reconnectPeriod: 200,
+        clean: false,
+        clientId: slot(`chaos-watcher-${mode === 'pull' ? 'p' : 'f'}`),
+        properties: { sessionExpiryInterval: 3600 },
       });
-    const loops = slots.map((id) =>
-      slotLoop(() => pullArgs(broker().url, dirs, id, ['--connect-timeout', '2s'])),
-    );
-    let seed = 7;
-    const random = (): number => {
-      seed = (seed * 1103515245 + 12345) % 2 ** 31;
-      return seed / 2 ** 31;
-    };
-    const retired = loops[3] as (typeof loops)[number];
-    await (retired.current() as Running).sawLog('step 0 started', 60_000);
-    await retired.retire();
-    let kills = 0;
-    const chaosUntil = Date.now() + 12_000;
-    let restarted = false;
-    while (Date.now() < chaosUntil) {
-      await sleep(200 + random() * 600);
-      if (!restarted && Date.now() > chaosUntil - 6000) {
-        await broker().stop('SIGTERM');
-        await broker().resume();
-        restarted = true;
+      const results = await collect(client, 'jobs/results/+');
+      const jobs = Array.from({ length: 40 }, (_, i) => `pc-${i}`);
+      for (const id of jobs) await mkdir(path.join(dirs.jobs, id));
+      for (const id of jobs)
+        await publishJob(client, {
+          id,
+          steps: [`echo "$JOB_ATTEMPT" >> ${ledger}/${id}; sleep 0.$((RANDOM % 5 + 2))`],
+        });
+      const loops = slots.map((id) =>
+        slotLoop(() => args(broker().url, dirs, id, ['--connect-timeout', '2s'])),
+      );
+      let seed = 7;
+      const random = (): number => {
+        seed = (seed * 1103515245 + 12345) % 2 ** 31;
+        return seed / 2 ** 31;
+      };
+      const retired = loops[3] as (typeof loops)[number];
+      await (retired.current() as Running).sawLog('step 0 started', 60_000);
+      await retired.retire();
+      let kills = 0;
+      const chaosUntil = Date.now() + 12_000;
+      let restarted = false;
+      while (Date.now() < chaosUntil) {
+        await sleep(200 + random() * 600);
+        if (!restarted && Date.now() > chaosUntil - 6000) {
+          await broker().stop('SIGTERM');
+          await broker().resume();
+          restarted = true;
+        }
+        const victim = loops[Math.floor(random() * 3)]?.current();
+        if (victim && victim.child.exitCode === null) {
+          victim.child.kill('SIGKILL');
+          kills++;
+        }
       }
-      const victim = loops[Math.floor(random() * 3)]?.current();
-      if (victim && victim.child.exitCode === null) {
-        victim.child.kill('SIGKILL');
-        kills++;
+      try {
+        await waitFor(() => new Set(ids(results)).size === jobs.length, 180_000, 200);
+      } finally {
+        const runs = (await Promise.all(loops.slice(0, 3).map((loop) => loop.stop()))).flat();
+        const missing = jobs.filter((id) => !ids(results).includes(id));
+        if (missing.length > 0) {
+          const found = await Promise.all(
+            missing.map((id) => readdir(path.join(dirs.jobs, id, 'results')).catch(() => [])),
+          );
+          console.error(`missing ${missing.map((id, i) => `${id}: ${found[i]?.join(',')}`).join('; ')}`);
+          console.error(runs.map((r) => r.stderr).join('\n---\n'));
+        }
       }
-    }
-    try {
-      await waitFor(() => new Set(ids(results)).size === jobs.length, 180_000, 200);
-    } finally {
-      const runs = (await Promise.all(loops.slice(0, 3).map((loop) => loop.stop()))).flat();
-      const missing = jobs.filter((id) => !ids(results).includes(id));
-      if (missing.length > 0) {
-        const found = await Promise.all(
-          missing.map((id) => readdir(path.join(dirs.jobs, id, 'results')).catch(() => [])),
-        );
-        console.error(`missing ${missing.map((id, i) => `${id}: ${found[i]?.join(',')}`).join('; ')}`);
-        console.error(runs.map((r) => r.stderr).join('\n---\n'));
-      }
-    }
-    expect(kills).toBeGreaterThan(5);
-    await expectAllSucceeded(dirs.jobs, jobs, results);
-    await client.endAsync();
-  });
+      expect(kills).toBeGreaterThan(5);
+      await expectAllSucceeded(dirs.jobs, jobs, results);
+      await client.endAsync();
+    });
 });
 
 describe('preflight: a slot that cannot run jobs takes none', () => {

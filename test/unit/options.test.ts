@@ -81,6 +81,30 @@ describe('resolveOptions', () => {
     ]);
   });
 
+  it("--fanout K subscribes one of K share groups, chosen by the slot id's ordinal (else a hash)", () => {
+    const slot3 = resolveOptions({ topic: 'jobs/pending,jobs/gpu', fanout: '2', id: 'slot-3' }, {}, context);
+    expect(slot3.topics).toEqual([
+      '$share/mqtt-fs-worker-fanout-1/jobs/pending',
+      '$share/mqtt-fs-worker-fanout-1/jobs/gpu',
+    ]);
+    expect(resolveOptions({ fanout: '2', id: 'slot-4' }, {}, context).topics).toEqual([
+      '$share/mqtt-fs-worker-fanout-0/jobs/pending',
+    ]);
+    // Copies elsewhere: the session may expire as in pull dispatch; with 1 group it holds the only copy.
+    expect(slot3.sessionExpirySeconds).toBe(86_400);
+    expect(resolveOptions({ fanout: '1', id: 'a' }, {}, context).sessionExpirySeconds).toBeUndefined();
+    expect(resolveOptions({ fanout: 'all' }, {}, context)).toMatchObject({
+      fanout: undefined,
+      topics: ['jobs/pending'],
+    });
+    expect(problemsOf({ fanout: '2', topic: '$share/g/jobs/pending' })).toEqual([
+      expect.stringContaining('--fanout: applies to plain topics'),
+    ]);
+    expect(problemsOf({ fanout: '0' })).toEqual([
+      expect.stringContaining('--fanout: expected "all" or a number'),
+    ]);
+  });
+
   it('refuses a jobs topic that would also take the worker own messages', () => {
     for (const topic of ['jobs/#', '$share/g/jobs/#', 'jobs/+/+', '#'])
       expect(() => resolveOptions({ topic }, {}, context), topic).toThrow(
