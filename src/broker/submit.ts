@@ -3,6 +3,7 @@ import type { MqttClient } from 'mqtt';
 import type { ResultPayload } from '../job/report.js';
 import { parseRequest, type RawStep } from '../job/spec.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
+import { jsonObject } from '../shared/json.js';
 import type { Logger } from '../shared/log.js';
 import { parsePresence } from '../shared/presence.js';
 import { signRequest } from '../shared/signing.js';
@@ -242,7 +243,7 @@ class Submission {
   #receive(topic: string, payload: Buffer): void {
     const { result, rejected, status } = this.#topics;
     if (this.#input.logsTopic && topic === `${this.#input.logsTopic}/${this.#input.id}`) {
-      const chunk = parseObject(payload);
+      const chunk = jsonObject(payload);
       if (chunk?.id === this.#input.id) this.#input.onLog?.(chunk);
       return;
     }
@@ -254,7 +255,7 @@ class Submission {
       return;
     }
     if (topic === status) {
-      const event = parseObject(payload);
+      const event = jsonObject(payload);
       if (event?.id !== this.#input.id) return;
       if (event.event === 'claimed') this.#confirmed = true;
       this.#input.onStatus?.(event);
@@ -262,13 +263,13 @@ class Submission {
     }
     if (topic === rejected) {
       // Only a refusal of bytes this submit sent: anyone who may publish requests can have another one refused.
-      const rejection = parseObject(payload);
+      const rejection = jsonObject(payload);
       if (this.#input.wait && rejection && this.#sent.has(String(rejection.payloadSha256)))
         this.#settle({ kind: 'rejected', rejection });
       return;
     }
     if (topic !== result && topic !== this.#reply) return;
-    const body = parseObject(payload) as ResultPayload | undefined;
+    const body = jsonObject(payload) as ResultPayload | undefined;
     // Anyone who may publish on the results topic could answer for another job: only this id counts.
     if (body?.id !== this.#input.id) {
       this.#input.log.warn(`ignoring a result on ${topic} that is not for ${this.#input.id}`);
@@ -297,14 +298,5 @@ async function race(
     return await Promise.race([settled, closed, timed]);
   } finally {
     clearTimeout(timer);
-  }
-}
-
-function parseObject(payload: Buffer): Record<string, unknown> | undefined {
-  try {
-    const value = JSON.parse(payload.toString('utf8')) as unknown;
-    return value && typeof value === 'object' ? (value as Record<string, unknown>) : undefined;
-  } catch {
-    return undefined;
   }
 }

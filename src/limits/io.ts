@@ -63,11 +63,12 @@ export function requireDevices(devices: readonly Device[], paths: readonly strin
  */
 export function ioLimitHit(
   bytes: { read: number | null; write: number | null },
-  limits: { read: number | null; write: number | null },
-  seconds: number,
+  limits: { readonly ioReadBps?: number | null; readonly ioWriteBps?: number | null },
+  sinceMs: number,
 ): boolean | null {
   if (bytes.read === null && bytes.write === null) return null;
-  const near = (moved: number | null, bps: number | null): boolean =>
-    moved !== null && bps !== null && moved >= 0.5 * bps * Math.max(seconds, 0.001);
-  return near(bytes.read, limits.read) || near(bytes.write, limits.write);
+  const seconds = Math.max((Date.now() - sinceMs) / 1000, 0.001);
+  const near = (moved: number | null, bps: number | null | undefined): boolean =>
+    moved !== null && bps != null && moved >= 0.5 * bps * seconds;
+  return near(bytes.read, limits.ioReadBps) || near(bytes.write, limits.ioWriteBps);
 }

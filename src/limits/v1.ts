@@ -205,13 +205,7 @@ function v1Sandbox(
         : undefined;
       const io = { read: sumPerDevice(ioStat, 'Read'), write: sumPerDevice(ioStat, 'Write') };
       const hit = limitsHit({
-        io: blkio
-          ? ioLimitHit(
-              io,
-              { read: limits.ioReadBps ?? null, write: limits.ioWriteBps ?? null },
-              (Date.now() - made) / 1000,
-            )
-          : null,
+        io: blkio ? ioLimitHit(io, limits, made) : null,
         cpus: cpu ? readKeyed(path.join(cpu, 'cpu.stat'), 'nr_throttled') : null,
         // failcnt counts charges refused at the limit; an OOM kill is one too, whatever failcnt shows.
         memory: memory ? (readNumber(path.join(memory, 'memory.failcnt')) ?? 0) + (oomKills ?? 0) : null,

@@ -168,13 +168,7 @@ function v2Sandbox(dir: string, limits: EffectiveLimits, remove: () => void): St
       const ioStat = limited ? readKernelFile(path.join(dir, 'io.stat')) : undefined;
       const io = { read: sumPerDevice(ioStat, 'rbytes'), write: sumPerDevice(ioStat, 'wbytes') };
       const hit = limitsHit({
-        io: limited
-          ? ioLimitHit(
-              io,
-              { read: limits.ioReadBps ?? null, write: limits.ioWriteBps ?? null },
-              (Date.now() - joined) / 1000,
-            )
-          : null,
+        io: limited ? ioLimitHit(io, limits, joined) : null,
         cpus: readKeyed(path.join(dir, 'cpu.stat'), 'nr_throttled'),
         memory: readKeyed(path.join(dir, 'memory.events'), 'max'),
         pids: readKeyed(path.join(dir, 'pids.events'), 'max'),

@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { type BrokerSettings, connectBroker, disconnect, publish } from '../broker/client.js';
 import { idProblem } from '../shared/ids.js';
+import { jsonObject } from '../shared/json.js';
 import type { Logger } from '../shared/log.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
 import { DASHBOARD_PAGE } from './dashboard-page.js';
@@ -145,7 +146,7 @@ function watchFleet(
       send('slot', presence ?? { id, gone: true });
       return;
     }
-    const body = parseObject(payload);
+    const body = jsonObject(payload);
     const id = typeof body?.id === 'string' && idProblem(body.id) === undefined ? body.id : undefined;
     if (!body || !id) return;
     if (roots.logs && topic === `${roots.logs}${id}` && typeof body.text === 'string') {
@@ -263,13 +264,4 @@ async function handle(
 function json(res: ServerResponse, status: number, body: unknown): void {
   res.writeHead(status, { 'content-type': 'application/json' });
   res.end(JSON.stringify(body));
-}
-
-function parseObject(payload: Buffer): Record<string, unknown> | undefined {
-  try {
-    const value = JSON.parse(payload.toString('utf8')) as unknown;
-    return value && typeof value === 'object' ? (value as Record<string, unknown>) : undefined;
-  } catch {
-    return undefined;
-  }
 }

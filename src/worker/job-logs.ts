@@ -5,6 +5,7 @@ import path from 'node:path';
 import { type BrokerSettings, connectBroker, disconnect } from '../broker/client.js';
 import type { Manifest, ResultPayload } from '../job/report.js';
 import { MANIFEST_NAME, RESULTS_DIR, stepLogIndex, stepLogName } from '../job/results-layout.js';
+import { jsonObject } from '../shared/json.js';
 import type { LogChunk } from './log-stream.js';
 
 // `logs <id> [--follow]`: a job's step output, from the shared drive where this host reaches the job's folder
@@ -73,7 +74,7 @@ export async function jobLogs(input: JobLogsInput): Promise<JobLogsOutcome> {
     return await new Promise<JobLogsOutcome>((resolve) => {
       const timer = setTimeout(() => resolve({ kind: 'timeout' }), input.timeoutMs);
       client.on('message', (topic, payload) => {
-        const body = parse(payload);
+        const body = jsonObject(payload);
         if (!body || body.id !== input.id) return;
         if (topic === topics.result)
           inOrder(() => {
@@ -171,14 +172,5 @@ async function readJson<T>(file: string): Promise<T | undefined> {
     return undefined;
   } finally {
     await handle.close();
-  }
-}
-
-function parse(payload: Buffer): Record<string, unknown> | undefined {
-  try {
-    const value = JSON.parse(payload.toString('utf8')) as unknown;
-    return value && typeof value === 'object' ? (value as Record<string, unknown>) : undefined;
-  } catch {
-    return undefined;
   }
 }
