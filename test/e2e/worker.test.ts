@@ -124,7 +124,9 @@ describe('the broker worker', () => {
     // the killed run is gone.
     const claims = (await readdir(path.join(dirs.jobs, 'k/results'))).filter((n) => n.includes('claim'));
     expect(claims.sort()).toEqual(['.mqtt-fs-worker.claim.1', '.mqtt-fs-worker.claim.2']);
-    expect(await readdir(dirs.workspaces)).toEqual([]);
+    // Only the worker's own record of its session (`.mqtt-fs-worker/sessions/`) is left there.
+    expect(await readdir(dirs.workspaces)).toEqual(['.mqtt-fs-worker']);
+    expect(await readdir(path.join(dirs.workspaces, '.mqtt-fs-worker'))).toEqual(['sessions']);
     await client.endAsync();
   });
 
