@@ -146,7 +146,8 @@ describe('hostile input', () => {
     // Nothing outside was touched; every message was acknowledged (the slot has nothing left); it still works.
     expect(await readdir(outside)).toEqual(['sentinel']);
     expect(await readFile(path.join(outside, 'sentinel'), 'utf8')).toBe('untouched');
-    expect(await readdir(dirs.workspaces)).toEqual([]);
+    // Nothing but the worker's own record of its session (`.mqtt-fs-worker/sessions/`).
+    expect(await readdir(dirs.workspaces)).toEqual(['.mqtt-fs-worker']);
     const idle = await runWorkerOnce(workerArgs(broker().url, dirs, slot, ['--idle-timeout', '1s']));
     expect(idle.stderr).toContain('no job within the idle timeout');
     await publishJob(client, { id: 'good-after', steps: ['echo fine'] });
