@@ -206,7 +206,8 @@ export function formatStatus(report: JobStatusReport, now: number): string {
     if (report.result.error) lines.push(`  ${report.result.error.code}: ${report.result.error.message}`);
   } else {
     const meaning: Record<JobState, string> = {
-      queued: 'not claimed by any slot yet',
+      queued:
+        'no slot has claimed it: its request waits for a slot, or none was sent (the drive cannot tell)',
       running: 'running',
       finished: 'finished',
       orphaned: 'its slot died; the next slot that meets it takes it over',
