@@ -16,7 +16,7 @@ import {
 import { publishResult } from './publish.js';
 import { runClaimed } from './run-claimed.js';
 import { addRunning, listRunning, removeRunning } from './running-index.js';
-import type { Links, WorkerInput, WorkerOutcome } from './serve.js';
+import type { Links, WorkerInput, WorkerOutcome } from './slot.js';
 
 // What a job's claim says a delivery means (run it, leave it, publish a finished result nobody published), and
 // taking over the jobs of dead workers from the index of running claims.

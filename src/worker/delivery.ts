@@ -8,7 +8,7 @@ import type { Claim, StoredRequest } from './claim.js';
 import { claimOrSettle, inspectFolder, type JobFolder, openJobFolder } from './claiming.js';
 import { publishResult } from './publish.js';
 import { runClaimed } from './run-claimed.js';
-import { type Links, loadEngine, type Skipped, type WorkerInput, type WorkerOutcome } from './serve.js';
+import { type Links, loadEngine, type Skipped, type WorkerInput, type WorkerOutcome } from './slot.js';
 
 // One delivery: parse and check the request, answer what cannot run (rejected, refused) and let the claim decide
 // the rest (claiming.ts).

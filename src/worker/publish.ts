@@ -1,7 +1,7 @@
 import type { Sidecar } from '../broker/sidecar.js';
 import type { ResultPayload } from '../job/report.js';
 import type { StoredRequest } from './claim.js';
-import type { WorkerInput } from './serve.js';
+import type { WorkerInput } from './slot.js';
 
 // A result message, to the results topic and (MQTT 5) the request's response topic, on the sidecar connection.
 

@@ -10,7 +10,7 @@ import type { JobFolder } from './claiming.js';
 import { LogStream } from './log-stream.js';
 import { publishResult } from './publish.js';
 import { removeRunning } from './running-index.js';
-import { type Links, loadEngine, presenceTopic, type WorkerInput, type WorkerOutcome } from './serve.js';
+import { type Links, loadEngine, presenceTopic, type WorkerInput, type WorkerOutcome } from './slot.js';
 
 // A claimed job, run: heartbeat, presence, status events and cancel around the engine, then its result.
 

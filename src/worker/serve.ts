@@ -2,57 +2,30 @@ import { type Delivery, JobConsumer } from '../broker/consumer.js';
 import { sharedSubscriptionProblem } from '../broker/probe.js';
 import { Sidecar } from '../broker/sidecar.js';
 import type { Options } from '../config/options.js';
-import type { EngineConfig } from '../job/run-job.js';
-import { parseRequest, type RequestPolicy } from '../job/spec.js';
+import { parseRequest } from '../job/spec.js';
 import { ErrorCode, isDriveFailure, toErrorInfo, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { type PresenceSource, presenceMessage } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
-import type { Identity } from './claim.js';
 import { takeOverOrphan } from './claiming.js';
+import {
+  type Links,
+  loadEngine,
+  presenceTopic,
+  type Skipped,
+  type WorkerInput,
+  type WorkerOutcome,
+} from './slot.js';
+
+export type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
+
 import { answerFailure, handleDelivery } from './delivery.js';
 import { sessionLost } from './session-memory.js';
 
 // The broker worker's loop: connect under the slot's session, hand each delivery to delivery.ts, look for jobs
 // whose worker died while idle (claiming.ts), run at most one job (run-claimed.ts), disconnect.
 
-export interface WorkerInput {
-  readonly options: Options;
-  readonly config: EngineConfig;
-  readonly identity: Identity;
-  readonly log: Logger;
-  /** Aborted (reason 'interrupted') when the process is told to stop. */
-  readonly signal: AbortSignal;
-  /** Signature, age and payload-steps rules for requests. */
-  readonly requestPolicy?: Omit<RequestPolicy, 'nowMs'>;
-  readonly now?: () => number;
-}
-
-export type WorkerOutcome =
-  /** No job came (idle timeout, or told to stop while waiting): exit 0. */
-  | { readonly kind: 'no-job'; readonly why: 'idle-timeout' | 'stopped' }
-  /** The process ran its one job and published its result: exit 0. */
-  | { readonly kind: 'ran'; readonly id: string; readonly status: string }
-  /** The connection was lost (while waiting, or before a job's result could be published): exit 3. */
-  | { readonly kind: 'connection-lost'; readonly id: string | undefined }
-  /** Told to stop during a job: the job was stopped, not acknowledged, and runs again on the slot's next run. */
-  | { readonly kind: 'interrupted'; readonly id: string }
-  /** The jobs directory went away (an NFS mount gone): the request was left unacknowledged for a slot that can. */
-  | { readonly kind: 'not-ready'; readonly id: string; readonly why: string }
-  /**
-   * The claimed job lost its claim (its heartbeat stopped reaching the drive, or a slot took it over): the job was
-   * stopped or its result held back, nothing was published, and a slot takes it over.
-   */
-  | { readonly kind: 'fenced'; readonly id: string; readonly why: string };
-
-/** What became of a delivery the process did not run: it was answered or left, and acknowledged. */
-export type Skipped = { readonly kind: 'skipped'; readonly id: string | undefined; readonly action: string };
-
 export const WILL_DELAY_SECONDS = 10;
-
-// The job engine (step processes, cgroups, file walking: ~7 ms of module loading) starts loading once the
-// connection is under way, while the broker answers, rather than before it; a job awaits what is loaded by then.
-export const loadEngine = () => import('../job/run-job.js');
 
 /**
  * The broker worker: connect under the slot's session, let each job's claim decide what a delivery means (run
@@ -117,14 +90,6 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
   }
 }
 
-/** The job connection, and the second one opened when needed (see Sidecar). */
-export interface Links {
-  readonly consumer: JobConsumer;
-  readonly sidecar: Sidecar;
-  /** Who this slot says it is in its presence messages. */
-  readonly source: PresenceSource;
-}
-
 export function warnAboutSettings(options: Options, log: Logger): void {
   if (options.clean) {
     log.warn(
@@ -141,10 +106,6 @@ export function warnAboutSettings(options: Options, log: Logger): void {
       `--session-expiry ${options.sessionExpirySeconds}s with a shared subscription: the jobs dealt to this slot are lost if it stays away longer`,
     );
   }
-}
-
-export function presenceTopic(options: Options): string {
-  return `${options.presenceTopic}/${options.id}`;
 }
 
 /** How often an idle slot looks for jobs whose worker died: often enough to take them over "at once". */

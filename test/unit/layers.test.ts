@@ -39,3 +39,44 @@ describe('the layout of src/', () => {
     expect(upwards).toEqual([]);
   });
 });
+
+/** The modules a module loads when it runs: static and dynamic imports and re-exports, type-only ones aside. */
+function runtimeImports(file: string): string[] {
+  const text = readFileSync(file, 'utf8');
+  const found: string[] = [];
+  for (const [, keyword, names, spec] of text.matchAll(
+    /^\s*(import|export)\s+(type\s+[\s\S]*?|\{[\s\S]*?\}|\*[^;]*?|[\w$]+(?:\s*,\s*\{[\s\S]*?\})?)\s+from\s+'(\.[^']+)'/gm,
+  )) {
+    const named = (names ?? '')
+      .replace(/^\{|\}$/g, '')
+      .split(',')
+      .map((n) => n.trim())
+      .filter(Boolean);
+    const typeOnly =
+      (names ?? '').startsWith('type ') || (named.length > 0 && named.every((n) => n.startsWith('type ')));
+    if (!typeOnly && keyword) found.push(spec as string);
+  }
+  for (const [, spec] of text.matchAll(/import\(\s*'(\.[^']+)'\s*\)/g)) found.push(spec as string);
+  return found.map((spec) => path.resolve(path.dirname(file), spec).replace(/\.js$/, '.ts'));
+}
+
+describe('the modules of src/', () => {
+  it('have no runtime import cycle (type-only imports aside)', () => {
+    const graph = new Map(sources(SRC).map((file) => [file, runtimeImports(file)]));
+    const cycles: string[] = [];
+    const state = new Map<string, 'open' | 'done'>();
+    const walk = (file: string, trail: string[]): void => {
+      if (state.get(file) === 'done') return;
+      if (state.get(file) === 'open') {
+        const loop = trail.slice(trail.indexOf(file));
+        cycles.push([...loop, file].map((f) => path.relative(SRC, f)).join(' -> '));
+        return;
+      }
+      state.set(file, 'open');
+      for (const next of graph.get(file) ?? []) if (graph.has(next)) walk(next, [...trail, file]);
+      state.set(file, 'done');
+    };
+    for (const file of graph.keys()) walk(file, []);
+    expect(cycles).toEqual([]);
+  });
+});
