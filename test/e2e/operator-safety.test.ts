@@ -95,7 +95,8 @@ describe("an operator's commands and the fleet's record", () => {
     );
     expect(warned, submitted.stderr).toBeDefined();
     const at = (line: string | undefined) => Date.parse((line ?? '').split(' ')[0] ?? '');
-    expect(at(warned) - at(published)).toBeLessThan(1500);
+    // Said at once (half a second after publishing), long before the 4 s the submit waits.
+    expect(at(warned) - at(published)).toBeLessThan(3000);
   });
 
   it('submit --follow shows the step output of a job whose folder appears only when a slot claims it', async () => {
