@@ -1,5 +1,6 @@
 import { readFileSync } from 'node:fs';
 import path from 'node:path';
+import { type MountEntry as Mount, parseMountinfo } from '../shared/mountinfo.js';
 
 /** The v1 controllers the worker uses (cpu and cpuacct may share a mount or not). */
 export const V1_CONTROLLERS = ['memory', 'cpu', 'cpuacct', 'pids', 'freezer', 'blkio'] as const;
@@ -11,35 +12,6 @@ export interface CgroupLayout {
   readonly unified: string | undefined;
   /** The v1 directory of this process for each v1 controller that is mounted. */
   readonly v1: Partial<Record<V1Controller, string>>;
-}
-
-interface Mount {
-  readonly root: string;
-  readonly mountPoint: string;
-  readonly fsType: string;
-  readonly superOptions: readonly string[];
-}
-
-// /proc/self/mountinfo: "36 35 98:0 /root /mount/point rw,opts [optional fields] - fstype source superopts".
-// Paths escape spaces and the like as octal (\040).
-function parseMountinfo(text: string): Mount[] {
-  const decode = (value: string): string =>
-    value.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
-  const mounts: Mount[] = [];
-  for (const line of text.split('\n')) {
-    const [before, after] = line.split(' - ');
-    if (!before || !after) continue;
-    const fields = before.split(' ');
-    const [fsType, , superOpts] = after.split(' ');
-    if (fields.length < 5 || !fsType) continue;
-    mounts.push({
-      root: decode(fields[3] as string),
-      mountPoint: decode(fields[4] as string),
-      fsType,
-      superOptions: (superOpts ?? '').split(','),
-    });
-  }
-  return mounts;
 }
 
 // /proc/self/cgroup: "4:memory:/path" (v1, controllers comma-separated) and "0::/path" (v2).

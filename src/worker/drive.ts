@@ -2,6 +2,8 @@ import { randomBytes } from 'node:crypto';
 import { constants } from 'node:fs';
 import { open, readdir, readFile, realpath, unlink } from 'node:fs/promises';
 import path from 'node:path';
+import { isInside } from '../job/paths.js';
+import { type MountEntry, parseMountinfo } from '../shared/mountinfo.js';
 import { formatDuration } from '../shared/units.js';
 
 // What the filesystem under the jobs directory does to claims and inputs. A heartbeat is only as fresh as the
@@ -38,11 +40,6 @@ interface Mount {
 
 const LOCAL = new Set(['ext2', 'ext3', 'ext4', 'xfs', 'btrfs', 'tmpfs', 'overlay', 'zfs', 'f2fs', 'ramfs']);
 
-/** mountinfo escapes spaces, tabs, newlines and backslashes as octal. */
-function unescapeField(field: string): string {
-  return field.replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(Number.parseInt(octal, 8)));
-}
-
 function parseOptions(...lists: string[]): Map<string, string> {
   const options = new Map<string, string>();
   for (const list of lists)
@@ -58,23 +55,18 @@ function parseOptions(...lists: string[]): Map<string, string> {
 export async function mountOf(dir: string, mountinfo?: string): Promise<Mount | undefined> {
   const real = await realpath(dir);
   const text = mountinfo ?? (await readFile('/proc/self/mountinfo', 'utf8').catch(() => ''));
-  let best: Mount | undefined;
-  for (const line of text.split('\n')) {
-    const [left, right] = line.split(' - ');
-    if (!left || !right) continue;
-    const fields = left.split(' ');
-    const [fsType, source, superOptions] = right.split(' ');
-    const mountPoint = unescapeField(fields[4] ?? '');
-    const inside = real === mountPoint || real.startsWith(mountPoint === '/' ? '/' : `${mountPoint}/`);
-    if (!inside || !fsType || (best && best.mountPoint.length > mountPoint.length)) continue;
-    best = {
-      mountPoint,
-      fsType,
-      source: unescapeField(source ?? ''),
-      options: parseOptions(fields[5] ?? '', superOptions ?? ''),
-    };
-  }
-  return best;
+  let best: MountEntry | undefined;
+  for (const mount of parseMountinfo(text))
+    if (isInside(mount.mountPoint, real) && (!best || mount.mountPoint.length >= best.mountPoint.length))
+      best = mount;
+  return (
+    best && {
+      mountPoint: best.mountPoint,
+      fsType: best.fsType,
+      source: best.source,
+      options: parseOptions(...best.mountOptions, ...best.superOptions),
+    }
+  );
 }
 
 /** sshfs's own options, from the command line of the process that serves `mountPoint`; undefined if not found. */

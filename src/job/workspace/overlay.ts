@@ -3,6 +3,7 @@ import { type Dirent, lstatSync, readFileSync } from 'node:fs';
 import { lstat, mkdir, readdir, rename, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../../shared/errors.js';
+import { parseMountinfo } from '../../shared/mountinfo.js';
 import { isInside } from '../paths.js';
 import { RESULTS_DIR } from '../results-layout.js';
 import type { SkippedEntry, StageResult } from './stage.js';
@@ -181,15 +182,9 @@ export function mountsUnder(dir: string): string[] {
   } catch {
     return [];
   }
-  const points = table.split('\n').flatMap((line) => {
-    const field = line.split(' ')[4];
-    if (!field) return [];
-    // mountinfo escapes space, tab, newline and backslash as octal.
-    const point = field.replace(/\\([0-7]{3})/g, (_, octal: string) =>
-      String.fromCharCode(Number.parseInt(octal, 8)),
-    );
-    return isInside(dir, point) ? [point] : [];
-  });
+  const points = parseMountinfo(table)
+    .map((mount) => mount.mountPoint)
+    .filter((point) => isInside(dir, point));
   return [...new Set(points)].sort((a, b) => b.length - a.length);
 }
 
