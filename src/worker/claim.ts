@@ -2,6 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { constants, readFileSync } from 'node:fs';
 import { type FileHandle, link, lstat, open, readdir, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { Manifest } from '../job/report.js';
 import {
   CLAIM_PREFIX,
@@ -341,15 +342,18 @@ export class Claim {
   }
 }
 
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
 /**
- * Creates `{dir}/{name}` holding `record` if nothing is there yet: true when this process created it, false when
- * the name holds something else (another worker's record, or anything planted). Decided by reading back the
+ * Creates `{dir}/{name}` holding `record` if nothing is there yet: the record's nonce when this process created it,
+ * undefined when the name holds something else (another worker's record, or anything planted). Decided by reading back the
  * name, whatever link(2) answered. A create that leaves the name empty is tried again; one that never takes
  * throws (a drive failure as it is, any other error as CLAIM_FAILED: every slot would meet it).
  */
-async function createRecordFile(dir: string, name: string, record: object, self: Identity): Promise<boolean> {
+async function createRecordFile(
+  dir: string,
+  name: string,
+  record: object,
+  self: Identity,
+): Promise<string | undefined> {
   const nonce = randomBytes(12).toString('hex');
   const temp = path.join(dir, `${WORKER_FILE_PREFIX}tmp.${self.workerId}.${process.pid}.${nonce}`);
   const target = path.join(dir, name);
@@ -367,8 +371,8 @@ async function createRecordFile(dir: string, name: string, record: object, self:
         (error: unknown) => error,
       );
       const held = await lookUp<{ nonce?: string }>(target);
-      if (held.kind === 'record') return held.record.nonce === nonce;
-      if (held.kind === 'unreadable') return false;
+      if (held.kind === 'record') return held.record.nonce === nonce ? nonce : undefined;
+      if (held.kind === 'unreadable') return undefined;
       await sleep(20 * 2 ** tries); // the name is still free: link(2) failed without anyone taking it
     }
   } finally {
@@ -405,10 +409,9 @@ export async function acquireClaim(
     ...request,
     ...(rerun !== undefined ? { rerun } : {}),
   };
-  if (!(await createRecordFile(resultsDir, `${CLAIM_PREFIX}${attempt}`, record, self))) return undefined;
-  const file = claimFile(resultsDir, attempt);
-  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW);
-  const nonce = (JSON.parse(await handle.readFile('utf8')) as ClaimRecord).nonce ?? '';
+  const nonce = await createRecordFile(resultsDir, `${CLAIM_PREFIX}${attempt}`, record, self);
+  if (nonce === undefined) return undefined;
+  const handle = await open(claimFile(resultsDir, attempt), constants.O_RDONLY | constants.O_NOFOLLOW);
   return new Claim(resultsDir, attempt, handle, nonce);
 }
 
@@ -432,10 +435,10 @@ export async function acquirePublisher(
 ): Promise<boolean> {
   const name = `${PUBLISHER_PREFIX}${attempt}`;
   const record = { ...self, attempt, claimedAt: new Date(now).toISOString() };
-  if (await createRecordFile(resultsDir, name, record, self)) return true;
+  if ((await createRecordFile(resultsDir, name, record, self)) !== undefined) return true;
   const held = await readRecord<Identity>(path.join(resultsDir, name));
   if (held && holderState(held.record, held.heartbeatMs, self, leaseMs, now).alive) return false;
   // Its publisher died before it could publish: the next slot that sees it takes its place.
   await unlink(path.join(resultsDir, name)).catch(() => {});
-  return createRecordFile(resultsDir, name, record, self);
+  return (await createRecordFile(resultsDir, name, record, self)) !== undefined;
 }
