@@ -31,6 +31,8 @@ export interface SubmitInput {
   readonly statusTopic: string;
   /** The slots' retained presence root: a waiting submit says when no slot is online to take the request. */
   readonly presenceTopic?: string;
+  /** The slots' presence on the drive, by id (brokers that send no retained message to a wildcard show none). */
+  readonly slotsOnDrive?: () => Promise<ReadonlyMap<string, string>>;
   /** Publish again when no worker took the request within this (doubling, up to 5 minutes); undefined: never. */
   readonly confirmMs?: number;
   /** Each status event of the job (`submit --follow`). */
@@ -57,18 +59,18 @@ const NO_MATCHING_SUBSCRIBERS = 0x10;
  * saving the request loses nothing, and a lost connection is made again.
  */
 export async function submit(input: SubmitInput): Promise<SubmitOutcome> {
-  // With MQTT 5, a waiting submit asks for the answer on a topic of its own under the results root: a slot that
-  // meets the job finished answers there, so a result published while this submit was away is not missed.
-  const reply =
-    input.wait && input.settings.protocol === '5'
-      ? { topic: `${input.resultsTopic}/${input.id}/reply-${randomBytes(6).toString('hex')}` }
-      : undefined;
+  // A waiting submit asks for the answer on a topic of its own under the results root: a slot that meets the job
+  // finished answers there, so a result published while this submit was away is not missed.
+  const reply = input.wait
+    ? { topic: `${input.resultsTopic}/${input.id}/reply-${randomBytes(6).toString('hex')}` }
+    : undefined;
   const request: Record<string, unknown> = {
     id: input.id,
     ...(input.steps ? { steps: input.steps } : {}),
     ...(input.rerun ? { rerun: input.rerun } : {}),
-    // Signed requests name their response topic in the body: properties are not signed.
-    ...(reply && input.secret ? { responseTopic: reply.topic } : {}),
+    // The body names the reply topic where a property cannot carry it: MQTT 3.1.1 has no properties, and
+    // properties are not signed.
+    ...(reply && (input.secret || input.settings.protocol === '3.1.1') ? { responseTopic: reply.topic } : {}),
   };
   // Signed requests are signed again for each publication: a copy re-published minutes later must not be stale.
   const sign = () => JSON.stringify(input.secret ? signRequest(request, input.secret, Date.now()) : request);
@@ -98,7 +100,7 @@ class Submission {
   readonly #settled: Promise<SubmitOutcome>;
   #confirmed = false;
   #published = false;
-  /** Each slot's presence state, by topic (`submit --wait` says when none is online). */
+  /** Each slot's presence state, by id (`submit --wait` says when none is online). */
   readonly #slots = new Map<string, string>();
   #slotWatch: NodeJS.Timeout[] | undefined;
   readonly #reply: string | undefined;
@@ -195,9 +197,10 @@ class Submission {
     for (let delay = 200; ; delay = Math.min(delay * 2, 5000)) {
       const body = this.#sign();
       this.#sent.add(sha256(body));
-      const options = this.#reply
-        ? { qos: 1 as const, properties: { responseTopic: this.#reply } }
-        : { qos: 1 as const };
+      const options =
+        this.#reply && this.#input.settings.protocol === '5'
+          ? { qos: 1 as const, properties: { responseTopic: this.#reply } }
+          : { qos: 1 as const };
       const code = await Promise.race([publish(client, topic, body, options).catch(() => -1), closed]);
       if (code === 'closed' || code === -1) return 'closed';
       if (code !== NO_MATCHING_SUBSCRIBERS && code < 0x80) break;
@@ -225,18 +228,20 @@ class Submission {
    */
   #watchSlots(): void {
     if (this.#slotWatch || !this.#input.presenceTopic) return;
-    const say = (): void => {
+    const say = async (): Promise<void> => {
+      const onDrive =
+        (await this.#input.slotsOnDrive?.().catch(() => undefined)) ?? new Map<string, string>();
       if (this.#confirmed) return;
-      const states = [...this.#slots.values()];
+      const states = [...new Map([...onDrive, ...this.#slots]).values()];
       if (states.some((state) => state !== 'offline')) return;
       const offline = states.length;
       this.#input.log.warn(
         offline > 0
           ? `no slot is online: the request waits in ${offline} offline session${offline === 1 ? '' : 's'} until a slot starts`
-          : `no slot is online (none has a presence on ${this.#input.presenceTopic}/+): the request waits for a slot to start`,
+          : `no slot is online (none has a presence on ${this.#input.presenceTopic}/+ or in the jobs directory): the request waits for a slot to start`,
       );
     };
-    this.#slotWatch = [setTimeout(say, 500), setInterval(say, 30_000)];
+    this.#slotWatch = [setTimeout(() => void say(), 500), setInterval(() => void say(), 30_000)];
     for (const timer of this.#slotWatch) timer.unref();
   }
 
@@ -250,8 +255,9 @@ class Submission {
     const presence = this.#input.presenceTopic;
     if (presence && topic.startsWith(`${presence}/`)) {
       const slot = parsePresence(payload);
-      if (slot) this.#slots.set(topic, slot.state);
-      else this.#slots.delete(topic);
+      const id = topic.slice(presence.length + 1);
+      if (slot) this.#slots.set(id, slot.state);
+      else this.#slots.delete(id);
       return;
     }
     if (topic === status) {

@@ -7,6 +7,7 @@ import type { Logger } from '../shared/log.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
 import { DASHBOARD_PAGE } from './dashboard-page.js';
 import { listJobs } from './jobs-list.js';
+import { drivePresence } from './presence-board.js';
 
 // `dashboard`: a local web page of the fleet. One broker connection watches presence, status events, results and
 // step output; the shared drive, where reachable, adds the jobs already on it. The page gets a snapshot, then
@@ -50,6 +51,8 @@ const MAX_CLIENT_BACKLOG = 1024 * 1024;
 
 class Fleet {
   readonly slots = new Map<string, Presence>();
+  /** Slots the broker told of: its word (and its will) wins over the drive's presence files. */
+  readonly heard = new Set<string>();
   readonly jobs = new Map<string, JobView>();
   readonly logs = new Map<string, string>();
 
@@ -141,6 +144,7 @@ function watchFleet(
     if (topic.startsWith(roots.presence)) {
       const id = topic.slice(roots.presence.length);
       const presence = parsePresence(payload);
+      fleet.heard.add(id);
       if (presence) fleet.slots.set(id, presence);
       else fleet.slots.delete(id);
       send('slot', presence ?? { id, gone: true });
@@ -189,7 +193,15 @@ async function loadDrive(
   fleet: Fleet,
   send: (e: string, d: unknown) => void,
 ): Promise<void> {
-  const rows = await listJobs({ jobsDir: input.jobsDir as string, leaseMs: input.leaseMs }).catch(() => []);
+  const jobsDir = input.jobsDir as string;
+  // Brokers that send no retained message to a wildcard (RabbitMQ) show slots only through their files.
+  for (const slot of await drivePresence(jobsDir, Date.now(), input.log)) {
+    const known = fleet.slots.get(slot.id);
+    if (fleet.heard.has(slot.id) || (known?.at === slot.at && known.state === slot.state)) continue;
+    fleet.slots.set(slot.id, slot);
+    send('slot', slot);
+  }
+  const rows = await listJobs({ jobsDir, leaseMs: input.leaseMs }).catch(() => []);
   const recent = rows.sort((a, b) =>
     String(a.endedAt ?? a.claimedAt).localeCompare(String(b.endedAt ?? b.claimedAt)),
   );

@@ -3,14 +3,13 @@ import { type Manifest, toResultPayload } from '../job/report.js';
 import type { JobEvent } from '../job/run-job.js';
 import type { JobRequest } from '../job/spec.js';
 import type { Logger } from '../shared/log.js';
-import { presenceMessage } from '../shared/presence.js';
 import { formatDuration } from '../shared/units.js';
 import type { Claim, Standing, StoredRequest } from './claim.js';
 import type { JobFolder } from './claiming.js';
 import { LogStream } from './log-stream.js';
 import { publishResult } from './publish.js';
 import { removeRunning } from './running-index.js';
-import { type Links, loadEngine, presenceTopic, type WorkerInput, type WorkerOutcome } from './slot.js';
+import { type Links, loadEngine, type WorkerInput, type WorkerOutcome } from './slot.js';
 
 // A claimed job, run: heartbeat, presence, status events and cancel around the engine, then its result.
 
@@ -74,8 +73,7 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
           jobLog.warn(`${logs.dropped} batches of step output were not published: the connection was behind`);
         completion = await completeJob(links, input, job, manifest, jobLog);
         // Between jobs the slot is idle: its next process says so again, or its will says offline.
-        if (completion === 'published')
-          consumer.fireAndForget(presenceTopic(input.options), presenceMessage(links.source, 'idle'), true);
+        if (completion === 'published') links.presence.say('idle');
       },
     });
     switch (completion) {
@@ -124,15 +122,7 @@ function progress(links: Links, input: WorkerInput, job: ClaimedJob, now: () => 
   const { request, claim } = job;
   const busy = { job: request.id, attempt: claim.attempt, jobStartedAt: new Date(now()) };
   const announce = (step?: { index: number; name: string }): void =>
-    links.consumer.fireAndForget(
-      presenceTopic(input.options),
-      presenceMessage(
-        links.source,
-        'busy',
-        step ? { ...busy, step: { ...step, startedAt: new Date(now()) } } : busy,
-      ),
-      true,
-    );
+    links.presence.say('busy', step ? { ...busy, step: { ...step, startedAt: new Date(now()) } } : busy);
   announce();
   const event = statusEvents(links.consumer, input, request.id);
   event('claimed', { attempt: claim.attempt });

@@ -22,11 +22,13 @@ const RUNNING_DIR = 'running';
 /** Refusals already logged by this process: an idle slot looks every few seconds, and one line says it. */
 const said = new Set<string>();
 
-function refuse(log: Logger | undefined, why: string): undefined {
+function refuse(log: Logger | undefined, why: string, sub: string): undefined {
   if (!said.has(why)) {
     said.add(why);
     log?.warn(
-      `the index of running jobs is not used: ${why}; orphaned jobs are taken over only when redelivered`,
+      sub === RUNNING_DIR
+        ? `the index of running jobs is not used: ${why}; orphaned jobs are taken over only when redelivered`
+        : `the slots' presence on the drive is not written: ${why}; \`workers\` shows this slot from the broker only`,
     );
   }
   return undefined;
@@ -43,6 +45,7 @@ async function openDir(
   owners: ReadonlySet<number>,
   create: boolean,
   log: Logger | undefined,
+  sub: string,
 ): Promise<FileHandle | undefined> {
   const full = path.join(parent, name);
   if (create) await mkdir(full, { mode: 0o755 }).catch(() => {}); // EEXIST, or the open below says why
@@ -60,9 +63,9 @@ async function openDir(
           (s) => s.isSymbolicLink(),
           () => false,
         )));
-    if (link) return refuse(log, `${shown} is a symbolic link`);
-    if (code === 'ENOTDIR') return refuse(log, `${shown} is not a directory`);
-    return refuse(log, `${shown} cannot be opened (${code})`);
+    if (link) return refuse(log, `${shown} is a symbolic link`, sub);
+    if (code === 'ENOTDIR') return refuse(log, `${shown} is not a directory`, sub);
+    return refuse(log, `${shown} cannot be opened (${code})`, sub);
   }
   const { uid } = await handle.stat();
   if (!owners.has(uid)) {
@@ -70,14 +73,16 @@ async function openDir(
     return refuse(
       log,
       `${shown} is owned by uid ${uid}, neither this worker's user nor the jobs directory's owner`,
+      sub,
     );
   }
   return handle;
 }
 
-/** The index folder, held; undefined where it does not exist (and `create` is false) or is refused. */
+/** `{jobs}/.mqtt-fs-worker/{sub}`, held; undefined where it does not exist (and `create` is false) or is refused. */
 async function holdIndex(
   jobsRoot: string,
+  sub: string,
   create: boolean,
   log: Logger | undefined,
 ): Promise<HeldDir | undefined> {
@@ -91,26 +96,28 @@ async function holdIndex(
     const rootOwner = (await stat(root.path)).uid;
     const owners = new Set([process.geteuid?.() ?? rootOwner, rootOwner]);
     const shown = path.join(jobsRoot, INDEX_DIR);
-    const top = await openDir(root.path, INDEX_DIR, shown, owners, create, log);
+    const top = await openDir(root.path, INDEX_DIR, shown, owners, create, log, sub);
     if (!top) return undefined;
     const topPath = `/proc/self/fd/${top.fd}`;
-    const running = await openDir(topPath, RUNNING_DIR, path.join(shown, RUNNING_DIR), owners, create, log);
+    const held = await openDir(topPath, sub, path.join(shown, sub), owners, create, log, sub);
     await top.close();
-    if (!running) return undefined;
-    return { path: `/proc/self/fd/${running.fd}`, close: () => running.close().catch(() => {}) };
+    if (!held) return undefined;
+    return { path: `/proc/self/fd/${held.fd}`, close: () => held.close().catch(() => {}) };
   } finally {
     await root.close();
   }
 }
 
-async function withIndex<T>(
+/** Runs `use` on the held `{jobs}/.mqtt-fs-worker/{sub}` folder; `otherwise` where there is none or it is refused. */
+export async function withIndexFolder<T>(
   jobsRoot: string,
+  sub: string,
   create: boolean,
   log: Logger | undefined,
   use: (dir: string) => Promise<T>,
   otherwise: T,
 ): Promise<T> {
-  const held = await holdIndex(jobsRoot, create, log);
+  const held = await holdIndex(jobsRoot, sub, create, log);
   if (!held) return otherwise;
   try {
     return await use(held.path);
@@ -121,8 +128,9 @@ async function withIndex<T>(
 
 /** Adds `id` to the index (before its job runs, so a death at any later point leaves it there). */
 export async function addRunning(jobsRoot: string, id: string, log?: Logger): Promise<void> {
-  await withIndex(
+  await withIndexFolder(
     jobsRoot,
+    RUNNING_DIR,
     true,
     log,
     async (dir) => {
@@ -153,15 +161,25 @@ export async function addRunning(jobsRoot: string, id: string, log?: Logger): Pr
 
 /** Removes `id` from the index; never throws (a stale entry costs a look, nothing more). */
 export async function removeRunning(jobsRoot: string, id: string, log?: Logger): Promise<void> {
-  await withIndex(jobsRoot, false, log, (dir) => unlink(path.join(dir, id)).catch(() => {}), undefined).catch(
-    () => {},
-  );
+  await withIndexFolder(
+    jobsRoot,
+    RUNNING_DIR,
+    false,
+    log,
+    (dir) => unlink(path.join(dir, id)).catch(() => {}),
+    undefined,
+  ).catch(() => {});
 }
 
 /** The ids in the index; none when it does not exist yet or is refused. Names that are not job ids are ignored. */
 export async function listRunning(jobsRoot: string, log?: Logger): Promise<string[]> {
-  const names = await withIndex(jobsRoot, false, log, (dir) => readdir(dir), [] as string[]).catch(
-    () => [] as string[],
-  );
+  const names = await withIndexFolder(
+    jobsRoot,
+    RUNNING_DIR,
+    false,
+    log,
+    (dir) => readdir(dir),
+    [] as string[],
+  ).catch(() => [] as string[]);
   return names.filter((name) => idProblem(name) === undefined);
 }

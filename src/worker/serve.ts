@@ -20,6 +20,7 @@ import {
 export type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
 
 import { answerFailure, handleDelivery } from './delivery.js';
+import { PresenceBoard } from './presence-board.js';
 import { sessionLost } from './session-memory.js';
 
 // The broker worker's loop: connect under the slot's session, hand each delivery to delivery.ts, look for jobs
@@ -81,12 +82,13 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
       'SESSION LOST: this slot had a session on the broker and the broker has none now: the requests queued for it are gone (a broker that keeps sessions in memory restarted, or the session expired). Controllers that must not lose a request use `submit --confirm`',
     );
   }
-  consumer.fireAndForget(presenceTopic(options), presenceMessage(source, 'idle'), true);
+  const presence = new PresenceBoard(consumer, options, source, log);
+  presence.say('idle');
   const sidecar = new Sidecar(input);
   try {
-    return await serve({ consumer, sidecar, source }, input);
+    return await serve({ consumer, sidecar, presence }, input);
   } finally {
-    await sidecar.close();
+    await Promise.all([sidecar.close(), presence.close()]);
   }
 }
 
@@ -98,7 +100,7 @@ export function warnAboutSettings(options: Options, log: Logger): void {
   }
   if (options.protocol === '3.1.1') {
     log.warn(
-      'MQTT 3.1.1 cannot ask the broker for one message in flight: set max_inflight_messages 1 on the broker',
+      "MQTT 3.1.1 cannot ask the broker for one message in flight: limit it on the broker (Mosquitto: max_inflight_messages 1; RabbitMQ: mqtt.prefetch = 1; Aedes and ejabberd have no such setting); otherwise the requests sent ahead wait unacknowledged and come back to the slot's next run",
     );
   }
   if (options.topics.some(isShared) && !options.clean && options.sessionExpirySeconds !== undefined) {

@@ -4,8 +4,8 @@ import type { Options } from '../config/options.js';
 import type { EngineConfig } from '../job/run-job.js';
 import type { RequestPolicy } from '../job/spec.js';
 import type { Logger } from '../shared/log.js';
-import type { PresenceSource } from '../shared/presence.js';
 import type { Identity } from './claim.js';
+import type { PresenceBoard } from './presence-board.js';
 
 // What every part of a slot's run shares: its input, how a run can end, its two connections, the engine's loader
 // and its presence topic. serve.ts (the loop) sits on top of the modules that use these: none imports it back.
@@ -50,8 +50,8 @@ export const loadEngine = () => import('../job/run-job.js');
 export interface Links {
   readonly consumer: JobConsumer;
   readonly sidecar: Sidecar;
-  /** Who this slot says it is in its presence messages. */
-  readonly source: PresenceSource;
+  /** The slot's presence, on the broker and on the drive. */
+  readonly presence: PresenceBoard;
 }
 
 export function presenceTopic(options: Options): string {

@@ -2,14 +2,18 @@ import { randomBytes } from 'node:crypto';
 import { type BrokerSettings, connectBroker, disconnect } from '../broker/client.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
 import { formatDuration } from '../shared/units.js';
+import { drivePresence, mergePresence } from './presence-board.js';
 
 // `workers`: the fleet at a glance, from the slots' retained presence messages. The broker hands every retained
-// message over right after the subscription; the list is complete once none came for a short while.
+// message over right after the subscription; the list is complete once none came for a short while. Slots the
+// broker does not show (RabbitMQ sends no retained message to a wildcard) come from their files on the drive.
 
 export interface WorkersInput {
   readonly settings: BrokerSettings;
   /** The presence root, e.g. `jobs/workers`. */
   readonly presenceTopic: string;
+  /** Where slots also write their presence (for brokers that send no retained message to a wildcard). */
+  readonly jobsDir?: string;
   /** With a signal: keep following changes, calling `onChange` with the whole list, until it aborts. */
   readonly signal?: AbortSignal;
   readonly onChange?: (slots: readonly Presence[]) => void;
@@ -18,6 +22,7 @@ export interface WorkersInput {
 // Retained messages come in one burst after the SUBACK; this much silence ends it (3 s at most).
 const SETTLE_MS = 300;
 const SETTLE_MAX_MS = 3000;
+const DRIVE_POLL_MS = 5000;
 
 /** The slots' presence, sorted by id; with `signal`, follows changes until it aborts and returns the last list. */
 export async function listWorkers(input: WorkersInput): Promise<Presence[]> {
@@ -27,7 +32,11 @@ export async function listWorkers(input: WorkersInput): Promise<Presence[]> {
     clean: true,
   });
   const slots = new Map<string, Presence>();
-  const sorted = () => [...slots.values()].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
+  let onDrive: Presence[] = [];
+  const sorted = () => mergePresence([...slots.values()], onDrive);
+  const readDrive = async () => {
+    if (input.jobsDir) onDrive = await drivePresence(input.jobsDir, Date.now());
+  };
   let changed: () => void = () => {};
   const prefix = `${input.presenceTopic}/`;
   client.on('message', (topic, payload) => {
@@ -50,15 +59,23 @@ export async function listWorkers(input: WorkersInput): Promise<Presence[]> {
       };
     });
     await client.subscribeAsync(`${prefix}+`, { qos: 1 });
-    await settled;
+    await Promise.all([settled, readDrive()]);
     const signal = input.signal;
     if (!signal) return sorted();
     input.onChange?.(sorted());
     changed = () => input.onChange?.(sorted());
+    // The drive has no messages to wait for: it is read again every few seconds.
+    let shown = JSON.stringify(onDrive);
+    const poll = setInterval(async () => {
+      await readDrive();
+      const now = JSON.stringify(onDrive);
+      if (now !== shown) changed();
+      shown = now;
+    }, DRIVE_POLL_MS);
     await new Promise<void>((resolve) => {
       if (signal.aborted) resolve();
       else signal.addEventListener('abort', () => resolve(), { once: true });
-    });
+    }).finally(() => clearInterval(poll));
     return sorted();
   } finally {
     await disconnect(client);
@@ -110,7 +127,7 @@ export function slotRows(slots: readonly Presence[], now: number, abandonedAfter
 
 /** The table `workers` prints on a terminal, and what to run for abandoned slots. */
 export function formatWorkers(rows: readonly SlotRow[], now: number, color: boolean): string {
-  if (rows.length === 0) return 'no slots have announced themselves on this broker\n';
+  if (rows.length === 0) return 'no slots have announced themselves on this broker or in --jobs-dir\n';
   const paint = (code: number, text: string) => (color ? `\u001b[${code}m${text}\u001b[0m` : text);
   const colours: Record<SlotRow['state'], number> = { idle: 32, busy: 33, offline: 90, abandoned: 31 };
   const header = ['SLOT', 'STATE', 'JOB', 'STEP', 'FOR', 'LAST SEEN', 'VERSION', 'HOST', 'TOPICS'];

@@ -91,7 +91,9 @@ describe('the installed command', () => {
     }
     const workers = await cli(['workers', '--help']);
     expect(workers.stdout).toContain('--presence-topic');
-    expect(workers.stdout).not.toContain('--jobs-dir');
+    // The slots' presence files on the drive, for brokers that show no retained presence to a wildcard.
+    expect(workers.stdout).toContain('--jobs-dir');
+    expect(workers.stdout).not.toContain('--workspaces-dir');
     expect((await cli(['status', '--help'])).stdout).not.toContain('--url');
   });
 

@@ -62,6 +62,11 @@ export async function runSubmit(id: string, submitFlags: SubmitFlags, flags: Opt
     rejectedTopic: options.rejectedTopic,
     statusTopic: options.statusTopic,
     presenceTopic: options.presenceTopic,
+    slotsOnDrive: async () => {
+      const { drivePresence } = await import('../../worker/presence-board.js');
+      const slots = await drivePresence(options.jobsDir, Date.now());
+      return new Map(slots.map((slot) => [slot.id, slot.state]));
+    },
     ...(confirmMs !== undefined ? { confirmMs } : {}),
     ...(submitFlags.rerun ? { rerun: (await import('node:crypto')).randomUUID() } : {}),
     wait: (submitFlags.wait || submitFlags.follow) ?? false,

@@ -35,7 +35,14 @@ export async function runWorkers(workersFlags: WorkersFlags, flags: OptionFlags)
       );
   };
   if (!workersFlags.watch) {
-    show(await listWorkers({ settings: options, presenceTopic: options.presenceTopic }), false);
+    show(
+      await listWorkers({
+        settings: options,
+        presenceTopic: options.presenceTopic,
+        jobsDir: options.jobsDir,
+      }),
+      false,
+    );
     return ExitCode.OK;
   }
   // Followed until Ctrl-C: the whole list again at each change (redrawn in place on a terminal, one JSON line each
@@ -48,6 +55,7 @@ export async function runWorkers(workersFlags: WorkersFlags, flags: OptionFlags)
     await listWorkers({
       settings: options,
       presenceTopic: options.presenceTopic,
+      jobsDir: options.jobsDir,
       signal: interrupt.signal,
       onChange: (slots) => {
         latest = slots;

@@ -1,0 +1,135 @@
+import { constants } from 'node:fs';
+import { open, readdir } from 'node:fs/promises';
+import path from 'node:path';
+import type { JobConsumer } from '../broker/consumer.js';
+import type { Options } from '../config/options.js';
+import { writeFileAtomic } from '../shared/atomic-write.js';
+import { idProblem } from '../shared/ids.js';
+import type { Logger } from '../shared/log.js';
+import {
+  type BusyWith,
+  type Presence,
+  type PresenceSource,
+  type PresenceState,
+  parsePresence,
+  presenceMessage,
+} from '../shared/presence.js';
+import { withIndexFolder } from './running-index.js';
+
+// A slot's presence is said in two places. On the broker, a retained message per slot, which the broker's will
+// turns offline when the process dies. On the drive, `{jobs-dir}/.mqtt-fs-worker/slots/{id}.json`: RabbitMQ hands
+// no retained message to a wildcard subscription, so `workers` there sees nothing on the broker. A file has no will:
+// it is written again every REFRESH_MS while the process lives, and one older than STALE_MS reads as offline.
+
+const SLOTS_DIR = 'slots';
+export const PRESENCE_REFRESH_MS = 30_000;
+export const PRESENCE_STALE_MS = 3 * PRESENCE_REFRESH_MS;
+const MAX_FILE_BYTES = 64 * 1024;
+
+export class PresenceBoard {
+  readonly source: PresenceSource;
+  readonly #consumer: JobConsumer;
+  readonly #topic: string;
+  readonly #jobsDir: string;
+  readonly #log: Logger;
+  #last: { state: PresenceState; busy: BusyWith | undefined } = { state: 'idle', busy: undefined };
+  #timer: NodeJS.Timeout | undefined;
+  /** Drive writes, one after another: a slow drive never has two in flight, and the last one written is the last said. */
+  #writing: Promise<void> = Promise.resolve();
+
+  constructor(consumer: JobConsumer, options: Options, source: PresenceSource, log: Logger) {
+    this.#consumer = consumer;
+    this.#topic = `${options.presenceTopic}/${options.id}`;
+    this.#jobsDir = options.jobsDir;
+    this.#log = log;
+    this.source = source;
+  }
+
+  /** Says the slot's state on the broker (at once) and on the drive (when the state or the job changed). */
+  say(state: PresenceState, busy?: BusyWith): void {
+    this.#consumer.fireAndForget(this.#topic, presenceMessage(this.source, state, busy), true);
+    const changed = state !== this.#last.state || busy?.job !== this.#last.busy?.job || !this.#timer;
+    this.#last = { state, busy };
+    if (!changed) return;
+    this.#write();
+    if (!this.#timer) {
+      this.#timer = setInterval(() => this.#write(), PRESENCE_REFRESH_MS);
+      this.#timer.unref();
+    }
+  }
+
+  /** The process ends: the drive says offline (the broker hears it from the will). */
+  async close(): Promise<void> {
+    clearInterval(this.#timer);
+    if (this.#timer) {
+      this.#last = { state: 'offline', busy: undefined };
+      this.#write();
+    }
+    await this.#writing;
+  }
+
+  #write(): void {
+    const message = presenceMessage(this.source, this.#last.state, this.#last.busy);
+    const id = this.source.id;
+    this.#writing = this.#writing.then(() =>
+      withIndexFolder(
+        this.#jobsDir,
+        SLOTS_DIR,
+        true,
+        this.#log,
+        (dir) => writeFileAtomic(dir, `${id}.json`, message),
+        undefined,
+      ).catch((error: Error) => {
+        this.#log.debug(`presence not written to the drive: ${error.message}`);
+      }),
+    );
+  }
+}
+
+/**
+ * The slots' presence as written on the drive, for the brokers that do not show it. An entry not written again
+ * within PRESENCE_STALE_MS is offline (its process died without saying so), last seen when it was written.
+ */
+export async function drivePresence(jobsDir: string, now: number, log?: Logger): Promise<Presence[]> {
+  const read = async (dir: string): Promise<Presence[]> => {
+    const found: Presence[] = [];
+    for (const name of await readdir(dir)) {
+      const id = name.endsWith('.json') ? name.slice(0, -5) : undefined;
+      if (id === undefined || idProblem(id) !== undefined) continue;
+      const presence = await readPresenceFile(path.join(dir, name));
+      if (!presence || presence.id !== id) continue;
+      const stale = presence.state !== 'offline' && now - Date.parse(presence.at) > PRESENCE_STALE_MS;
+      found.push(stale ? { ...presence, state: 'offline' } : presence);
+    }
+    return found.sort(byId);
+  };
+  return withIndexFolder(jobsDir, SLOTS_DIR, false, log, read, [] as Presence[]).catch(() => []);
+}
+
+async function readPresenceFile(file: string): Promise<Presence | undefined> {
+  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK).catch(
+    () => undefined,
+  );
+  if (!handle) return undefined;
+  try {
+    const info = await handle.stat();
+    if (!info.isFile() || info.size > MAX_FILE_BYTES) return undefined;
+    return parsePresence(await handle.readFile());
+  } catch {
+    return undefined;
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * The broker's list completed from the drive's: a slot the broker shows is shown as the broker says (its will is
+ * the better witness); one only on the drive is added.
+ */
+export function mergePresence(broker: readonly Presence[], drive: readonly Presence[]): Presence[] {
+  const merged = new Map(drive.map((p) => [p.id, p]));
+  for (const p of broker) merged.set(p.id, p);
+  return [...merged.values()].sort(byId);
+}
+
+const byId = (a: Presence, b: Presence): number => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0);
