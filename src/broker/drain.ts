@@ -70,12 +70,56 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
     );
     return { slot: input.slot, mode: 'pull', topic, topics, moved: 0, ended };
   }
+  if (!input.force && !(await otherMemberOnline(input, topics))) {
+    // With no member online there is nobody to hand the jobs to (Mosquitto drops a message no session
+    // subscribes), and Artemis keeps a group's jobs in one queue that the last member's unsubscribe deletes.
+    throw new WorkerError(
+      ErrorCode.GROUP_UNATTENDED,
+      `no other member of ${topic}'s group is online: slot ${input.slot}'s session is left as it is, since ` +
+        "moving its jobs would hand them to nobody, and on a broker that keeps a group's jobs in one queue " +
+        "(Artemis) ending the group's last subscription deletes that queue and its jobs; start another member " +
+        'first, or add --force',
+    );
+  }
   const moved = await moveAll(input, topics);
   await endSession(input);
   input.log.info(
     `drained slot ${input.slot}: moved ${moved} job${moved === 1 ? '' : 's'} back to the group; ended its session (${ended})`,
   );
   return { slot: input.slot, mode: 'shared', topic, topics, moved, ended };
+}
+
+/** Is another slot taking jobs from one of these shared subscriptions online (from the retained presence)? */
+async function otherMemberOnline(input: DrainInput, topics: readonly string[]): Promise<boolean> {
+  const root = input.presenceTopic.slice(0, input.presenceTopic.length - input.slot.length - 1);
+  const client = await connectBroker({
+    settings: input.settings,
+    clientId: `drain-${randomBytes(6).toString('hex')}`,
+    clean: true,
+  });
+  let online = false;
+  try {
+    const quiet = new Promise<void>((resolve) => {
+      let timer = setTimeout(resolve, 500);
+      client.on('message', (_topic, payload) => {
+        const member = parsePresence(payload);
+        if (
+          member &&
+          member.id !== input.slot &&
+          member.state !== 'offline' &&
+          member.topics?.some((t) => topics.includes(t))
+        )
+          online = true;
+        clearTimeout(timer);
+        timer = setTimeout(resolve, 300);
+      });
+    });
+    await client.subscribeAsync(`${root}/+`, { qos: 1 });
+    await quiet;
+    return online;
+  } finally {
+    await disconnect(client);
+  }
 }
 
 /** The slot's retained presence (sent right after the SUBACK), or undefined when it has none. */

@@ -60,6 +60,7 @@ export const ErrorCode = {
   NOT_READY: 'NOT_READY',
   SLOT_ONLINE: 'SLOT_ONLINE',
   DRAIN_FAILED: 'DRAIN_FAILED',
+  GROUP_UNATTENDED: 'GROUP_UNATTENDED',
   INTERNAL: 'INTERNAL',
 } as const;
 
@@ -74,6 +75,7 @@ const exitCodeOf: Partial<Record<ErrorCode, number>> = {
   NOT_READY: ExitCode.NOT_READY,
   SLOT_ONLINE: ExitCode.JOB_NOT_SUCCESSFUL,
   DRAIN_FAILED: ExitCode.JOB_NOT_SUCCESSFUL,
+  GROUP_UNATTENDED: ExitCode.JOB_NOT_SUCCESSFUL,
   INTERNAL: ExitCode.INTERNAL,
 };
 

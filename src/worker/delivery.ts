@@ -79,7 +79,8 @@ export function responseOf(
   log?: Logger,
 ): Omit<StoredRequest, 'request'> {
   const { correlationData } = delivery.packet.properties ?? {};
-  let { responseTopic } = delivery.packet.properties ?? {};
+  // The MQTT 5 property, or the one the body names (MQTT 3.1.1 has no properties).
+  let responseTopic = delivery.packet.properties?.responseTopic ?? request?.responseTopic;
   const problem = responseTopic === undefined ? undefined : responseProblem(responseTopic, input, request);
   if (problem) {
     log?.warn(`ignoring the request's response topic ${JSON.stringify(responseTopic)}: ${problem}`);

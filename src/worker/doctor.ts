@@ -80,7 +80,15 @@ async function brokerCheck(options: Options): Promise<Check> {
     child: () => log,
   };
   try {
-    const client = await connectBroker({ settings: options, clientId: `${options.id}.doctor`, clean: true });
+    // Asked for the session the worker asks for, so the CONNACK shows what the broker grants a slot (ejabberd caps
+    // the expiry); the session is discarded on the way out.
+    const persistent = options.protocol === '5' && !options.clean;
+    const client = await connectBroker({
+      settings: options,
+      clientId: `${options.id}.doctor`,
+      clean: !persistent,
+      sessionExpirySeconds: options.sessionExpirySeconds,
+    });
     try {
       const connack = (client as unknown as { connackPacket?: Connack }).connackPacket ?? {};
       checkGrants(connack, {
@@ -101,7 +109,7 @@ async function brokerCheck(options: Options): Promise<Check> {
       const extra = warnings.length > 0 ? `; ${warnings.join('; ')}` : '';
       return { name: 'broker', ok: true, detail: `${options.url} accepted MQTT ${options.protocol}${extra}` };
     } finally {
-      await disconnect(client);
+      await disconnect(client, persistent ? { sessionExpiry: 0 } : {});
     }
   } catch (error) {
     return { name: 'broker', ok: false, detail: (error as Error).message };

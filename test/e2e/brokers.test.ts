@@ -1,16 +1,15 @@
 import { execFile } from 'node:child_process';
-import { mkdir, readFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { AedesBroker, Mosquitto } from '../helpers/mosquitto.js';
 import { sleep, waitFor } from '../helpers/tmp.js';
 import {
   collect,
-  expectAllSucceeded,
   fleetDirs,
+  killAndCount,
   publishJob,
   pullArgs,
-  type Running,
   registerSlots,
   runWorkerOnce,
   slot,
@@ -51,43 +50,18 @@ type Args = (
 ) => string[];
 const v311: Args = (url, dirs, id, extra = []) => pullArgs(url, dirs, id, ['--protocol', '3.1.1', ...extra]);
 
-/** Slots in restart loops on `url`, jobs published, SIGKILLs at random: every job one success, none lost. */
-async function killAndCount(url: string, names: string[], count: number, kills: number): Promise<void> {
-  const dirs = await fleetDirs();
-  const slots = names.map(slot);
-  await registerSlots(url, dirs, slots, v311);
-  const client = await testClient(url, { protocolVersion: 4 });
-  const results = await collect(client, 'jobs/results/+');
-  const jobs = Array.from({ length: count }, (_, i) => `v3-${i}`);
-  for (const id of jobs) await mkdir(path.join(dirs.jobs, id));
-  for (const id of jobs) await publishJob(client, { id, steps: ['sleep 0.4'] });
-  const loops = slots.map((id) => slotLoop(() => v311(url, dirs, id)));
-  let killed = 0;
-  while (killed < kills) {
-    const victim = loops[killed % loops.length]?.current() as Running;
-    await victim.sawLog('step 0 started', 60_000).catch(() => undefined);
-    if (victim.child.exitCode === null && victim.child.kill('SIGKILL')) killed++;
-    await sleep(100);
-  }
-  try {
-    await waitFor(() => new Set(results.map((r) => r.body.id)).size === jobs.length, 120_000, 100);
-  } finally {
-    const runs = (await Promise.all(loops.map((loop) => loop.stop()))).flat();
-    const done = new Set(results.map((r) => r.body.id));
-    const missing = jobs.filter((id) => !done.has(id));
-    if (missing.length > 0)
-      console.error(`missing ${missing.join(' ')}\n${runs.map((r) => r.stderr).join('\n---\n')}`);
-  }
-  await expectAllSucceeded(dirs.jobs, jobs, results);
-  await client.endAsync();
-}
-
 describe('MQTT 3.1.1', () => {
   it('loses no job on Mosquitto with max_inflight_messages 1, with SIGKILLs mid-job (pull)', {
     timeout: 180_000,
   }, async () => {
     const broker = await mosquitto(['max_inflight_messages 1']);
-    await killAndCount(broker.url, ['m311-1', 'm311-2', 'm311-3'], 15, 4);
+    await killAndCount({
+      url: broker.url,
+      names: ['m311-1', 'm311-2', 'm311-3'],
+      count: 15,
+      kills: 4,
+      args: v311,
+    });
   });
 
   it('never acknowledges a request it has not taken: a second job waits in the session for the next run', async () => {
@@ -124,7 +98,7 @@ describe('Aedes (a second, real broker: MQTT 3.1.1 only, no shared subscriptions
     timeout: 180_000,
   }, async () => {
     const broker = await aedes();
-    await killAndCount(broker.url, ['aedes-1', 'aedes-2'], 10, 3);
+    await killAndCount({ url: broker.url, names: ['aedes-1', 'aedes-2'], count: 10, kills: 3, args: v311 });
   });
 });
 

@@ -9,6 +9,7 @@ import {
   registerSlots,
   runWorkerOnce,
   slot,
+  slotLoop,
   startWorker,
   testClient,
   workerArgs,
@@ -118,6 +119,34 @@ describe('drain', () => {
       expect(run.code, run.stderr).toBe(0);
     }
     await waitFor(() => results.length === ids.length);
+    expect(results.map((r) => r.body.id).sort()).toEqual(ids);
+    await client.endAsync();
+  });
+  it('leaves a shared slot alone while no other member of its group is online, then drains it to one', {
+    timeout: 60_000,
+  }, async () => {
+    const url = broker().url;
+    const dirs = await fleetDirs();
+    const retired = slot('drain-group-gone');
+    const member = slot('drain-group-member');
+    await registerSlots(url, dirs, [retired, member], workerArgs);
+    const client = await testClient(url);
+    const results = await collect(client, 'jobs/results/+');
+    const ids = ['g1', 'g2', 'g3', 'g4'];
+    for (const id of ids) await publishJob(client, { id, steps: ['true'] });
+    await waitFor(async () => (await presenceState(url, retired)) === 'offline', 20_000, 250);
+    const refused = await runWorkerOnce(['drain', '--url', url, '--id', retired, '--quiet', '1s']);
+    expect(refused.code, refused.stderr).toBe(1);
+    expect(refused.stderr).toContain('GROUP_UNATTENDED');
+    expect(refused.stdout).toBe('');
+    // With a member online, the same drain moves what was dealt to the retired slot, and the member runs it all.
+    const loop = slotLoop(() => workerArgs(url, dirs, member));
+    await waitFor(async () => (await presenceState(url, member)) === 'idle', 20_000, 100);
+    const drained = await runWorkerOnce(['drain', '--url', url, '--id', retired, '--quiet', '1s']);
+    expect(drained.code, drained.stderr).toBe(0);
+    expect(JSON.parse(drained.stdout)).toMatchObject({ mode: 'shared', moved: 2 });
+    await waitFor(() => results.length === ids.length, 30_000);
+    await loop.stop();
     expect(results.map((r) => r.body.id).sort()).toEqual(ids);
     await client.endAsync();
   });

@@ -29,6 +29,8 @@ function missingTools(): string[] {
   return [
     has('command -v mosquitto || test -x /usr/sbin/mosquitto') ? undefined : 'mosquitto',
     has("/usr/bin/python3 -c 'import paho.mqtt'") ? undefined : 'python3-paho-mqtt',
+    has('test -x /usr/lib/rabbitmq/bin/rabbitmq-server') ? undefined : 'rabbitmq-server',
+    has('test -x /usr/sbin/ejabberdctl') ? undefined : 'ejabberd',
   ].filter((name): name is string => name !== undefined);
 }
 

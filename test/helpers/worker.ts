@@ -261,3 +261,46 @@ export async function registerSlots(
     expect(run.code, `${id}: ${run.stderr}`).toBe(0);
   }
 }
+
+/**
+ * Slots in restart loops (`args` per slot), `count` jobs published, `kills` SIGKILLs of slots mid-job: every job
+ * has one success result, none is lost. `client` is how the test's own client connects (protocol, credentials).
+ */
+export async function killAndCount(input: {
+  url: string;
+  names: readonly string[];
+  count: number;
+  kills: number;
+  args: SlotArgs;
+  client?: mqtt.IClientOptions;
+}): Promise<void> {
+  const { url, args } = input;
+  const { sleep, waitFor } = await import('./tmp.js');
+  const dirs = await fleetDirs();
+  const slots = input.names.map(slot);
+  await registerSlots(url, dirs, slots, args);
+  const client = await testClient(url, input.client ?? { protocolVersion: 4 });
+  const results = await collect(client, 'jobs/results/+');
+  const jobs = Array.from({ length: input.count }, (_, i) => `fleet-${i}`);
+  for (const id of jobs) await mkdir(path.join(dirs.jobs, id));
+  for (const id of jobs) await publishJob(client, { id, steps: ['sleep 0.4'] });
+  const loops = slots.map((id) => slotLoop(() => args(url, dirs, id)));
+  let killed = 0;
+  while (killed < input.kills) {
+    const victim = loops[killed % loops.length]?.current() as Running;
+    await victim.sawLog('step 0 started', 60_000).catch(() => undefined);
+    if (victim.child.exitCode === null && victim.child.kill('SIGKILL')) killed++;
+    await sleep(100);
+  }
+  try {
+    await waitFor(() => new Set(results.map((r) => r.body.id)).size === jobs.length, 120_000, 100);
+  } finally {
+    const runs = (await Promise.all(loops.map((loop) => loop.stop()))).flat();
+    const done = new Set(results.map((r) => r.body.id));
+    const missing = jobs.filter((id) => !done.has(id));
+    if (missing.length > 0)
+      console.error(`missing ${missing.join(' ')}\n${runs.map((r) => r.stderr).join('\n---\n')}`);
+  }
+  await expectAllSucceeded(dirs.jobs, jobs, results);
+  await client.endAsync();
+}
