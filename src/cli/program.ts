@@ -326,7 +326,9 @@ function defineFleetCommands(program: Command, wiring: Wiring): void {
     wiring,
     program
       .command('workers')
-      .description('list the slots from their presence (on the broker, and in --jobs-dir): state, job, step, version, host')
+      .description(
+        'list the slots from their presence (on the broker, and in --jobs-dir): state, job, step, version, host',
+      )
       .option('--json', 'print JSON (with --watch: one line per change)')
       .option('--watch', 'follow changes until Ctrl-C')
       .option('--abandoned-after <duration>', 'call a slot offline for longer than this abandoned', '1h'),
