@@ -3,6 +3,9 @@ import type { Options } from '../config/options.js';
 import { readOptionFile, readSecret } from '../config/secrets.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 
+/** A connection made by connectBroker, for the modules outside broker/ that hold one. */
+export type BrokerClient = MqttClient;
+
 export type BrokerSettings = Pick<
   Options,
   | 'url'

@@ -1,6 +1,6 @@
 import path from 'node:path';
+import { followLog } from '../control/job-status.js';
 import { RESULTS_DIR, stepLogName } from '../job/results-layout.js';
-import { followLog } from '../worker/job-status.js';
 
 // `submit --follow`: the job's status events as they come from the broker, and, where the shared drive is
 // mounted here too, each step's log as it grows (the broker carries no step output).

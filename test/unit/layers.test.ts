@@ -3,9 +3,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 
-// The folders of src/ in the order a job goes through them (README, "Development"): a module may import its own
-// folder and the folders after its own, never one before it. `launch.ts` and `index.ts` stand apart.
-const LAYERS = ['cli', 'worker', 'broker', 'config', 'job', 'limits', 'step', 'shared'];
+// The folders of src/ in the order a job goes through them (docs/development.md), the programs that drive a fleet
+// from outside (`control/`) above the slot: a module may import its own folder and the folders after its own, never
+// one before it. `launch.ts` and `index.ts` stand apart.
+const LAYERS = ['cli', 'control', 'worker', 'broker', 'config', 'job', 'limits', 'step', 'shared'];
 const SRC = fileURLToPath(new URL('../../src', import.meta.url));
 
 function sources(dir: string): string[] {

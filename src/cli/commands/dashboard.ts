@@ -19,7 +19,7 @@ export async function runDashboard(dashboardFlags: DashboardFlags, flags: Option
       ErrorCode.INVALID_OPTION,
       `--port: expected a port number, got ${JSON.stringify(dashboardFlags.port)}`,
     );
-  const { serveDashboard } = await import('../../worker/dashboard.js');
+  const { serveDashboard } = await import('../../control/dashboard.js');
   const log = logger(options);
   const interrupt = interruptOnSignals();
   try {

@@ -6,7 +6,7 @@ import { writeStdio } from '../stdio.js';
 
 export async function runDoctor(flags: OptionFlags): Promise<number> {
   const options = await resolve(flags);
-  const { doctor } = await import('../../worker/doctor.js');
+  const { doctor } = await import('../../control/doctor.js');
   const checks = await doctor(options, await engineConfig(options, process.env, VERSION));
   for (const check of checks)
     writeStdio(

@@ -23,7 +23,7 @@ export async function runDrain(drainFlags: DrainFlags, flags: OptionFlags): Prom
       ErrorCode.INVALID_OPTION,
       `--quiet: expected a duration like "3s", got ${JSON.stringify(drainFlags.quiet)}`,
     );
-  const { drain } = await import('../../broker/drain.js');
+  const { drain } = await import('../../control/drain.js');
   const outcome = await drain({
     settings: options,
     slot: options.id,

@@ -1,6 +1,6 @@
 import type { OptionFlags } from '../../config/options.js';
+import type { JobsFilter } from '../../control/jobs-list.js';
 import { ErrorCode, ExitCode, WorkerError } from '../../shared/errors.js';
-import type { JobsFilter } from '../../worker/jobs-list.js';
 import { resolve } from '../context.js';
 import { writeStdio } from '../stdio.js';
 
@@ -20,7 +20,7 @@ export async function runJobs(jobsFlags: JobsFlags, flags: OptionFlags): Promise
       ErrorCode.INVALID_OPTION,
       `--state: expected one of ${STATES.join(', ')}, got ${JSON.stringify(jobsFlags.state)}`,
     );
-  const { listJobs, formatJobs } = await import('../../worker/jobs-list.js');
+  const { listJobs, formatJobs } = await import('../../control/jobs-list.js');
   const rows = await listJobs({
     jobsDir: options.jobsDir,
     leaseMs: options.claimLeaseMs,

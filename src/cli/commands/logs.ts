@@ -35,7 +35,7 @@ export async function runLogs(id: string, logsFlags: LogsFlags, flags: OptionFla
   if (logsFlags.follow && options.logsTopic === undefined)
     throw new WorkerError(ErrorCode.INVALID_OPTION, '--follow reads the logs topic, and --logs-topic is off');
   const [{ jobLogs }, { LiveView }, tty] = await Promise.all([
-    import('../../worker/job-logs.js'),
+    import('../../control/job-logs.js'),
     import('../live-view.js'),
     import('node:tty'),
   ]);

@@ -17,7 +17,7 @@ export async function runStatus(id: string, statusFlags: StatusFlags, flags: Opt
       ErrorCode.INVALID_OPTION,
       `--lines: expected a whole number, got ${statusFlags.lines}`,
     );
-  const { jobStatus, formatStatus } = await import('../../worker/job-status.js');
+  const { jobStatus, formatStatus } = await import('../../control/job-status.js');
   let report: Awaited<ReturnType<typeof jobStatus>>;
   try {
     report = await jobStatus({

@@ -49,7 +49,7 @@ export async function runSubmit(id: string, submitFlags: SubmitFlags, flags: Opt
       `--confirm: expected a duration like "30s", got ${JSON.stringify(submitFlags.confirm)}`,
     );
   }
-  const { submit } = await import('../../broker/submit.js');
+  const { submit } = await import('../../control/submit.js');
   const log = logger(options);
   const follower = submitFlags.follow ? await followerFor(options.jobsDir, id) : undefined;
   const outcome = await submit({

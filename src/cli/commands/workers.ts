@@ -19,7 +19,7 @@ export async function runWorkers(workersFlags: WorkersFlags, flags: OptionFlags)
       `--abandoned-after: expected a duration like "1h", got ${JSON.stringify(workersFlags.abandonedAfter)}`,
     );
   const [{ listWorkers, slotRows, formatWorkers }, tty] = await Promise.all([
-    import('../../worker/workers.js'),
+    import('../../control/workers.js'),
     import('node:tty'),
   ]);
   const terminal = tty.isatty(1);

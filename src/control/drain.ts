@@ -1,11 +1,16 @@
 import { randomBytes } from 'node:crypto';
-import type { MqttClient } from 'mqtt';
+import {
+  type BrokerClient,
+  type BrokerSettings,
+  connectBroker,
+  disconnect,
+  publish,
+} from '../broker/client.js';
+import { type Delivery, JobConsumer } from '../broker/consumer.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
-import { type BrokerSettings, connectBroker, disconnect, publish } from './client.js';
-import { type Delivery, JobConsumer } from './consumer.js';
 
 export interface DrainInput {
   readonly settings: BrokerSettings;
@@ -183,7 +188,7 @@ async function moveAll(input: DrainInput, topics: readonly string[]): Promise<nu
   }
 }
 
-async function move(publisher: MqttClient, delivery: Delivery, input: DrainInput): Promise<void> {
+async function move(publisher: BrokerClient, delivery: Delivery, input: DrainInput): Promise<void> {
   const { responseTopic, correlationData, userProperties, contentType } = delivery.packet.properties ?? {};
   const properties = {
     ...(responseTopic ? { responseTopic } : {}),

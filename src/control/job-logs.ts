@@ -6,7 +6,7 @@ import { type BrokerSettings, connectBroker, disconnect } from '../broker/client
 import type { Manifest, ResultPayload } from '../job/report.js';
 import { MANIFEST_NAME, RESULTS_DIR, stepLogIndex, stepLogName } from '../job/results-layout.js';
 import { jsonObject } from '../shared/json.js';
-import type { LogChunk } from './log-stream.js';
+import type { LogChunk } from '../worker/log-stream.js';
 
 // `logs <id> [--follow]`: a job's step output, from the shared drive where this host reaches the job's folder
 // (history first), then, with --follow, live from `{logs-topic}/{id}` until the job's result arrives. A batch that

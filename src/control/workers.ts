@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { type BrokerSettings, connectBroker, disconnect } from '../broker/client.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
 import { formatDuration } from '../shared/units.js';
-import { drivePresence, mergePresence } from './presence-board.js';
+import { drivePresence, mergePresence } from '../worker/presence-board.js';
 
 // `workers`: the fleet at a glance, from the slots' retained presence messages. The broker hands every retained
 // message over right after the subscription; the list is complete once none came for a short while. Slots the

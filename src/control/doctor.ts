@@ -7,8 +7,8 @@ import type { EngineConfig } from '../job/run-job.js';
 import { effectiveLimits, openJobLimits } from '../limits/index.js';
 import type { Logger } from '../shared/log.js';
 import { isShared } from '../shared/topics.js';
-import { inspectDrive } from './drive.js';
-import { workspacesProblem } from './preflight.js';
+import { inspectDrive } from '../worker/drive.js';
+import { workspacesProblem } from '../worker/preflight.js';
 
 // `doctor`: the worker's preflight, the cgroup mode and the broker connection, checked and printed for a human.
 // It never subscribes to the jobs topic (a probe on a clean session could take a real job and lose it).

@@ -7,7 +7,7 @@ import { stepLogIndex, stepLogName } from '../job/results-layout.js';
 import { parseRequest } from '../job/spec.js';
 import { validateJobDefinition } from '../job/validate.js';
 import { formatDuration } from '../shared/units.js';
-import { type ClaimRecord, inspectClaim, selfIdentity } from './claim.js';
+import { type ClaimRecord, inspectClaim, selfIdentity } from '../worker/claim.js';
 
 // `status <id>` and `submit --follow`: one job as the shared drive shows it. Everything here only reads, and
 // every read of a job-folder file refuses anything but a regular file (a FIFO must not hang a status query).

@@ -5,9 +5,9 @@ import { idProblem } from '../shared/ids.js';
 import { jsonObject } from '../shared/json.js';
 import type { Logger } from '../shared/log.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
+import { drivePresence } from '../worker/presence-board.js';
 import { DASHBOARD_PAGE } from './dashboard-page.js';
 import { listJobs } from './jobs-list.js';
-import { drivePresence } from './presence-board.js';
 
 // `dashboard`: a local web page of the fleet. One broker connection watches presence, status events, results and
 // step output; the shared drive, where reachable, adds the jobs already on it. The page gets a snapshot, then

@@ -1,5 +1,11 @@
 import { createHash, randomBytes } from 'node:crypto';
-import type { MqttClient } from 'mqtt';
+import {
+  type BrokerClient,
+  type BrokerSettings,
+  connectBroker,
+  disconnect,
+  publish,
+} from '../broker/client.js';
 import type { ResultPayload } from '../job/report.js';
 import { parseRequest, type RawStep } from '../job/spec.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
@@ -8,7 +14,6 @@ import type { Logger } from '../shared/log.js';
 import { parsePresence } from '../shared/presence.js';
 import { signRequest } from '../shared/signing.js';
 import { plainTopic } from '../shared/topics.js';
-import { type BrokerSettings, connectBroker, disconnect, publish } from './client.js';
 
 export interface SubmitInput {
   readonly settings: BrokerSettings;
@@ -95,7 +100,7 @@ class Submission {
   readonly #sign: () => string;
   /** The SHA-256 of every body published: a refusal counts only for one of them. */
   readonly #sent = new Set<string>();
-  #client: MqttClient | undefined;
+  #client: BrokerClient | undefined;
   #settle: (outcome: SubmitOutcome) => void = () => {};
   readonly #settled: Promise<SubmitOutcome>;
   #confirmed = false;
@@ -192,7 +197,7 @@ class Submission {
   }
 
   async #publish(deadline: number, closed: Promise<'closed'>): Promise<'published' | 'timeout' | 'closed'> {
-    const client = this.#client as MqttClient;
+    const client = this.#client as BrokerClient;
     const topic = plainTopic(this.#input.topic);
     for (let delay = 200; ; delay = Math.min(delay * 2, 5000)) {
       const body = this.#sign();
