@@ -1,5 +1,6 @@
 import { Command, Option } from 'commander';
-import { OPTION_DEFS, type OptionFlags, type Options } from '../config/options.js';
+import { OPTION_DEFS } from '../config/option-table.js';
+import type { OptionFlags, Options } from '../config/options.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import { VERSION } from './context.js';
 import type { MainHooks } from './main.js';
@@ -124,6 +125,8 @@ export function buildProgram(
   const wiring: Wiring = { argv, run, hooks, keyOf, flagsOf };
   defineRoot(program, wiring);
   defineJobCommands(program, wiring);
+  defineViewCommands(program, wiring);
+  defineDriveCommands(program, wiring);
   defineFleetCommands(program, wiring);
   program
     .command('help')
@@ -233,8 +236,8 @@ function defineJobCommands(program: Command, wiring: Wiring): void {
   );
 }
 
-/** doctor, workers, drain: the machine and the fleet. */
-function defineFleetCommands(program: Command, wiring: Wiring): void {
+/** doctor, status, dashboard: the machine, a job, the fleet at a glance. */
+function defineViewCommands(program: Command, wiring: Wiring): void {
   const { run, flagsOf } = wiring;
   withWorkerOptions(
     wiring,
@@ -285,6 +288,11 @@ function defineFleetCommands(program: Command, wiring: Wiring): void {
       ),
     ),
   );
+}
+
+/** jobs, logs: the jobs on the drive, one job's output. */
+function defineDriveCommands(program: Command, wiring: Wiring): void {
+  const { run, flagsOf } = wiring;
   withWorkerOptions(
     wiring,
     program
@@ -322,6 +330,11 @@ function defineFleetCommands(program: Command, wiring: Wiring): void {
       ),
     ),
   );
+}
+
+/** workers, drain: the slots, and retiring one. */
+function defineFleetCommands(program: Command, wiring: Wiring): void {
+  const { run, flagsOf } = wiring;
   withWorkerOptions(
     wiring,
     program

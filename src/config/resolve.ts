@@ -1,9 +1,10 @@
 import path from 'node:path';
 import { describeValue, ErrorCode, WorkerError } from '../shared/errors.js';
-import { idProblem, MAX_ID_LENGTH } from '../shared/ids.js';
+import { idProblem, isDryRunId, MAX_ID_LENGTH } from '../shared/ids.js';
 import { isShared, plainTopic, topicMatches } from '../shared/topics.js';
 import { parseDuration, parseSizeValue } from '../shared/units.js';
-import { type Kind, OPTION_DEFS, type OptionDef, type OptionFlags, type Options } from './options.js';
+import { OPTION_DEFS } from './option-table.js';
+import type { Kind, OptionDef, OptionFlags, Options } from './options.js';
 
 // Options from flags, then environment variables, then defaults: every problem found at once (INVALID_OPTION).
 
@@ -112,6 +113,8 @@ function checkTogether(
   const problems: string[] = [];
   const idIssue = idProblem(options.id, 'worker id');
   if (idIssue) problems.push(`--id: ${idIssue}`);
+  if (isDryRunId(options.id))
+    problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
   try {
     if (!URL_PROTOCOLS.has(new URL(options.url).protocol)) {
       problems.push(
@@ -121,6 +124,28 @@ function checkTogether(
   } catch {
     problems.push(`--url: expected a URL like mqtt://broker:1883, got ${describeValue(options.url)}`);
   }
+  problems.push(...resolveTopics(options));
+  const expiryGiven = flags.sessionExpirySeconds !== undefined || env.MQTT_SESSION_EXPIRY !== undefined;
+  // Several copies of each request (pull, or a fan-out of 2 or more): a session may expire; the only copy may not.
+  const onlyCopy = options.fanout === 1 || (options.fanout === undefined && options.topics.some(isShared));
+  const expiryMs = expiryGiven ? options.sessionExpirySeconds : onlyCopy ? undefined : 24 * 60 * 60 * 1000;
+  (options as { sessionExpirySeconds: number | undefined }).sessionExpirySeconds =
+    expiryMs === undefined ? undefined : Math.ceil(expiryMs / 1000);
+  if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {
+    problems.push(`--keepalive: expected at least 1s, got ${options.keepaliveMs}ms`);
+  }
+  if ((options.certFile === undefined) !== (options.keyFile === undefined)) {
+    problems.push('--cert and --key: expected both or neither');
+  }
+  return problems;
+}
+
+/**
+ * The topics as subscribed and published: the fan-out groups, the logs topic and the response-topic prefix ("off"
+ * turns them off), and a jobs topic that would also take the worker's own messages (refused).
+ */
+function resolveTopics(options: Options & { id: string }): string[] {
+  const problems: string[] = [];
   if (options.fanout === 0) (options as { fanout: number | undefined }).fanout = undefined;
   if (options.fanout !== undefined) {
     const shared = options.topics.filter(isShared);
@@ -135,17 +160,10 @@ function checkTogether(
   if (options.logsTopic !== undefined && OFF.has(options.logsTopic.trim().toLowerCase()))
     (options as { logsTopic: string | undefined }).logsTopic = undefined;
   const prefix = options.responseTopicPrefix;
+  const prefixOff = prefix !== undefined && OFF.has(prefix.trim().toLowerCase());
   (options as { responseTopicPrefix: string | undefined }).responseTopicPrefix =
-    prefix === undefined
-      ? `${options.resultsTopic}/`
-      : OFF.has(prefix.trim().toLowerCase())
-        ? undefined
-        : prefix;
-  if (
-    prefix !== undefined &&
-    !OFF.has(prefix.trim().toLowerCase()) &&
-    (/[+#\0]/.test(prefix) || prefix.startsWith('$'))
-  ) {
+    prefix === undefined ? `${options.resultsTopic}/` : prefixOff ? undefined : prefix;
+  if (prefix !== undefined && !prefixOff && (/[+#\0]/.test(prefix) || prefix.startsWith('$'))) {
     problems.push(
       `--response-topic-prefix: expected a topic prefix without wildcards, not starting with $, got ${describeValue(prefix)}`,
     );
@@ -163,21 +181,6 @@ function checkTogether(
       problems.push(
         `--topic: ${describeValue(topic)} also matches the worker's own messages on ${options[own]}/…; use a topic of its own, e.g. jobs/pending`,
       );
-  }
-  if (/^dry-run-\d+$/.test(options.id)) {
-    problems.push(`--id: dry-run-N names are kept for dry runs, got ${describeValue(options.id)}`);
-  }
-  const expiryGiven = flags.sessionExpirySeconds !== undefined || env.MQTT_SESSION_EXPIRY !== undefined;
-  // Several copies of each request (pull, or a fan-out of 2 or more): a session may expire; the only copy may not.
-  const onlyCopy = options.fanout === 1 || (options.fanout === undefined && options.topics.some(isShared));
-  const expiryMs = expiryGiven ? options.sessionExpirySeconds : onlyCopy ? undefined : 24 * 60 * 60 * 1000;
-  (options as { sessionExpirySeconds: number | undefined }).sessionExpirySeconds =
-    expiryMs === undefined ? undefined : Math.ceil(expiryMs / 1000);
-  if (options.keepaliveMs !== undefined && options.keepaliveMs < 1000) {
-    problems.push(`--keepalive: expected at least 1s, got ${options.keepaliveMs}ms`);
-  }
-  if ((options.certFile === undefined) !== (options.keyFile === undefined)) {
-    problems.push('--cert and --key: expected both or neither');
   }
   return problems;
 }

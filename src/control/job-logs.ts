@@ -41,20 +41,61 @@ export type JobLogsOutcome =
 
 /** Prints the job's output; with `follow`, until its result (or `timeoutMs`). */
 export async function jobLogs(input: JobLogsInput): Promise<JobLogsOutcome> {
-  const printed = new Map<number, number>();
-  let current = -1;
-  const begin = (step: number, name: string): void => {
-    if (step === current) return;
-    if (current >= 0) input.sink.stepEnded();
-    current = step;
-    input.sink.stepStarted(step, name);
-  };
+  const printer = new Printer(input);
   // History from the drive, and whether the job is already over (its result.json is the current run's).
-  const finished = input.jobDir ? await printHistory(input.jobDir, begin, input.sink, printed) : undefined;
+  const finished = input.jobDir
+    ? await printHistory(input.jobDir, (step, name) => printer.begin(step, name), input.sink, printer.printed)
+    : undefined;
   if (!input.follow || finished) {
-    if (current >= 0) input.sink.stepEnded();
+    printer.end();
     return finished ? { kind: 'result', status: finished.status } : { kind: 'history' };
   }
+  return follow(input, printer);
+}
+
+/** What has been printed of each step, so that the drive's history and the live batches never overlap. */
+class Printer {
+  readonly printed = new Map<number, number>();
+  readonly #input: JobLogsInput;
+  #current = -1;
+
+  constructor(input: JobLogsInput) {
+    this.#input = input;
+  }
+
+  begin(step: number, name: string): void {
+    if (step === this.#current) return;
+    this.end();
+    this.#current = step;
+    this.#input.sink.stepStarted(step, name);
+  }
+
+  end(): void {
+    if (this.#current >= 0) this.#input.sink.stepEnded();
+  }
+
+  async chunk(chunk: LogChunk): Promise<void> {
+    const { sink, jobDir } = this.#input;
+    this.begin(chunk.step, chunk.name);
+    const seen = this.printed.get(chunk.step) ?? 0;
+    const end = chunk.offset + chunk.bytes;
+    if (end <= seen) return; // already shown from the drive
+    if (chunk.offset > seen) {
+      // A gap: batches that never came. The drive has them where it is reachable.
+      const filled = jobDir ? await readRange(jobDir, chunk.step, seen, chunk.offset) : undefined;
+      if (filled) sink.output(chunk.step, filled);
+      else
+        sink.note(`… ${chunk.offset - seen} bytes of output did not arrive (the log on the drive has them)`);
+    }
+    const bytes = Buffer.from(chunk.text);
+    const skip = Math.max(0, seen - chunk.offset);
+    sink.output(chunk.step, skip > 0 ? bytes.subarray(skip) : bytes);
+    this.printed.set(chunk.step, end);
+  }
+}
+
+/** The job's live output over MQTT, until its result, the timeout or a lost connection. */
+async function follow(input: JobLogsInput, printer: Printer): Promise<JobLogsOutcome> {
   const client = await connectBroker({
     settings: input.settings,
     clientId: `logs-${randomBytes(6).toString('hex')}`,
@@ -79,12 +120,12 @@ export async function jobLogs(input: JobLogsInput): Promise<JobLogsOutcome> {
         if (topic === topics.result)
           inOrder(() => {
             clearTimeout(timer);
-            if (current >= 0) input.sink.stepEnded();
+            printer.end();
             resolve({ kind: 'result', status: String((body as unknown as ResultPayload).status) });
           });
         else if (topic === topics.status && body.event === 'step-started')
-          inOrder(() => begin(Number(body.step), String(body.name)));
-        else if (topic === topics.logs) inOrder(() => showChunk(body as unknown as LogChunk));
+          inOrder(() => printer.begin(Number(body.step), String(body.name)));
+        else if (topic === topics.logs) inOrder(() => printer.chunk(body as unknown as LogChunk));
       });
       client.on('close', () => {
         clearTimeout(timer);
@@ -94,26 +135,6 @@ export async function jobLogs(input: JobLogsInput): Promise<JobLogsOutcome> {
     });
   } finally {
     await disconnect(client);
-  }
-
-  async function showChunk(chunk: LogChunk): Promise<void> {
-    begin(chunk.step, chunk.name);
-    const seen = printed.get(chunk.step) ?? 0;
-    const end = chunk.offset + chunk.bytes;
-    if (end <= seen) return; // already shown from the drive
-    if (chunk.offset > seen) {
-      // A gap: batches that never came. The drive has them where it is reachable.
-      const filled = input.jobDir ? await readRange(input.jobDir, chunk.step, seen, chunk.offset) : undefined;
-      if (filled) input.sink.output(chunk.step, filled);
-      else
-        input.sink.note(
-          `… ${chunk.offset - seen} bytes of output did not arrive (the log on the drive has them)`,
-        );
-    }
-    const bytes = Buffer.from(chunk.text);
-    const skip = Math.max(0, seen - chunk.offset);
-    input.sink.output(chunk.step, skip > 0 ? bytes.subarray(skip) : bytes);
-    printed.set(chunk.step, end);
   }
 }
 

@@ -7,7 +7,8 @@ import {
   publish,
 } from '../broker/client.js';
 import type { ResultPayload } from '../job/report.js';
-import { parseRequest, type RawStep } from '../job/spec.js';
+import { parseRequest } from '../job/request.js';
+import type { RawStep } from '../job/spec.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import { jsonObject } from '../shared/json.js';
 import type { Logger } from '../shared/log.js';

@@ -3,9 +3,10 @@ import { readdir } from 'node:fs/promises';
 import path from 'node:path';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { readSmallFile } from './job-file.js';
+import { parseRequest } from './request.js';
 import { CLAIM_PREFIX, RESULTS_DIR } from './results-layout.js';
-import { type EngineConfig, type JobEvent, type JobOutcome, readSmallFile, runJob } from './run-job.js';
-import { parseRequest } from './spec.js';
+import { type EngineConfig, type JobEvent, type JobOutcome, runJob } from './run-job.js';
 
 export interface DryRunInput {
   readonly payloadFile: string;

@@ -94,3 +94,29 @@ export function toResultPayload(manifest: Manifest): ResultPayload {
 export function writeManifest(resultsDir: string, manifest: Manifest): Promise<void> {
   return writeFileAtomic(resultsDir, MANIFEST_NAME, `${JSON.stringify(manifest, null, 2)}\n`);
 }
+
+/** A manifest in its initial state (status `error` until the job ran), also used for jobs that never start. */
+export function newManifest(
+  config: { readonly workerId: string; readonly hostname: string; readonly version: string },
+  id: string,
+  attempt: number,
+  startedMs: number,
+): Manifest {
+  return {
+    schemaVersion: 1,
+    id,
+    status: 'error',
+    exitCode: 1,
+    error: null,
+    attempt,
+    worker: { id: config.workerId, host: config.hostname, version: config.version },
+    startedAt: new Date(startedMs).toISOString(),
+    endedAt: new Date(startedMs).toISOString(),
+    durationMs: 0,
+    phases: { stagingMs: 0, runningMs: 0, syncingMs: 0 },
+    limits: { mode: 'none', cpus: null, memoryBytes: null, pids: null },
+    steps: [],
+    artifacts: [],
+    skipped: [],
+  };
+}

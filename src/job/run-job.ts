@@ -1,5 +1,4 @@
-import { constants } from 'node:fs';
-import { open, readdir, rm } from 'node:fs/promises';
+import { readdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import {
   type EffectiveLimits,
@@ -16,20 +15,16 @@ import type { Logger } from '../shared/log.js';
 import { formatBytes, formatDuration } from '../shared/units.js';
 import type { RunAsUser } from '../step/run-as.js';
 import { JobInterrupted } from './interrupted.js';
+import { loadSpec } from './job-file.js';
 import { type HeldDir, heldDirGone, holdResults, type JobPaths, resolveJobPaths } from './paths.js';
 import type { JobStatus, StepStatus } from './report.js';
-import { type Manifest, writeManifest } from './report.js';
+import { type Manifest, newManifest, writeManifest } from './report.js';
 import { survivesReset } from './results-layout.js';
-import { type JobRequest, type JobSpec, MAX_JOB_FILE_BYTES, parseJobFile, specFromSteps } from './spec.js';
+import type { JobRequest, JobSpec } from './spec.js';
 import { pendingStep, runSteps } from './steps.js';
 import type { StageMode } from './workspace/overlay.js';
-import {
-  createWorkspace,
-  purgeWorkspace,
-  type SkippedEntry,
-  type StageResult,
-  stageJob,
-} from './workspace/stage.js';
+import { createWorkspace, purgeWorkspace, type SkippedEntry, type StageResult } from './workspace/stage.js';
+import { stage } from './workspace/staging.js';
 import type { Artifact } from './workspace/sync.js';
 /** What the engine needs from the worker's configuration. */
 export interface EngineConfig {
@@ -358,62 +353,6 @@ async function release(state: RunState): Promise<void> {
   if (state.ownResults) await state.results?.close();
 }
 
-/** A manifest in its initial state (status `error` until the job ran), also used for jobs that never start. */
-export function newManifest(config: EngineConfig, id: string, attempt: number, startedMs: number): Manifest {
-  return {
-    schemaVersion: 1,
-    id,
-    status: 'error',
-    exitCode: 1,
-    error: null,
-    attempt,
-    worker: { id: config.workerId, host: config.hostname, version: config.version },
-    startedAt: new Date(startedMs).toISOString(),
-    endedAt: new Date(startedMs).toISOString(),
-    durationMs: 0,
-    phases: { stagingMs: 0, runningMs: 0, syncingMs: 0 },
-    limits: { mode: 'none', cpus: null, memoryBytes: null, pids: null },
-    steps: [],
-    artifacts: [],
-    skipped: [],
-  };
-}
-
-/** Stages the job folder into `workspace`: an overlay where --stage allows one and it mounts, else a copy. */
-async function stage(
-  config: EngineConfig,
-  jobDir: string,
-  workspace: string,
-  log: Logger,
-): Promise<StageResult & { readonly upper?: string }> {
-  const mode = config.stage ?? 'copy';
-  if (mode !== 'copy') {
-    const overlay = await import('./workspace/overlay.js');
-    let why = overlay.overlayRefusal({ jobDir, workspace, runAs: config.runAs !== undefined });
-    if (why === undefined) {
-      const surveyed = await overlay.survey(jobDir);
-      // A small folder copies faster than an overlay mounts: `auto` copies it, silently.
-      if (mode === 'auto' && !overlay.overlayPays(surveyed)) return stageJob(jobDir, workspace, config.runAs);
-      try {
-        const mask = await overlay.ensureMask(config.workspacesDir);
-        const layers = overlay.overlayLayers(config.workspacesDir, config.workerId);
-        return await overlay.stageOverlay(jobDir, workspace, layers, surveyed, mask);
-      } catch (error) {
-        if (mode === 'overlay') throw error;
-        why = (error as Error).message;
-        await overlay.unmountUnder(workspace); // never copy into a half-made mount
-      }
-    }
-    if (mode === 'overlay')
-      throw new WorkerError(
-        ErrorCode.STAGING_FAILED,
-        `--stage overlay: cannot stage by overlay here: ${why}`,
-      );
-    log.info(`staging by copy: ${why}`);
-  }
-  return stageJob(jobDir, workspace, config.runAs);
-}
-
 async function cleanUp(
   config: EngineConfig,
   log: Logger,
@@ -436,49 +375,4 @@ async function cleanUp(
 async function resetResults(resultsDir: string): Promise<void> {
   const stale = (await readdir(resultsDir)).filter((name) => !survivesReset(name));
   await Promise.all(stale.map((name) => rm(path.join(resultsDir, name), { recursive: true, force: true })));
-}
-
-/** The job's definition: `job.json` (its steps replaced by the request's, if any), or the request's steps alone. */
-async function loadSpec(paths: JobPaths, request: JobRequest): Promise<JobSpec> {
-  const file = path.join(paths.jobDir, 'job.json');
-  let text: string;
-  try {
-    text = await readSmallFile(file, MAX_JOB_FILE_BYTES);
-  } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    if (code === 'ENOENT' && request.steps) return specFromSteps(request.steps);
-    if (code === 'ENOENT')
-      throw new WorkerError(
-        ErrorCode.INVALID_JOB_FILE,
-        `${file} does not exist and the request carries no steps`,
-      );
-    if (code === 'ELOOP')
-      throw new WorkerError(
-        ErrorCode.INVALID_JOB_FILE,
-        `${file} is a symlink; job.json must be a regular file`,
-      );
-    throw new WorkerError(ErrorCode.INVALID_JOB_FILE, `Cannot read ${file}: ${(error as Error).message}`, {
-      cause: error,
-    });
-  }
-  return parseJobFile(text, 'job.json', request.steps);
-}
-
-/** Reads a regular file of at most `maxBytes` without following a link. */
-export async function readSmallFile(file: string, maxBytes: number): Promise<string> {
-  // O_NONBLOCK: a FIFO planted as job.json must not hang the worker before fstat shows what it is.
-  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK);
-  try {
-    const stats = await handle.stat();
-    if (!stats.isFile()) throw new WorkerError(ErrorCode.INVALID_JOB_FILE, `${file} is not a regular file`);
-    if (stats.size > maxBytes) {
-      throw new WorkerError(
-        ErrorCode.INVALID_JOB_FILE,
-        `${file} is ${formatBytes(stats.size)}, more than the ${formatBytes(maxBytes)} allowed`,
-      );
-    }
-    return await handle.readFile('utf8');
-  } finally {
-    await handle.close();
-  }
 }

@@ -1,7 +1,7 @@
 import { stat } from 'node:fs/promises';
 import path from 'node:path';
 import { isWorkerError } from '../shared/errors.js';
-import { readSmallFile } from './run-job.js';
+import { readSmallFile } from './job-file.js';
 import { type JobSpec, MAX_JOB_FILE_BYTES, parseJobFile } from './spec.js';
 
 export type ValidationReport =

@@ -25,3 +25,12 @@ export function assertJobId(value: unknown): asserts value is string {
   const problem = idProblem(value);
   if (problem) throw new WorkerError(ErrorCode.INVALID_ID, problem);
 }
+
+/** The identity of the Nth dry run on a host; a worker id may not look like one (config/resolve.ts refuses it). */
+export function dryRunId(n: number): string {
+  return `dry-run-${n}`;
+}
+
+export function isDryRunId(id: string): boolean {
+  return /^dry-run-\d+$/.test(id);
+}

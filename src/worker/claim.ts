@@ -1,17 +1,9 @@
-import { randomBytes } from 'node:crypto';
 import { constants, readFileSync } from 'node:fs';
-import { type FileHandle, link, lstat, open, readdir, unlink, writeFile } from 'node:fs/promises';
+import { type FileHandle, open, readdir, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { setTimeout as sleep } from 'node:timers/promises';
 import type { Manifest } from '../job/report.js';
-import {
-  CLAIM_PREFIX,
-  MANIFEST_NAME,
-  PUBLISHED_PREFIX,
-  PUBLISHER_PREFIX,
-  WORKER_FILE_PREFIX,
-} from '../job/results-layout.js';
-import { ErrorCode, isDriveFailure, WorkerError } from '../shared/errors.js';
+import { CLAIM_PREFIX, MANIFEST_NAME, PUBLISHED_PREFIX, PUBLISHER_PREFIX } from '../job/results-layout.js';
+import { createRecordFile, exists, lookUp, readRecord } from './record-file.js';
 
 // A claim is a small file `results/.mqtt-fs-worker.claim.{attempt}` in the job's folder on the shared drive: exactly
 // one worker wins each attempt. Its mtime is the heartbeat. It also holds the request it runs, so that any slot can
@@ -25,9 +17,6 @@ import { ErrorCode, isDriveFailure, WorkerError } from '../shared/errors.js';
 // up by path (a lookup revalidates), never through a directory listing, which clients cache (sshfs for 20 s, NFS
 // for acdirmax): a listing is only a hint of where to start looking. Claims of earlier attempts are kept, so that
 // attempt numbers have no gaps and the newest is found by looking up N+1 until it is not there.
-
-/** A claim is a few hundred bytes plus the request (at most 256 KiB); anything larger is not ours. */
-const MAX_RECORD_BYTES = 1024 * 1024;
 
 /** Who a worker process is, as far as another one needs to know to tell whether it is still alive. */
 export interface Identity {
@@ -107,52 +96,6 @@ function processStart(pid: number): number | undefined {
 
 function claimFile(resultsDir: string, attempt: number): string {
   return path.join(resultsDir, `${CLAIM_PREFIX}${attempt}`);
-}
-
-/** What a name on the drive holds: a record, nothing, or something that is no record (planted, damaged). */
-type Lookup<T> =
-  | { readonly kind: 'record'; readonly record: T; readonly mtimeMs: number }
-  | { readonly kind: 'missing' }
-  | { readonly kind: 'unreadable' };
-
-/**
- * Reads a small record through one descriptor: the open revalidates an NFS client's cached attributes
- * (close-to-open), so the mtime is the server's, not one up to `actimeo` old; O_NONBLOCK and O_NOFOLLOW keep a
- * FIFO or a link planted in its place from hanging or redirecting the read. A failure of the drive itself
- * (ENOTCONN, EIO, ESTALE, …) is thrown: it decides nothing.
- */
-async function lookUp<T>(file: string): Promise<Lookup<T>> {
-  let handle: Awaited<ReturnType<typeof open>> | undefined;
-  try {
-    handle = await open(file, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOFOLLOW);
-    const stats = await handle.stat();
-    if (!stats.isFile() || stats.size > MAX_RECORD_BYTES) return { kind: 'unreadable' };
-    const record = JSON.parse(await handle.readFile('utf8')) as T;
-    return record && typeof record === 'object'
-      ? { kind: 'record', record, mtimeMs: stats.mtimeMs }
-      : { kind: 'unreadable' };
-  } catch (error) {
-    if (isDriveFailure(error)) throw error;
-    return (error as NodeJS.ErrnoException).code === 'ENOENT' ? { kind: 'missing' } : { kind: 'unreadable' };
-  } finally {
-    await handle?.close().catch(() => {});
-  }
-}
-
-async function readRecord<T>(file: string): Promise<{ record: T; heartbeatMs: number } | undefined> {
-  const found = await lookUp<T>(file);
-  return found.kind === 'record' ? { record: found.record, heartbeatMs: found.mtimeMs } : undefined;
-}
-
-/** Whether `file` exists (anything at all, never followed), asked by path. */
-async function exists(file: string): Promise<boolean> {
-  try {
-    await lstat(file);
-    return true;
-  } catch (error) {
-    if (isDriveFailure(error)) throw error;
-    return false;
-  }
 }
 
 function attemptsOf(names: readonly string[], prefix: string): number[] {
@@ -340,54 +283,6 @@ export class Claim {
   markPublished(): Promise<void> {
     return markPublished(this.resultsDir, this.attempt);
   }
-}
-
-/**
- * Creates `{dir}/{name}` holding `record` if nothing is there yet: the record's nonce when this process created it,
- * undefined when the name holds something else (another worker's record, or anything planted). Decided by reading back the
- * name, whatever link(2) answered. A create that leaves the name empty is tried again; one that never takes
- * throws (a drive failure as it is, any other error as CLAIM_FAILED: every slot would meet it).
- */
-async function createRecordFile(
-  dir: string,
-  name: string,
-  record: object,
-  self: Identity,
-): Promise<string | undefined> {
-  const nonce = randomBytes(12).toString('hex');
-  const temp = path.join(dir, `${WORKER_FILE_PREFIX}tmp.${self.workerId}.${process.pid}.${nonce}`);
-  const target = path.join(dir, name);
-  let failure: unknown = await writeFile(temp, `${JSON.stringify({ ...record, nonce })}\n`, {
-    flag: 'wx',
-  }).then(
-    () => undefined,
-    (error: unknown) => error,
-  );
-  if (failure) return unmade(name, failure);
-  try {
-    for (let tries = 0; tries < 5; tries++) {
-      failure = await link(temp, target).then(
-        () => undefined,
-        (error: unknown) => error,
-      );
-      const held = await lookUp<{ nonce?: string }>(target);
-      if (held.kind === 'record') return held.record.nonce === nonce ? nonce : undefined;
-      if (held.kind === 'unreadable') return undefined;
-      await sleep(20 * 2 ** tries); // the name is still free: link(2) failed without anyone taking it
-    }
-  } finally {
-    await unlink(temp).catch(() => {});
-  }
-  return unmade(name, failure);
-}
-
-function unmade(name: string, failure: unknown): never {
-  if (isDriveFailure(failure)) throw failure;
-  throw new WorkerError(
-    ErrorCode.CLAIM_FAILED,
-    `Cannot create ${name} in the job's results/: ${(failure as Error | undefined)?.message ?? 'it never appeared'}`,
-    { cause: failure },
-  );
 }
 
 /**

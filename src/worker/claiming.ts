@@ -1,6 +1,7 @@
 import { type HeldDir, holdResults, type JobPaths, resolveJobPaths, resolveJobsRoot } from '../job/paths.js';
 import { toResultPayload } from '../job/report.js';
-import { type JobRequest, parseRequest } from '../job/spec.js';
+import { parseRequest } from '../job/request.js';
+import type { JobRequest } from '../job/spec.js';
 import { ErrorCode, isWorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import {

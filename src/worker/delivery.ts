@@ -1,14 +1,15 @@
 import type { Delivery, JobConsumer } from '../broker/consumer.js';
 import { jobsDirProblem } from '../job/paths.js';
-import { toResultPayload } from '../job/report.js';
-import { type JobRequest, parseRequest } from '../job/spec.js';
+import { newManifest, toResultPayload } from '../job/report.js';
+import { parseRequest } from '../job/request.js';
+import type { JobRequest } from '../job/spec.js';
 import { ErrorCode, isWorkerError, toErrorInfo } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import type { Claim, StoredRequest } from './claim.js';
 import { claimOrSettle, inspectFolder, type JobFolder, openJobFolder } from './claiming.js';
 import { publishResult } from './publish.js';
 import { runClaimed } from './run-claimed.js';
-import { type Links, loadEngine, type Skipped, type WorkerInput, type WorkerOutcome } from './slot.js';
+import type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
 
 // One delivery: parse and check the request, answer what cannot run (rejected, refused) and let the claim decide
 // the rest (claiming.ts).
@@ -42,7 +43,6 @@ export async function answerFailure(
   info: { code: ErrorCode; message: string },
 ): Promise<void> {
   if (id) {
-    const { newManifest } = await loadEngine();
     const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
     manifest.error = info;
     await publishResult(links.sidecar, input, toResultPayload(manifest), responseOf(delivery, input));

@@ -31,19 +31,7 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
   consumer.take();
   consumer.holdOpen(input.options.keepaliveMs);
   const stopping = stopOnInterruptOrCancel(links, input, request.id, jobLog);
-  const lease = input.options.claimLeaseMs;
-  let fenced: string | undefined;
-  claim.startHeartbeat(
-    Math.max(250, Math.floor(lease / 4)),
-    Math.floor(lease / 2),
-    (error) => jobLog.warn(`claim heartbeat failed: ${error.message}`),
-    (silentMs) => {
-      // Another host takes the job over once the heartbeat is a lease old: stop well before, publish nothing.
-      fenced = `no claim heartbeat reached the shared drive for ${formatDuration(silentMs)} (half the ${formatDuration(lease)} lease)`;
-      jobLog.error(`${fenced}: stopping the job; this process publishes nothing, and a slot takes it over`);
-      stopping.fence();
-    },
-  );
+  const fencing = heartbeat(claim, input.options.claimLeaseMs, jobLog, () => stopping.fence());
   const { announce, event } = progress(links, input, job, now);
   const logs = logStreamFor(links, input, job);
   const { runJob, JobInterrupted } = await loadEngine();
@@ -76,30 +64,51 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
         if (completion === 'published') links.presence.say('idle');
       },
     });
-    switch (completion) {
-      case 'published':
-        return { kind: 'ran', id: request.id, status: outcome.manifest.status };
-      case 'connection-lost':
-        return { kind: 'connection-lost', id: request.id };
-      case 'taken-over':
-        return { kind: 'fenced', id: request.id, why: 'another slot took the job over while it ran' };
-      case 'unreachable':
-        return {
-          kind: 'fenced',
-          id: request.id,
-          why: 'the shared drive did not answer when the result was due',
-        };
-    }
+    return outcomeOf(completion, request.id, outcome.manifest.status);
   } catch (error) {
     claim.stopHeartbeat();
     if (error instanceof JobInterrupted)
-      return fenced
-        ? { kind: 'fenced', id: request.id, why: fenced }
+      return fencing.why
+        ? { kind: 'fenced', id: request.id, why: fencing.why }
         : { kind: 'interrupted', id: request.id };
     throw error;
   } finally {
     await stopping.dispose();
     await job.folder.results.close();
+  }
+}
+
+/**
+ * The claim's heartbeat while the job runs. Another host takes the job over once the heartbeat is a lease old:
+ * after half a lease without one reaching the drive, the job is stopped and this process publishes nothing.
+ */
+function heartbeat(claim: ClaimedJob['claim'], lease: number, jobLog: Logger, fence: () => void) {
+  const fencing: { why: string | undefined } = { why: undefined };
+  claim.startHeartbeat(
+    Math.max(250, Math.floor(lease / 4)),
+    Math.floor(lease / 2),
+    (error) => jobLog.warn(`claim heartbeat failed: ${error.message}`),
+    (silentMs) => {
+      fencing.why = `no claim heartbeat reached the shared drive for ${formatDuration(silentMs)} (half the ${formatDuration(lease)} lease)`;
+      jobLog.error(
+        `${fencing.why}: stopping the job; this process publishes nothing, and a slot takes it over`,
+      );
+      fence();
+    },
+  );
+  return fencing;
+}
+
+function outcomeOf(completion: Completion, id: string, status: string): WorkerOutcome {
+  switch (completion) {
+    case 'published':
+      return { kind: 'ran', id, status };
+    case 'connection-lost':
+      return { kind: 'connection-lost', id };
+    case 'taken-over':
+      return { kind: 'fenced', id, why: 'another slot took the job over while it ran' };
+    case 'unreachable':
+      return { kind: 'fenced', id, why: 'the shared drive did not answer when the result was due' };
   }
 }
 

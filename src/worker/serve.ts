@@ -2,7 +2,7 @@ import { type Delivery, JobConsumer } from '../broker/consumer.js';
 import { sharedSubscriptionProblem } from '../broker/probe.js';
 import { Sidecar } from '../broker/sidecar.js';
 import type { Options } from '../config/options.js';
-import { parseRequest } from '../job/spec.js';
+import { parseRequest } from '../job/request.js';
 import { ErrorCode, isDriveFailure, toErrorInfo, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { type PresenceSource, presenceMessage } from '../shared/presence.js';

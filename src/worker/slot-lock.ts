@@ -1,5 +1,6 @@
 import type { Server } from 'node:net';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
+import { dryRunId } from '../shared/ids.js';
 
 // One worker id, one process on a host. The lock is a listening Unix socket in Linux's abstract namespace: the
 // kernel lets one process bind a name, and frees it when that process dies however it dies, so there is no stale
@@ -58,9 +59,6 @@ export async function lockWorkerId(id: string): Promise<SlotLock> {
   );
 }
 
-/** Prefix of the identities dry runs take (a worker id may not look like one). */
-export const DRY_RUN_PREFIX = 'dry-run-';
-
 /**
  * A dry run's own identity, `dry-run-N` with the lowest N no other dry run on this host holds: never a worker's
  * id, so a dry run never touches a worker's workspace, cgroups or claims; and reused, so that the next dry run to
@@ -68,7 +66,7 @@ export const DRY_RUN_PREFIX = 'dry-run-';
  */
 export async function lockDryRunIdentity(): Promise<SlotLock> {
   for (let n = 1; ; n++) {
-    const lock = await tryLockSlot(`${DRY_RUN_PREFIX}${n}`);
+    const lock = await tryLockSlot(dryRunId(n));
     if (lock) return lock;
   }
 }

@@ -1,8 +1,8 @@
 import type { JobConsumer } from '../broker/consumer.js';
 import type { Sidecar } from '../broker/sidecar.js';
 import type { Options } from '../config/options.js';
+import type { RequestPolicy } from '../job/request.js';
 import type { EngineConfig } from '../job/run-job.js';
-import type { RequestPolicy } from '../job/spec.js';
 import type { Logger } from '../shared/log.js';
 import type { Identity } from './claim.js';
 import type { PresenceBoard } from './presence-board.js';

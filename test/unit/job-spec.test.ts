@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
-import { parseJobFile, parseRequest } from '../../src/job/spec.js';
+import { parseRequest } from '../../src/job/request.js';
+import { parseJobFile } from '../../src/job/spec.js';
 import { isWorkerError } from '../../src/shared/errors.js';
 
 function problemsOf(text: string): string[] {

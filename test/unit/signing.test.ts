@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { parseRequest } from '../../src/job/spec.js';
+import { parseRequest } from '../../src/job/request.js';
 import { canonicalJson, signatureProblem, signRequest } from '../../src/shared/signing.js';
 
 const secret = 'correct horse battery staple';

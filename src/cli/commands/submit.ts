@@ -32,23 +32,7 @@ function parseStepsFlag(steps: string[] | undefined): unknown[] | undefined {
 
 export async function runSubmit(id: string, submitFlags: SubmitFlags, flags: OptionFlags): Promise<number> {
   const options = await resolve(flags);
-  // Waiting for a result can take as long as a job; only getting the request to a subscriber is bounded tighter.
-  const timeoutMs = parseDuration(
-    submitFlags.timeout ?? (submitFlags.wait || submitFlags.follow ? '1h' : '5m'),
-  );
-  if (timeoutMs === undefined) {
-    throw new WorkerError(
-      ErrorCode.INVALID_OPTION,
-      `--timeout: expected a duration like "10m", got ${JSON.stringify(submitFlags.timeout)}`,
-    );
-  }
-  const confirmMs = submitFlags.confirm === undefined ? undefined : parseDuration(submitFlags.confirm);
-  if (submitFlags.confirm !== undefined && confirmMs === undefined) {
-    throw new WorkerError(
-      ErrorCode.INVALID_OPTION,
-      `--confirm: expected a duration like "30s", got ${JSON.stringify(submitFlags.confirm)}`,
-    );
-  }
+  const { timeoutMs, confirmMs } = durations(submitFlags);
   const { submit } = await import('../../control/submit.js');
   const log = logger(options);
   const follower = submitFlags.follow ? await followerFor(options.jobsDir, id) : undefined;
@@ -62,11 +46,7 @@ export async function runSubmit(id: string, submitFlags: SubmitFlags, flags: Opt
     rejectedTopic: options.rejectedTopic,
     statusTopic: options.statusTopic,
     presenceTopic: options.presenceTopic,
-    slotsOnDrive: async () => {
-      const { drivePresence } = await import('../../worker/presence-board.js');
-      const slots = await drivePresence(options.jobsDir, Date.now());
-      return new Map(slots.map((slot) => [slot.id, slot.state]));
-    },
+    slotsOnDrive: () => slotsOnDrive(options.jobsDir),
     ...(confirmMs !== undefined ? { confirmMs } : {}),
     ...(submitFlags.rerun ? { rerun: (await import('node:crypto')).randomUUID() } : {}),
     wait: (submitFlags.wait || submitFlags.follow) ?? false,
@@ -107,4 +87,33 @@ async function followerFor(jobsDir: string, id: string) {
     jobDir: () => (existsSync(jobDir) ? jobDir : undefined),
     write: (text) => writeStdio(2, text),
   });
+}
+
+/** `--timeout` and `--confirm`, checked. */
+function durations(submitFlags: SubmitFlags): { timeoutMs: number; confirmMs: number | undefined } {
+  // Waiting for a result can take as long as a job; only getting the request to a subscriber is bounded tighter.
+  const timeoutMs = parseDuration(
+    submitFlags.timeout ?? (submitFlags.wait || submitFlags.follow ? '1h' : '5m'),
+  );
+  if (timeoutMs === undefined) {
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--timeout: expected a duration like "10m", got ${JSON.stringify(submitFlags.timeout)}`,
+    );
+  }
+  const confirmMs = submitFlags.confirm === undefined ? undefined : parseDuration(submitFlags.confirm);
+  if (submitFlags.confirm !== undefined && confirmMs === undefined) {
+    throw new WorkerError(
+      ErrorCode.INVALID_OPTION,
+      `--confirm: expected a duration like "30s", got ${JSON.stringify(submitFlags.confirm)}`,
+    );
+  }
+  return { timeoutMs, confirmMs };
+}
+
+/** The slots' presence files on the drive, by id (what `submit --wait` reads where the broker shows none). */
+async function slotsOnDrive(jobsDir: string): Promise<Map<string, string>> {
+  const { drivePresence } = await import('../../worker/presence-board.js');
+  const slots = await drivePresence(jobsDir, Date.now());
+  return new Map(slots.map((slot) => [slot.id, slot.state]));
 }
