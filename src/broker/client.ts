@@ -3,6 +3,23 @@ import type { Options } from '../config/options.js';
 import { readOptionFile, readSecret } from '../config/secrets.js';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 
+/** What a CONNACK says about the session and what the broker allows (MQTT 5 properties; absent on 3.1.1). */
+export interface Connack {
+  readonly sessionPresent?: boolean;
+  readonly properties?: {
+    readonly maximumQoS?: number;
+    readonly sessionExpiryInterval?: number;
+    readonly sharedSubscriptionAvailable?: boolean;
+    readonly wildcardSubscriptionAvailable?: boolean;
+    readonly assignedClientIdentifier?: string;
+  };
+}
+
+/** The CONNACK the broker answered a connection with (MQTT.js keeps it, undocumented: mqtt-surface.test.ts). */
+export function connackOf(client: MqttClient): Connack {
+  return (client as unknown as { connackPacket?: Connack }).connackPacket ?? {};
+}
+
 /** A connection made by connectBroker, for the modules outside broker/ that hold one. */
 export type BrokerClient = MqttClient;
 

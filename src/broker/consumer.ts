@@ -2,7 +2,7 @@ import type { IClientOptions, IPublishPacket, MqttClient } from 'mqtt';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { isShared } from '../shared/topics.js';
-import { type BrokerSettings, connectBroker, disconnect } from './client.js';
+import { type BrokerSettings, type Connack, connackOf, connectBroker, disconnect } from './client.js';
 
 /** One message as delivered, with the means to acknowledge it (which is what removes it from the session). */
 export interface Delivery {
@@ -61,7 +61,7 @@ export class JobConsumer {
         inbox.receive({ topic, payload: Buffer.from(payload), packet, ack: () => done(0) }),
     });
     const closed = new Promise<void>((resolve) => client.once('close', () => resolve()));
-    const connack = (client as unknown as { connackPacket?: Connack }).connackPacket ?? {};
+    const connack = connackOf(client);
     const sessionPresent = Boolean(connack.sessionPresent);
     const consumer = new JobConsumer(client, sessionPresent, inbox, closed);
     try {
@@ -208,23 +208,11 @@ class Inbox {
   }
 }
 
-/** What a CONNACK says about the session and what the broker allows (MQTT 5 properties; absent on 3.1.1). */
 /** What the grants are checked against: the slot's client id, session and jobs topic. */
 export type GrantsInput = Pick<
   ConsumerInput,
   'clientId' | 'clean' | 'sessionExpirySeconds' | 'topics' | 'log'
 >;
-
-export interface Connack {
-  readonly sessionPresent?: boolean;
-  readonly properties?: {
-    readonly maximumQoS?: number;
-    readonly sessionExpiryInterval?: number;
-    readonly sharedSubscriptionAvailable?: boolean;
-    readonly wildcardSubscriptionAvailable?: boolean;
-    readonly assignedClientIdentifier?: string;
-  };
-}
 
 function unsuitable(message: string): WorkerError {
   return new WorkerError(ErrorCode.BROKER_UNSUITABLE, message);

@@ -1,5 +1,5 @@
-import { connectBroker, disconnect } from '../broker/client.js';
-import { type Connack, checkGrants } from '../broker/consumer.js';
+import { connackOf, connectBroker, disconnect } from '../broker/client.js';
+import { checkGrants } from '../broker/consumer.js';
 import { sharedSubscriptionProblem } from '../broker/probe.js';
 import type { Options } from '../config/options.js';
 import { jobsDirProblem } from '../job/paths.js';
@@ -90,7 +90,7 @@ async function brokerCheck(options: Options): Promise<Check> {
       sessionExpirySeconds: options.sessionExpirySeconds,
     });
     try {
-      const connack = (client as unknown as { connackPacket?: Connack }).connackPacket ?? {};
+      const connack = connackOf(client);
       checkGrants(connack, {
         clientId: `${options.id}.doctor`,
         clean: options.clean,

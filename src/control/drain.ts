@@ -1,4 +1,5 @@
 import { randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   type BrokerClient,
   type BrokerSettings,
@@ -170,10 +171,12 @@ async function moveAll(input: DrainInput, topics: readonly string[]): Promise<nu
       });
       // The slot's subscription goes first, so that the broker deals it no new jobs meanwhile.
       if (moved === 0) consumer.client.unsubscribe([...topics]);
+      const quiet = new AbortController();
       const delivery = await Promise.race([
         consumer.next(),
-        new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), input.quietMs).unref()),
+        sleep(input.quietMs, undefined, { signal: quiet.signal }).catch(() => undefined),
       ]);
+      quiet.abort();
       if (!delivery) {
         await consumer.close();
         return moved;
@@ -205,7 +208,7 @@ async function move(publisher: BrokerClient, delivery: Delivery, input: DrainInp
         `the broker refused the re-published job (code ${code}); it stays in slot ${input.slot}'s session`,
       );
     input.log.warn(`the broker did not take the re-published job (code ${code}); retrying in ${delay} ms`);
-    await new Promise((resolve) => setTimeout(resolve, delay));
+    await sleep(delay);
   }
 }
 

@@ -1,6 +1,7 @@
 import { constants } from 'node:fs';
 import { open, readdir } from 'node:fs/promises';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { resolveJobPaths } from '../job/paths.js';
 import type { Manifest } from '../job/report.js';
 import { parseRequest } from '../job/request.js';
@@ -160,8 +161,10 @@ export async function followLog(
 ): Promise<void> {
   let offset = 0;
   let stopped = false;
+  const pause = new AbortController();
   void stop.then(() => {
     stopped = true;
+    pause.abort();
   });
   const { StringDecoder } = await import('node:string_decoder');
   const decoder = new StringDecoder('utf8');
@@ -185,7 +188,7 @@ export async function followLog(
   };
   while (!stopped) {
     await readMore();
-    await Promise.race([stop, new Promise((resolve) => setTimeout(resolve, everyMs))]);
+    await sleep(everyMs, undefined, { signal: pause.signal }).catch(() => {});
   }
   await readMore();
   const rest = decoder.end();

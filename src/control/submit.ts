@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
 import {
   type BrokerClient,
   type BrokerSettings,
@@ -192,7 +193,7 @@ class Submission {
         // Without confirmation a broker that is not there is the caller's answer; with it, wait for the broker.
         if (this.#input.confirmMs === undefined) throw error;
         if (Date.now() + 1000 > deadline) return undefined;
-        await new Promise((resolve) => setTimeout(resolve, 1000));
+        await sleep(1000);
       }
     }
   }
@@ -220,7 +221,7 @@ class Submission {
       this.#input.log.info(
         `nobody is subscribed to ${topic} yet (the broker would drop the request); retrying in ${delay} ms, giving up in ${left}s (--timeout)`,
       );
-      await new Promise((resolve) => setTimeout(resolve, delay));
+      await sleep(delay);
     }
     this.#published = true;
     this.#input.log.info(`published job ${this.#input.id} to ${topic}`);

@@ -76,11 +76,6 @@ export interface JobRun {
   /** Its results/, held open by the caller (see holdResults); the caller closes it. */
   readonly results?: HeldDir;
   /**
-   * Called once the job's outcome is final and result.json written, before its workspace and cgroups are removed:
-   * the broker worker publishes the result here, so that removing a large workspace does not delay it.
-   */
-  readonly onResult?: (manifest: Manifest) => Promise<void>;
-  /**
    * Settles once the caller listens for whatever stops the job (the broker worker's cancel subscription): the
    * first step waits for it, so that a cancel sent as soon as a step is announced is never missed. It settles
    * while the job stages, so it costs nothing.
@@ -96,16 +91,19 @@ export interface JobOutcome {
   readonly manifestWritten: boolean;
 }
 
+/** A finished job whose workspace and cgroups are still there: `release` removes them (once). */
+export interface HeldJob extends JobOutcome {
+  readonly release: () => Promise<void>;
+}
+
 const LIMITS_OFF: LimitSettings = { policy: 'off', defaults: {}, ceilings: {} };
 
 // The sync stage's code (picomatch, its pattern compiler, ~1 ms to load) loads while the first step runs.
 const loadSync = () => import('./workspace/sync.js');
 
-/** Names in `results/` that survive the reset at the start of a run (the claim, see claim.ts). */
-
 export { JobInterrupted } from './interrupted.js';
 
-/** What a run holds while it goes: `release` undoes it, whatever happened. */
+/** What a run holds while it goes. */
 interface RunState {
   readonly config: EngineConfig;
   readonly run: JobRun;
@@ -115,9 +113,21 @@ interface RunState {
   paths?: JobPaths;
   /** Every write to results/ goes through it held open (see holdResults); one held here is closed here. */
   results?: HeldDir;
-  readonly ownResults: boolean;
-  workspace?: string;
-  limits?: JobLimits;
+  /** What the run made that must be undone, whatever happened: each undo is added as the thing is made. */
+  readonly undo: Undo;
+}
+
+/** Undoes, all at once (they are independent of each other), and only once. */
+class Undo {
+  readonly #steps: (() => Promise<unknown>)[] = [];
+
+  add(step: () => Promise<unknown>): void {
+    this.#steps.push(step);
+  }
+
+  async run(): Promise<void> {
+    await Promise.all(this.#steps.splice(0).map((step) => step().catch(() => {})));
+  }
 }
 
 /** The workspace and cgroups of a prepared job. */
@@ -128,11 +138,22 @@ interface Staged {
 }
 
 /**
- * Runs one job to its end: prepare (folder, results/, definition) → stage (workspace and cgroups) → steps → sync
- * → result.json, then the hand-over (`onResult`) and the clean-up. A job that cannot run gets status `error` with
- * its code; only an interruption (the worker stopping) throws, JobInterrupted, with everything undone.
+ * Runs one job to its end and removes its workspace and cgroups: see runJobHeld, whose release it calls at once.
+ * Only an interruption (the worker stopping) throws, JobInterrupted, with everything undone.
  */
 export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutcome> {
+  const { release, ...outcome } = await runJobHeld(config, run);
+  await release();
+  return outcome;
+}
+
+/**
+ * Runs one job: prepare (folder, results/, definition) → stage (workspace and cgroups) → steps → sync →
+ * result.json. A job that cannot run gets status `error` with its code. The workspace and cgroups stay until the
+ * caller calls `release`: the broker worker publishes the result first, so that removing a large workspace does not
+ * delay it. An interruption throws JobInterrupted, with everything undone.
+ */
+export async function runJobHeld(config: EngineConfig, run: JobRun): Promise<HeldJob> {
   const now = run.now ?? Date.now;
   const started = now();
   const state: RunState = {
@@ -143,7 +164,7 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     manifest: newManifest(config, run.request.id, run.attempt, started),
     ...(run.paths ? { paths: run.paths } : {}),
     ...(run.results ? { results: run.results } : {}),
-    ownResults: run.results === undefined,
+    undo: new Undo(),
   };
   try {
     const spec = await prepare(state);
@@ -153,19 +174,14 @@ export async function runJob(config: EngineConfig, run: JobRun): Promise<JobOutc
     await syncBack(state, spec, staged);
   } catch (error) {
     if (error instanceof JobInterrupted) {
-      await release(state);
+      await state.undo.run();
       throw error;
     }
     await recordFailure(state, error);
   }
   const manifestWritten = await writeResult(state);
   run.onEvent?.({ type: 'done', status: state.manifest.status, exitCode: state.manifest.exitCode });
-  try {
-    await run.onResult?.(state.manifest);
-  } finally {
-    await release(state);
-  }
-  return { manifest: state.manifest, manifestWritten };
+  return { manifest: state.manifest, manifestWritten, release: () => state.undo.run() };
 }
 
 /** The job's folder, an empty results/ (but the claim) and its definition, read while results/ is reset. */
@@ -180,7 +196,11 @@ async function prepare(state: RunState): Promise<JobSpec> {
   state.paths = paths;
   const [reset, loaded] = await Promise.allSettled([
     (async () => {
-      state.results ??= await holdResults(paths.resultsDir);
+      if (!state.results) {
+        const held = await holdResults(paths.resultsDir);
+        state.results = held;
+        state.undo.add(() => held.close());
+      }
       await resetResults(state.results.path);
     })(),
     loadSpec(paths, run.request),
@@ -206,13 +226,24 @@ async function stageJobAndLimits(state: RunState, spec: JobSpec): Promise<Staged
     (state.paths as JobPaths).jobDir,
   );
   const opening = openJobLimits(limits, settings.policy, `mqtt-fs-worker-${config.workerId}`).then(
-    (opened) => (state.limits = opened),
+    (opened) => {
+      state.undo.add(async () =>
+        opened.cgroups
+          ?.close()
+          .catch((error: Error) => run.log.warn(`could not remove the job's cgroups: ${error.message}`)),
+      );
+      return opened;
+    },
   );
   run.onEvent?.({ type: 'staging' });
   const stagingStarted = now();
   const staging = (async () => {
     const workspace = await createWorkspace(config.workspacesDir, config.workerId, run.request.id);
-    state.workspace = workspace; // for release, whatever happens next
+    state.undo.add(() =>
+      purgeWorkspace(config.workspacesDir, config.workerId).then((failure) => {
+        if (failure) run.log.warn(`could not remove workspace ${workspace}: ${failure.message}`);
+      }),
+    );
     const staged = await stage(config, (state.paths as JobPaths).jobDir, workspace, run.log);
     manifest.phases.stagingMs = now() - stagingStarted;
     return { workspace, staged };
@@ -345,30 +376,6 @@ async function writeResult(state: RunState): Promise<boolean> {
     }
     return false;
   }
-}
-
-/** Removes the workspace and the cgroups, and closes a results/ this run opened. */
-async function release(state: RunState): Promise<void> {
-  await cleanUp(state.config, state.run.log, state.workspace, state.limits);
-  if (state.ownResults) await state.results?.close();
-}
-
-async function cleanUp(
-  config: EngineConfig,
-  log: Logger,
-  workspace: string | undefined,
-  limits?: JobLimits,
-): Promise<void> {
-  // Independent of each other: both at once.
-  await Promise.all([
-    limits?.cgroups
-      ?.close()
-      .catch((error: Error) => log.warn(`could not remove the job's cgroups: ${error.message}`)),
-    workspace !== undefined &&
-      purgeWorkspace(config.workspacesDir, config.workerId).then((failure) => {
-        if (failure) log.warn(`could not remove workspace ${workspace}: ${failure.message}`);
-      }),
-  ]);
 }
 
 /** Empties `results/` (held: see holdResults) of an earlier attempt's output, but the claim. */

@@ -1,6 +1,7 @@
 import { close, openSync, write } from 'node:fs';
 import { readdir, rmdir } from 'node:fs/promises';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { LimitName, StepAccounting, StepSandbox } from '../step/run-step.js';
 import { readKernelFile } from './detect.js';
@@ -110,7 +111,7 @@ export function procsOf(dir: string): number[] {
 /** Waits (up to a second) until the killed processes of a cgroup have left it. */
 export async function waitEmpty(dir: string): Promise<void> {
   for (let i = 0; i < 100 && procsOf(dir).length > 0; i++) {
-    await new Promise((resolve) => setTimeout(resolve, 10));
+    await sleep(10);
   }
 }
 
@@ -134,7 +135,7 @@ export async function removeCgroup(dir: string): Promise<void> {
       const code = (error as NodeJS.ErrnoException).code;
       if (code === 'ENOENT') return;
       if (code !== 'EBUSY' || attempt === 49) throw error;
-      await new Promise((resolve) => setTimeout(resolve, 2 + attempt));
+      await sleep(2 + attempt);
     }
   }
 }

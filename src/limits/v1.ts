@@ -1,6 +1,7 @@
 import { existsSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { StepSandbox } from '../step/run-step.js';
 import {
@@ -164,7 +165,7 @@ async function killV1(freezerDir: string): Promise<void> {
   for (let i = 0; i < 500; i++) {
     const state = readKernelFile(path.join(freezerDir, 'freezer.state')) ?? 'FROZEN';
     if (state.trim() === 'FROZEN') break;
-    await new Promise((resolve) => setTimeout(resolve, 1));
+    await sleep(1);
   }
   signalAll(procsOf(freezerDir), 'SIGKILL');
   await writeControl(path.join(freezerDir, 'freezer.state'), 'THAWED').catch(() => {});

@@ -34,10 +34,9 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
   const fencing = heartbeat(claim, input.options.claimLeaseMs, jobLog, () => stopping.fence());
   const { announce, event } = progress(links, input, job, now);
   const logs = logStreamFor(links, input, job);
-  const { runJob, JobInterrupted } = await loadEngine();
+  const { runJobHeld, JobInterrupted } = await loadEngine();
   try {
-    let completion = 'connection-lost' as Completion;
-    const outcome = await runJob(input.config, {
+    const held = await runJobHeld(input.config, {
       request,
       attempt: claim.attempt,
       paths: job.folder.paths,
@@ -54,17 +53,19 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
       },
       ...(logs ? { onOutput: (step: number, chunk: Buffer) => logs.output(step, chunk) } : {}),
       now,
-      // The result goes out as soon as result.json is written; the workspace is removed after.
-      onResult: async (manifest) => {
-        claim.stopHeartbeat();
-        if (logs?.dropped)
-          jobLog.warn(`${logs.dropped} batches of step output were not published: the connection was behind`);
-        completion = await completeJob(links, input, job, manifest, jobLog);
-        // Between jobs the slot is idle: its next process says so again, or its will says offline.
-        if (completion === 'published') links.presence.say('idle');
-      },
     });
-    return outcomeOf(completion, request.id, outcome.manifest.status);
+    // The result goes out as soon as result.json is written; the workspace and cgroups are removed after.
+    try {
+      claim.stopHeartbeat();
+      if (logs?.dropped)
+        jobLog.warn(`${logs.dropped} batches of step output were not published: the connection was behind`);
+      const completion = await completeJob(links, input, job, held.manifest, jobLog);
+      // Between jobs the slot is idle: its next process says so again, or its will says offline.
+      if (completion === 'published') links.presence.say('idle');
+      return outcomeOf(completion, request.id, held.manifest.status);
+    } finally {
+      await held.release();
+    }
   } catch (error) {
     claim.stopHeartbeat();
     if (error instanceof JobInterrupted)
