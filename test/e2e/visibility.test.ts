@@ -120,10 +120,15 @@ describe('--dry-run --watch', () => {
     await waitFor(() => runs().length === 2, 15_000);
     await watcher.sawLog('read | two');
 
-    // Writes into results/ (the job's own output) start nothing.
+    // Writes into results/ (the job's own output) start nothing: the run that follows names the input that
+    // changed after them, and no run names results/.
     await appendFile(path.join(f.jobs, 'demo/results/extra.txt'), 'x');
-    await new Promise((resolve) => setTimeout(resolve, 1500));
-    expect(runs()).toHaveLength(2);
+    await writeFile(path.join(f.jobs, 'demo/input.txt'), 'three\n');
+    await waitFor(() => runs().length === 3, 15_000);
+    await watcher.sawLog('read | three');
+    const reruns = watcher.stderrNow().match(/^.* changed: running the job again$/gm) ?? [];
+    expect(reruns).toHaveLength(2);
+    expect(reruns.every((line) => line.includes('input.txt changed'))).toBe(true);
 
     // job.json changes to a long step; a change while it runs stops it and runs again.
     await writeFile(
@@ -133,7 +138,7 @@ describe('--dry-run --watch', () => {
     await watcher.sawLog('long | started-long');
     await writeFile(path.join(f.jobs, 'demo/job.json'), JSON.stringify({ steps: ['echo after-edit'] }));
     await watcher.sawLog('a change came while the job ran; it was stopped, running it again');
-    await waitFor(() => runs().length === 3, 15_000);
+    await waitFor(() => runs().length === 4, 15_000);
     expect(runs().at(-1)).toMatchObject({ status: 'success' });
     expect(await readFile(path.join(f.jobs, 'demo/results/step_0.log'), 'utf8')).toBe('after-edit\n');
 

@@ -61,7 +61,9 @@ describe.each(STAGE_MODES)('runJob, staged by %s', (stage) => {
       `j1 1 ${config.workerId} 1 env j s\n`,
     );
     expect(manifest.artifacts.map((a) => a.path)).toEqual(['output.txt']);
-    expect(manifest.durationMs).toBeGreaterThanOrEqual(0);
+    expect(manifest.durationMs).toBe(Date.parse(manifest.endedAt) - Date.parse(manifest.startedAt));
+    const { stagingMs, runningMs, syncingMs } = manifest.phases;
+    expect(manifest.durationMs).toBeGreaterThanOrEqual(stagingMs + runningMs + syncingMs);
     expect(Object.keys(manifest.phases)).toEqual(['stagingMs', 'runningMs', 'syncingMs']);
     expect(events.map((e) => e.type)).toEqual([
       'staging',

@@ -20,6 +20,8 @@ export interface Running {
   exited: Promise<Exited>;
   /** Resolves when stderr has shown `text`. */
   sawLog: (text: string | RegExp, timeoutMs?: number) => Promise<void>;
+  /** What stderr has shown so far. */
+  stderrNow: () => string;
 }
 
 /** Starts the worker (the repo's bin) with `args`; its environment holds only PATH and `env`. */
@@ -74,7 +76,7 @@ export function startProcess(
         else reject(new Error(`worker exited without logging ${test}; stderr:\n${stderr}`));
       });
     });
-  return { child, exited, sawLog };
+  return { child, exited, sawLog, stderrNow: () => stderr };
 }
 
 /** Runs a worker and waits for it to exit. */
