@@ -17,7 +17,7 @@ import {
 import { publishResult } from './publish.js';
 import { runClaimed } from './run-claimed.js';
 import { addRunning, listRunning, removeRunning } from './running-index.js';
-import type { Links, WorkerInput, WorkerOutcome } from './slot.js';
+import type { Slot, WorkerOutcome } from './slot.js';
 
 // What a job's claim says a delivery means (run it, leave it, publish a finished result nobody published), and
 // taking over the jobs of dead workers from the index of running claims.
@@ -33,21 +33,21 @@ export async function openJobFolder(jobsDir: string, id: string, create: boolean
   return { paths, results: await holdResults(paths.resultsDir) };
 }
 
-export function inspectFolder(folder: JobFolder, input: WorkerInput): Promise<ClaimState> {
-  const now = (input.now ?? Date.now)();
-  return inspectClaim(folder.results.path, input.identity, input.options.claimLeaseMs, now);
+export function inspectFolder(folder: JobFolder, slot: Slot): Promise<ClaimState> {
+  const now = (slot.now ?? Date.now)();
+  return inspectClaim(folder.results.path, slot.identity, slot.options.claimLeaseMs, now);
 }
 
 /** Claims `attempt` of the job in `folder` for this process, keeping the request that asked for it. */
 export function claimAttempt(
   folder: JobFolder,
-  input: WorkerInput,
+  slot: Slot,
   attempt: number,
   stored: StoredRequest,
   request: JobRequest,
 ): Promise<Claim | undefined> {
-  const now = new Date((input.now ?? Date.now)());
-  return acquireClaim(folder.results.path, input.identity, attempt, now, { ...stored, rerun: request.rerun });
+  const now = new Date((slot.now ?? Date.now)());
+  return acquireClaim(folder.results.path, slot.identity, attempt, now, { ...stored, rerun: request.rerun });
 }
 
 /**
@@ -56,8 +56,7 @@ export function claimAttempt(
  * undefined: the request is not this process's to run.
  */
 export async function claimOrSettle(
-  links: Links,
-  input: WorkerInput,
+  slot: Slot,
   folder: JobFolder,
   first: ClaimState,
   request: JobRequest,
@@ -71,7 +70,7 @@ export async function claimOrSettle(
       state = { kind: 'free', attempt: state.claim.attempt + 1 };
     }
     if (state.kind === 'finished') {
-      await settleFinished(links, input, folder, state, log, stored);
+      await settleFinished(slot, folder, state, log, stored);
       return undefined;
     }
     if (state.kind === 'live') {
@@ -82,9 +81,9 @@ export async function claimOrSettle(
     }
     if (state.why) log.warn(`taking over: ${state.why}`, { attempt: state.attempt });
     await addRunning(folder.paths.root, request.id, log);
-    const claim = await claimAttempt(folder, input, state.attempt, stored, request);
+    const claim = await claimAttempt(folder, slot, state.attempt, stored, request);
     if (claim) return claim;
-    state = await inspectFolder(folder, input);
+    state = await inspectFolder(folder, slot);
   }
   return undefined;
 }
@@ -96,8 +95,7 @@ export async function claimOrSettle(
  * per run).
  */
 export async function settleFinished(
-  links: Links,
-  input: WorkerInput,
+  slot: Slot,
   folder: JobFolder,
   state: Extract<ClaimState, { kind: 'finished' }>,
   log: Logger,
@@ -108,7 +106,7 @@ export async function settleFinished(
   if (state.published) {
     if (asking?.responseTopic) {
       log.info(`already finished (${what}); answering on the request's response topic`);
-      await publishResult(links.sidecar, input, toResultPayload(manifest), asking, { responseOnly: true });
+      await publishResult(slot.sidecar, slot, toResultPayload(manifest), asking, { responseOnly: true });
     } else log.info(`already finished (${what}); its result was published`);
     await removeRunning(folder.paths.root, manifest.id, log);
     return;
@@ -117,14 +115,14 @@ export async function settleFinished(
     log.info(`already finished (${what}); its worker ${claim.workerId} publishes the result`);
     return;
   }
-  const now = (input.now ?? Date.now)();
-  const lease = input.options.claimLeaseMs;
-  if (!(await acquirePublisher(folder.results.path, manifest.attempt, input.identity, lease, now))) {
+  const now = (slot.now ?? Date.now)();
+  const lease = slot.options.claimLeaseMs;
+  if (!(await acquirePublisher(folder.results.path, manifest.attempt, slot.identity, lease, now))) {
     log.info(`already finished (${what}); another slot publishes its result`);
     return;
   }
   log.info(`already finished (${what}), but its result never reached the broker; publishing it`);
-  if (await publishResult(links.sidecar, input, toResultPayload(manifest), claim)) {
+  if (await publishResult(slot.sidecar, slot, toResultPayload(manifest), claim)) {
     await markPublished(folder.results.path, manifest.attempt);
     await removeRunning(folder.paths.root, manifest.id, log);
   }
@@ -134,13 +132,13 @@ export async function settleFinished(
  * Looks through the index of running claims for a job whose worker died: its result is published if it finished,
  * or the job is taken over (attempt + 1) and run here from the request stored in its claim.
  */
-export async function takeOverOrphan(links: Links, input: WorkerInput): Promise<WorkerOutcome | undefined> {
-  const root = await resolveJobsRoot(input.options.jobsDir).catch(() => undefined);
+export async function takeOverOrphan(slot: Slot): Promise<WorkerOutcome | undefined> {
+  const root = await resolveJobsRoot(slot.options.jobsDir).catch(() => undefined);
   if (root === undefined) return undefined;
-  for (const id of await listRunning(root, input.log)) {
-    const jobLog = input.log.child({ job: id });
+  for (const id of await listRunning(root, slot.log)) {
+    const jobLog = slot.log.child({ job: id });
     try {
-      const ran = await lookAtRunning(links, input, root, id, jobLog);
+      const ran = await lookAtRunning(slot, root, id, jobLog);
       if (ran) return ran;
     } catch (error) {
       // A job folder removed meanwhile has nothing left to run or publish.
@@ -153,22 +151,21 @@ export async function takeOverOrphan(links: Links, input: WorkerInput): Promise<
 
 /** One entry of the index: left alone (live), settled (finished), or taken over and run here. */
 export async function lookAtRunning(
-  links: Links,
-  input: WorkerInput,
+  slot: Slot,
   root: string,
   id: string,
   log: Logger,
 ): Promise<WorkerOutcome | undefined> {
-  const folder = await openJobFolder(input.options.jobsDir, id, false);
+  const folder = await openJobFolder(slot.options.jobsDir, id, false);
   let claim: Claim | undefined;
   try {
-    const state = await inspectFolder(folder, input);
+    const state = await inspectFolder(folder, slot);
     if (state.kind === 'live') return undefined;
     if (state.kind === 'finished') {
-      await settleFinished(links, input, folder, state, log);
+      await settleFinished(slot, folder, state, log);
       return undefined;
     }
-    const stored = state.previous ? storedRequestOf(state.previous, input) : undefined;
+    const stored = state.previous ? storedRequestOf(state.previous, slot) : undefined;
     if (!stored) {
       await removeRunning(root, id, log); // nothing was claimed, or by a version that kept no request
       return undefined;
@@ -182,8 +179,8 @@ export async function lookAtRunning(
       return undefined;
     }
     log.warn(`taking over from the index of running jobs: ${state.why}`, { attempt: state.attempt });
-    claim = await claimAttempt(folder, input, state.attempt, stored.stored, stored.request);
-    return claim ? await runClaimed(links, input, { ...stored, folder, claim }) : undefined;
+    claim = await claimAttempt(folder, slot, state.attempt, stored.stored, stored.request);
+    return claim ? await runClaimed(slot, { ...stored, folder, claim }) : undefined;
   } finally {
     if (!claim) await folder.results.close();
   }
@@ -192,10 +189,10 @@ export async function lookAtRunning(
 /** The request a dead worker's claim holds, checked against this worker's rules (signatures aside: it was). */
 export function storedRequestOf(
   record: ClaimRecord,
-  input: WorkerInput,
+  slot: Slot,
 ): { request: JobRequest; stored: StoredRequest } | undefined {
   if (record.request === undefined) return undefined;
-  const { secret: _verifiedWhenClaimed, ...policy } = input.requestPolicy ?? {};
+  const { secret: _verifiedWhenClaimed, ...policy } = slot.requestPolicy ?? {};
   const parsed = parseRequest(record.request, policy);
   if (!parsed.ok) return undefined;
   const { request, responseTopic, correlationData } = record;

@@ -9,7 +9,7 @@ import type { Claim, StoredRequest } from './claim.js';
 import { claimOrSettle, inspectFolder, type JobFolder, openJobFolder } from './claiming.js';
 import { publishResult } from './publish.js';
 import { runClaimed } from './run-claimed.js';
-import type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
+import type { Skipped, Slot, WorkerOutcome } from './slot.js';
 
 // One delivery: parse and check the request, answer what cannot run (rejected, refused) and let the claim decide
 // the rest (claiming.ts).
@@ -22,12 +22,12 @@ import type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
 export function reject(
   consumer: JobConsumer,
   delivery: Delivery,
-  input: WorkerInput,
+  slot: Slot,
   id: string | undefined,
   info: { code: ErrorCode; message: string },
 ): void {
-  const topic = id ? `${input.options.rejectedTopic}/${id}` : input.options.rejectedTopic;
-  consumer.fireAndForget(topic, rejection(delivery, input.options.id, id, info.code, info.message));
+  const topic = id ? `${slot.options.rejectedTopic}/${id}` : slot.options.rejectedTopic;
+  consumer.fireAndForget(topic, rejection(delivery, slot.options.id, id, info.code, info.message));
   delivery.ack();
 }
 
@@ -36,19 +36,18 @@ export function reject(
  * rejection on the rejected topic.
  */
 export async function answerFailure(
-  links: Links,
+  slot: Slot,
   delivery: Delivery,
-  input: WorkerInput,
   id: string | undefined,
   info: { code: ErrorCode; message: string },
 ): Promise<void> {
   if (id) {
-    const manifest = newManifest(input.config, id, 1, (input.now ?? Date.now)());
+    const manifest = newManifest(slot.config, id, 1, (slot.now ?? Date.now)());
     manifest.error = info;
-    await publishResult(links.sidecar, input, toResultPayload(manifest), responseOf(delivery, input));
+    await publishResult(slot.sidecar, slot, toResultPayload(manifest), responseOf(delivery, slot));
     delivery.ack(); // whatever the broker said: this delivery must not come back
   } else {
-    reject(links.consumer, delivery, input, undefined, info);
+    reject(slot.consumer, delivery, slot, undefined, info);
   }
 }
 
@@ -60,28 +59,28 @@ export async function answerFailure(
  */
 export function responseProblem(
   topic: string,
-  input: WorkerInput,
+  slot: Slot,
   request: JobRequest | undefined,
 ): string | undefined {
-  const prefix = input.options.responseTopicPrefix;
+  const prefix = slot.options.responseTopicPrefix;
   if (/[+#\0]/.test(topic) || topic.startsWith('$')) return 'not a topic to publish to';
   if (prefix === undefined || !topic.startsWith(prefix))
     return `not under --response-topic-prefix (${prefix ?? 'off'})`;
-  if (input.requestPolicy?.secret !== undefined && request?.responseTopic !== topic)
+  if (slot.requestPolicy?.secret !== undefined && request?.responseTopic !== topic)
     return 'the signed request does not name it (responseTopic)';
   return undefined;
 }
 
 export function responseOf(
   delivery: Delivery,
-  input: WorkerInput,
+  slot: Slot,
   request?: JobRequest,
   log?: Logger,
 ): Omit<StoredRequest, 'request'> {
   const { correlationData } = delivery.packet.properties ?? {};
   // The MQTT 5 property, or the one the body names (MQTT 3.1.1 has no properties).
   let responseTopic = delivery.packet.properties?.responseTopic ?? request?.responseTopic;
-  const problem = responseTopic === undefined ? undefined : responseProblem(responseTopic, input, request);
+  const problem = responseTopic === undefined ? undefined : responseProblem(responseTopic, slot, request);
   if (problem) {
     log?.warn(`ignoring the request's response topic ${JSON.stringify(responseTopic)}: ${problem}`);
     responseTopic = undefined;
@@ -93,18 +92,14 @@ export function responseOf(
 }
 
 /** Every delivery ends here: skipped (acknowledged), run, or (interrupted) left for the next run. */
-export async function handleDelivery(
-  links: Links,
-  delivery: Delivery,
-  input: WorkerInput,
-): Promise<WorkerOutcome | Skipped> {
-  const { options, log } = input;
-  const now = input.now ?? Date.now;
-  const parsed = parseRequest(delivery.payload, { ...input.requestPolicy, nowMs: now() });
+export async function handleDelivery(slot: Slot, delivery: Delivery): Promise<WorkerOutcome | Skipped> {
+  const { options, log } = slot;
+  const now = slot.now ?? Date.now;
+  const parsed = parseRequest(delivery.payload, { ...slot.requestPolicy, nowMs: now() });
   if (!parsed.ok) {
     const { error, id } = parsed;
     log.error(`rejected a request: ${error.code}: ${error.message}`, { ...(id ? { job: id } : {}) });
-    reject(links.consumer, delivery, input, id, { code: error.code, message: error.message });
+    reject(slot.consumer, delivery, slot, id, { code: error.code, message: error.message });
     return { kind: 'skipped', id, action: 'rejected' };
   }
   const { request } = parsed;
@@ -120,18 +115,18 @@ export async function handleDelivery(
     if (gone) return { kind: 'not-ready', id: request.id, why: gone };
     const info = toErrorInfo(error);
     jobLog.error(`${info.code}: ${info.message}`);
-    await answerFailure(links, delivery, input, request.id, info);
+    await answerFailure(slot, delivery, request.id, info);
     return { kind: 'skipped', id: request.id, action: 'error' };
   }
   let claim: Claim | undefined;
   try {
-    const state = await inspectFolder(folder, input);
+    const state = await inspectFolder(folder, slot);
     const stored: StoredRequest = {
       request: JSON.stringify(request),
-      ...responseOf(delivery, input, request, jobLog),
+      ...responseOf(delivery, slot, request, jobLog),
     };
-    claim = await claimOrSettle(links, input, folder, state, request, stored, jobLog);
-    if (claim) return await runClaimed(links, input, { request, folder, claim, stored, delivery });
+    claim = await claimOrSettle(slot, folder, state, request, stored, jobLog);
+    if (claim) return await runClaimed(slot, { request, folder, claim, stored, delivery });
   } finally {
     if (!claim) await folder.results.close();
   }

@@ -9,7 +9,7 @@ import type { JobFolder } from './claiming.js';
 import { LogStream } from './log-stream.js';
 import { publishResult } from './publish.js';
 import { removeRunning } from './running-index.js';
-import { type Links, loadEngine, type WorkerInput, type WorkerOutcome } from './slot.js';
+import { loadEngine, type Slot, type WorkerOutcome } from './slot.js';
 
 // A claimed job, run: heartbeat, presence, status events and cancel around the engine, then its result.
 
@@ -23,20 +23,20 @@ export interface ClaimedJob {
 }
 
 /** Runs the job this process claimed, publishes its result and acknowledges its delivery. */
-export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJob): Promise<WorkerOutcome> {
+export async function runClaimed(slot: Slot, job: ClaimedJob): Promise<WorkerOutcome> {
   const { request, claim } = job;
-  const jobLog = input.log.child({ job: request.id });
-  const now = input.now ?? Date.now;
-  const { consumer } = links;
+  const jobLog = slot.log.child({ job: request.id });
+  const now = slot.now ?? Date.now;
+  const { consumer } = slot;
   consumer.take();
-  consumer.holdOpen(input.options.keepaliveMs);
-  const stopping = stopOnInterruptOrCancel(links, input, request.id, jobLog);
-  const fencing = heartbeat(claim, input.options.claimLeaseMs, jobLog, () => stopping.fence());
-  const { announce, event } = progress(links, input, job, now);
-  const logs = logStreamFor(links, input, job);
+  consumer.holdOpen(slot.options.keepaliveMs);
+  const stopping = stopOnInterruptOrCancel(slot, request.id, jobLog);
+  const fencing = heartbeat(claim, slot.options.claimLeaseMs, jobLog, () => stopping.fence());
+  const { announce, event } = progress(slot, job, now);
+  const logs = logStreamFor(slot, job);
   const { runJobHeld, JobInterrupted } = await loadEngine();
   try {
-    const held = await runJobHeld(input.config, {
+    const held = await runJobHeld(slot.config, {
       request,
       attempt: claim.attempt,
       paths: job.folder.paths,
@@ -59,9 +59,9 @@ export async function runClaimed(links: Links, input: WorkerInput, job: ClaimedJ
       claim.stopHeartbeat();
       if (logs?.dropped)
         jobLog.warn(`${logs.dropped} batches of step output were not published: the connection was behind`);
-      const completion = await completeJob(links, input, job, held.manifest, jobLog);
+      const completion = await completeJob(slot, job, held.manifest, jobLog);
       // Between jobs the slot is idle: its next process says so again, or its will says offline.
-      if (completion === 'published') links.presence.say('idle');
+      if (completion === 'published') slot.presence.say('idle');
       return outcomeOf(completion, request.id, held.manifest.status);
     } finally {
       await held.release();
@@ -114,27 +114,27 @@ function outcomeOf(completion: Completion, id: string, status: string): WorkerOu
 }
 
 /** Step output over MQTT (`--logs-topic`), on the job connection: QoS 0 needs no acknowledgement to read. */
-function logStreamFor(links: Links, input: WorkerInput, job: ClaimedJob): LogStream | undefined {
-  const root = input.options.logsTopic;
+function logStreamFor(slot: Slot, job: ClaimedJob): LogStream | undefined {
+  const root = slot.options.logsTopic;
   if (root === undefined) return undefined;
   const topic = `${root}/${job.request.id}`;
   return new LogStream({
     id: job.request.id,
-    workerId: input.options.id,
+    workerId: slot.options.id,
     attempt: job.claim.attempt,
-    send: (payload) => links.consumer.fireAndForget(topic, payload),
-    backlog: () => links.consumer.backlog,
+    send: (payload) => slot.consumer.fireAndForget(topic, payload),
+    backlog: () => slot.consumer.backlog,
   });
 }
 
 /** The slot's busy presence (again at each step) and the job's status events, starting with `claimed`. */
-function progress(links: Links, input: WorkerInput, job: ClaimedJob, now: () => number) {
+function progress(slot: Slot, job: ClaimedJob, now: () => number) {
   const { request, claim } = job;
   const busy = { job: request.id, attempt: claim.attempt, jobStartedAt: new Date(now()) };
   const announce = (step?: { index: number; name: string }): void =>
-    links.presence.say('busy', step ? { ...busy, step: { ...step, startedAt: new Date(now()) } } : busy);
+    slot.presence.say('busy', step ? { ...busy, step: { ...step, startedAt: new Date(now()) } } : busy);
   announce();
-  const event = statusEvents(links.consumer, input, request.id);
+  const event = statusEvents(slot.consumer, slot, request.id);
   event('claimed', { attempt: claim.attempt });
   return { announce, event };
 }
@@ -144,12 +144,12 @@ function progress(links: Links, input: WorkerInput, job: ClaimedJob, now: () => 
  * (`cancelled`). Listening for cancels starts alongside the job's staging, and its first step waits for the
  * subscription (`listening`): a cancel sent when the step is announced is heard.
  */
-function stopOnInterruptOrCancel(links: Links, input: WorkerInput, id: string, jobLog: Logger) {
+function stopOnInterruptOrCancel(slot: Slot, id: string, jobLog: Logger) {
   const stop = new AbortController();
   const onInterrupt = (): void => stop.abort('interrupted');
-  if (input.signal.aborted) onInterrupt();
-  else input.signal.addEventListener('abort', onInterrupt, { once: true });
-  const control = links.sidecar.watchCancel(id, () => {
+  if (slot.signal.aborted) onInterrupt();
+  else slot.signal.addEventListener('abort', onInterrupt, { once: true });
+  const control = slot.sidecar.watchCancel(id, () => {
     jobLog.warn('cancel request received; stopping the job');
     stop.abort('cancelled');
   });
@@ -159,7 +159,7 @@ function stopOnInterruptOrCancel(links: Links, input: WorkerInput, id: string, j
     /** The claim is lost (self-fencing): stop the steps as an interruption does, with nothing written. */
     fence: (): void => stop.abort('interrupted'),
     dispose: async (): Promise<void> => {
-      input.signal.removeEventListener('abort', onInterrupt);
+      slot.signal.removeEventListener('abort', onInterrupt);
       await control;
     },
   };
@@ -174,8 +174,7 @@ type Completion = 'published' | 'connection-lost' | Exclude<Standing, 'ours'>;
  * never publishes a result beside the take-over's.
  */
 export async function completeJob(
-  links: Links,
-  input: WorkerInput,
+  slot: Slot,
   job: ClaimedJob,
   manifest: Manifest,
   log: Logger,
@@ -193,7 +192,7 @@ export async function completeJob(
     );
     return standing;
   }
-  if (!links.consumer.connected) {
+  if (!slot.consumer.connected) {
     log.warn(
       'the connection to the broker was lost during the job; result.json is written and the next slot to see the job publishes it',
     );
@@ -201,7 +200,7 @@ export async function completeJob(
   }
   // The delivery is acknowledged only once the broker has accepted the result: a worker that dies in between
   // leaves it in the session (and the job in the index), and the next slot to see it publishes the stored result.
-  if (!(await publishResult(links.sidecar, input, toResultPayload(manifest), job.stored)))
+  if (!(await publishResult(slot.sidecar, slot, toResultPayload(manifest), job.stored)))
     return 'connection-lost';
   // The marker first: a death between the broker's PUBACK and the marker is the one window in which another
   // slot publishes the same result again (README, "Delivery").
@@ -213,16 +212,16 @@ export async function completeJob(
 
 export function statusEvents(
   consumer: JobConsumer,
-  input: WorkerInput,
+  slot: Slot,
   id: string,
 ): (type: string, fields?: Record<string, unknown>) => void {
-  const now = input.now ?? Date.now;
+  const now = slot.now ?? Date.now;
   return (type, fields = {}) =>
     consumer.fireAndForget(
-      `${input.options.statusTopic}/${id}`,
+      `${slot.options.statusTopic}/${id}`,
       JSON.stringify({
         id,
-        workerId: input.options.id,
+        workerId: slot.options.id,
         event: type,
         at: new Date(now()).toISOString(),
         ...fields,

@@ -9,10 +9,10 @@ import { type PresenceSource, presenceMessage } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
 import { takeOverOrphan } from './claiming.js';
 import {
-  type Links,
   loadEngine,
   presenceTopic,
   type Skipped,
+  type Slot,
   type WorkerInput,
   type WorkerOutcome,
 } from './slot.js';
@@ -86,7 +86,7 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
   presence.say('idle');
   const sidecar = new Sidecar(input);
   try {
-    return await serve({ consumer, sidecar, presence }, input);
+    return await serve({ ...input, consumer, sidecar, presence });
   } finally {
     await Promise.all([sidecar.close(), presence.close()]);
   }
@@ -123,21 +123,21 @@ export type Woken =
  * The idle loop: every delivery is handled in turn until one is run; between deliveries, the index of running
  * claims is scanned for orphans. A process runs at most one job.
  */
-export async function serve(links: Links, input: WorkerInput): Promise<WorkerOutcome> {
-  const { options, log } = input;
-  const { consumer } = links;
+export async function serve(slot: Slot): Promise<WorkerOutcome> {
+  const { options, log } = slot;
+  const { consumer } = slot;
   let pending = consumer.next();
   let idleSince = Date.now();
   let scanAt = 0;
   for (;;) {
     if (Date.now() >= scanAt) {
-      const orphan = await takeOverOrphan(links, input);
+      const orphan = await takeOverOrphan(slot);
       if (orphan) return orphan;
       scanAt = Date.now() + scanInterval(options);
     }
     const idleLeft =
       options.idleTimeoutMs === undefined ? undefined : idleSince + options.idleTimeoutMs - Date.now();
-    const woken = await wake(pending, input.signal, scanAt - Date.now(), idleLeft);
+    const woken = await wake(pending, slot.signal, scanAt - Date.now(), idleLeft);
     if (woken.kind === 'scan') continue;
     if (woken.kind !== 'delivery') {
       if (woken.kind === 'idle-timeout') log.info('no job within the idle timeout; exiting');
@@ -148,7 +148,7 @@ export async function serve(links: Links, input: WorkerInput): Promise<WorkerOut
       return { kind: 'connection-lost', id: undefined };
     }
     pending = consumer.next();
-    const handled = await handleSafely(links, woken.delivery, input);
+    const handled = await handleSafely(slot, woken.delivery);
     if (handled.kind !== 'skipped') return handled;
     if (!consumer.connected) return { kind: 'connection-lost', id: handled.id };
     idleSince = Date.now();
@@ -187,31 +187,27 @@ export async function wake(
  * A failure nobody foresaw (a claim that cannot be written, a shared drive gone read-only) must not leave the
  * message unacknowledged: it would come back to this slot forever. It becomes an INTERNAL error result.
  */
-export async function handleSafely(
-  links: Links,
-  delivery: Delivery,
-  input: WorkerInput,
-): Promise<WorkerOutcome | Skipped> {
+export async function handleSafely(slot: Slot, delivery: Delivery): Promise<WorkerOutcome | Skipped> {
   try {
-    return await handleDelivery(links, delivery, input);
+    return await handleDelivery(slot, delivery);
   } catch (error) {
     const info = toErrorInfo(error);
     const parsed = parseRequest(delivery.payload, {
-      ...input.requestPolicy,
-      nowMs: (input.now ?? Date.now)(),
+      ...slot.requestPolicy,
+      nowMs: (slot.now ?? Date.now)(),
     });
     const id = parsed.ok ? parsed.request.id : undefined;
     // The drive itself failed (a network mount gone, timing out): that says nothing about the job. Never a
     // result: the request stays unacknowledged for this slot's next run or another slot.
     if (id !== undefined && isDriveFailure(error))
       return { kind: 'not-ready', id, why: `the shared drive failed: ${(error as Error).message}` };
-    input.log.error(`${info.code}: ${info.message}`, {
+    slot.log.error(`${info.code}: ${info.message}`, {
       ...(id ? { job: id } : {}),
       // A stack trace is for a bug, not for a full drive.
       ...(info.code === ErrorCode.INTERNAL ? { stack: (error as Error).stack } : {}),
     });
-    if (!links.consumer.connected) return { kind: 'connection-lost', id };
-    await answerFailure(links, delivery, input, id, info);
+    if (!slot.consumer.connected) return { kind: 'connection-lost', id };
+    await answerFailure(slot, delivery, id, info);
     return { kind: 'skipped', id, action: 'failed' };
   }
 }

@@ -54,6 +54,9 @@ export interface Links {
   readonly presence: PresenceBoard;
 }
 
+/** One slot's run: its input and its connections, what every worker function takes first. */
+export type Slot = WorkerInput & Links;
+
 export function presenceTopic(options: Options): string {
   return `${options.presenceTopic}/${options.id}`;
 }
