@@ -41,7 +41,7 @@ const COMMAND_OPTIONS: Record<string, readonly (keyof Options)[] | 'all'> = {
   ],
   status: ['jobsDir', 'claimLeaseMs', 'id', 'logFormat'],
   workers: [...BROKER, 'presenceTopic', 'jobsDir'],
-  drain: [...BROKER, 'id', 'topic', 'presenceTopic'],
+  drain: [...BROKER, 'id', 'topic', 'presenceTopic', 'jobsDir'],
   logs: [...BROKER, 'jobsDir', 'logsTopic', 'statusTopic', 'resultsTopic'],
   jobs: ['jobsDir', 'claimLeaseMs', 'logFormat'],
   dashboard: [

@@ -12,6 +12,7 @@ import { ErrorCode, WorkerError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
+import { forgetDrivePresence } from '../worker/presence-board.js';
 
 export interface DrainInput {
   readonly settings: BrokerSettings;
@@ -27,6 +28,8 @@ export interface DrainInput {
   readonly presenceTopic: string;
   /** Drain even a slot whose presence says it is online (its process is known to be gone). */
   readonly force: boolean;
+  /** Where the slot also kept its presence (a file removed with the session). */
+  readonly jobsDir?: string;
   readonly log: Logger;
 }
 
@@ -214,7 +217,8 @@ async function move(publisher: BrokerClient, delivery: Delivery, input: DrainInp
 
 /**
  * Ends the slot's session: a connect with a clean session under its id has the broker discard it (MQTT 3.1.1
- * and 5), and a clean session ends with the connection. The slot's retained presence is cleared on the way.
+ * and 5), and a clean session ends with the connection. The slot's retained presence is cleared on the way, and
+ * its presence file on the drive removed.
  */
 async function endSession(input: DrainInput): Promise<void> {
   const client = await connectBroker({ settings: input.settings, clientId: input.slot, clean: true });
@@ -224,4 +228,5 @@ async function endSession(input: DrainInput): Promise<void> {
   } finally {
     await disconnect(client);
   }
+  if (input.jobsDir !== undefined) await forgetDrivePresence(input.jobsDir, input.slot, input.log);
 }

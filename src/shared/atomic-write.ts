@@ -4,9 +4,15 @@ import path from 'node:path';
 
 /**
  * Writes `data` as `{dir}/{name}` atomically: a temp file created without following links, then a rename, so a
- * reader sees the old file or the new one and never half of one.
+ * reader sees the old file or the new one and never half of one. `durable: false` skips the fsync, for a file
+ * whose loss in a crash costs nothing (a slot's presence, rewritten every 30 s).
  */
-export async function writeFileAtomic(dir: string, name: string, data: string): Promise<void> {
+export async function writeFileAtomic(
+  dir: string,
+  name: string,
+  data: string,
+  { durable = true }: { durable?: boolean } = {},
+): Promise<void> {
   const temp = path.join(dir, `.${name}.${process.pid}.${Math.random().toString(36).slice(2, 10)}.tmp`);
   const handle = await open(
     temp,
@@ -15,7 +21,7 @@ export async function writeFileAtomic(dir: string, name: string, data: string): 
   );
   try {
     await handle.writeFile(data);
-    await handle.sync();
+    if (durable) await handle.sync();
   } catch (error) {
     await handle.close().catch(() => {});
     await unlink(temp).catch(() => {});

@@ -1,6 +1,7 @@
 import { constants } from 'node:fs';
-import { open, readdir } from 'node:fs/promises';
+import { open, readdir, unlink } from 'node:fs/promises';
 import path from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
 import type { JobConsumer } from '../broker/consumer.js';
 import type { Options } from '../config/options.js';
 import { writeFileAtomic } from '../shared/atomic-write.js';
@@ -25,6 +26,7 @@ const SLOTS_DIR = 'slots';
 export const PRESENCE_REFRESH_MS = 30_000;
 export const PRESENCE_STALE_MS = 3 * PRESENCE_REFRESH_MS;
 const MAX_FILE_BYTES = 64 * 1024;
+const CLOSE_WAIT_MS = 2000;
 
 export class PresenceBoard {
   readonly source: PresenceSource;
@@ -36,6 +38,8 @@ export class PresenceBoard {
   #timer: NodeJS.Timeout | undefined;
   /** Drive writes, one after another: a slow drive never has two in flight, and the last one written is the last said. */
   #writing: Promise<void> = Promise.resolve();
+  /** A write is queued and has not read the state yet. */
+  #dirty = false;
 
   constructor(consumer: JobConsumer, options: Options, source: PresenceSource, log: Logger) {
     this.#consumer = consumer;
@@ -65,24 +69,28 @@ export class PresenceBoard {
       this.#last = { state: 'offline', busy: undefined };
       this.#write();
     }
-    await this.#writing;
+    // A drive that stopped answering must not keep the process from exiting: its file then reads offline later.
+    await Promise.race([this.#writing, sleep(CLOSE_WAIT_MS, undefined, { ref: false })]);
   }
 
+  /** Writes the latest state; a write asked for while one is under way is made once, after it, with the latest. */
   #write(): void {
-    const message = presenceMessage(this.source, this.#last.state, this.#last.busy);
-    const id = this.source.id;
-    this.#writing = this.#writing.then(() =>
-      withIndexFolder(
+    if (this.#dirty) return;
+    this.#dirty = true;
+    this.#writing = this.#writing.then(() => {
+      this.#dirty = false;
+      const message = presenceMessage(this.source, this.#last.state, this.#last.busy);
+      return withIndexFolder(
         this.#jobsDir,
         SLOTS_DIR,
         true,
         this.#log,
-        (dir) => writeFileAtomic(dir, `${id}.json`, message),
+        (dir) => writeFileAtomic(dir, `${this.source.id}.json`, message, { durable: false }),
         undefined,
       ).catch((error: Error) => {
         this.#log.debug(`presence not written to the drive: ${error.message}`);
-      }),
-    );
+      });
+    });
   }
 }
 
@@ -120,6 +128,12 @@ async function readPresenceFile(file: string): Promise<Presence | undefined> {
   } finally {
     await handle.close();
   }
+}
+
+/** Removes a retired slot's presence file (`drain`); nothing to do where there is none. */
+export async function forgetDrivePresence(jobsDir: string, id: string, log?: Logger): Promise<void> {
+  const remove = (dir: string) => unlink(path.join(dir, `${id}.json`)).catch(() => {});
+  await withIndexFolder(jobsDir, SLOTS_DIR, false, log, remove, undefined).catch(() => {});
 }
 
 /**

@@ -103,8 +103,20 @@ for (const c of CASES) {
       const client = await testClient(broker.url, clientOptions());
       for (let i = 0; i < 3; i++) await publishJob(client, { id: `drained-${i}`, steps: ['true'] });
       await client.endAsync();
-      const drained = await runWorkerOnce(['drain', ...brokerArgs(), '--id', gone, '--force']);
+      const file = path.join(dirs.jobs, '.mqtt-fs-worker', 'slots', `${gone}.json`);
+      expect(existsSync(file)).toBe(true);
+      const drained = await runWorkerOnce([
+        'drain',
+        ...brokerArgs(),
+        '--id',
+        gone,
+        '--force',
+        '--jobs-dir',
+        dirs.jobs,
+      ]);
       expect(drained.code, drained.stderr).toBe(0);
+      // Its presence goes too, from the broker and from the drive: `workers` no longer lists it.
+      expect(existsSync(file)).toBe(false);
       // The slot's next start finds no session, hence none of the three.
       const next = await runWorkerOnce(args(broker.url, dirs, gone, ['--idle-timeout', '1s']));
       expect(next.code, next.stderr).toBe(0);

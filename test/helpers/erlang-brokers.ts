@@ -1,25 +1,13 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { createConnection } from 'node:net';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { freePort } from './mosquitto.js';
+import { freePort, portOpen } from './mosquitto.js';
 
 // RabbitMQ 3.10 (+ rabbitmq_mqtt) and ejabberd 23.01 (mod_mqtt) from Debian, each started by the tests on free
 // loopback ports with a folder of its own, restartable with its data: the fleet's brokers besides Mosquitto and
 // Aedes. Both run on the Erlang VM; each gets its own process group, so a stop takes every process it started.
-
-async function portOpen(port: number): Promise<boolean> {
-  return new Promise((resolve) => {
-    const socket = createConnection({ port, host: '127.0.0.1' });
-    socket.once('connect', () => {
-      socket.destroy();
-      resolve(true);
-    });
-    socket.once('error', () => resolve(false));
-  });
-}
 
 function processGroup(
   command: string,

@@ -31,7 +31,8 @@ export async function freePort(): Promise<number> {
   });
 }
 
-async function portOpen(port: number): Promise<boolean> {
+/** Does something accept connections on this loopback port? */
+export async function portOpen(port: number): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = createConnection({ port, host: '127.0.0.1' });
     socket.once('connect', () => {

@@ -32,6 +32,7 @@ export async function runDrain(drainFlags: DrainFlags, flags: OptionFlags): Prom
     quietMs,
     presenceTopic: `${options.presenceTopic}/${options.id}`,
     force: drainFlags.force === true,
+    jobsDir: options.jobsDir,
     log: logger(options),
   });
   writeStdio(1, `${JSON.stringify(outcome)}\n`);
