@@ -16,8 +16,8 @@ export class Follower {
   #stopStep: (() => void) | undefined;
   #tailing: Promise<void> = Promise.resolve();
   #queue: Promise<void> = Promise.resolve();
-  /** The step whose output comes over MQTT (no drive here), its name and its unfinished line. */
-  #live: { step: number; name: string; pending: string } | undefined;
+  /** The step whose output comes over MQTT (no drive here), and its lines. */
+  #live: { step: number; lines: PrefixedLines } | undefined;
 
   constructor(input: FollowerInput) {
     this.#input = input;
@@ -58,10 +58,7 @@ export class Follower {
     this.#queue = this.#queue
       .then(() => {
         const live = this.#live;
-        if (!live || chunk.step !== live.step || typeof chunk.text !== 'string') return;
-        const lines = (live.pending + chunk.text).split('\n');
-        live.pending = lines.pop() ?? '';
-        for (const line of lines) this.#input.write(`${live.name} | ${line}\n`);
+        if (live && chunk.step === live.step && typeof chunk.text === 'string') live.lines.push(chunk.text);
       })
       .catch(() => {});
   }
@@ -74,8 +71,9 @@ export class Follower {
 
   #tail(step: number, name: string): void {
     const jobDir = this.#input.jobDir();
+    const lines = new PrefixedLines(name, this.#input.write);
     if (!jobDir) {
-      this.#live = { step, name, pending: '' };
+      this.#live = { step, lines };
       return;
     }
     let stop: () => void = () => {};
@@ -83,26 +81,36 @@ export class Follower {
       stop = resolve;
     });
     this.#stopStep = stop;
-    let pending = '';
     const file = path.join(jobDir, RESULTS_DIR, stepLogName(step));
-    this.#tailing = followLog(
-      file,
-      (text) => {
-        const lines = (pending + text).split('\n');
-        pending = lines.pop() ?? '';
-        for (const line of lines) this.#input.write(`${name} | ${line}\n`);
-      },
-      stopped,
-    ).then(() => {
-      if (pending) this.#input.write(`${name} | ${pending}\n`);
-    });
+    this.#tailing = followLog(file, (text) => lines.push(text), stopped).then(() => lines.flush());
   }
 
   async #endStep(): Promise<void> {
-    if (this.#live?.pending) this.#input.write(`${this.#live.name} | ${this.#live.pending}\n`);
+    this.#live?.lines.flush();
     this.#live = undefined;
     this.#stopStep?.();
     this.#stopStep = undefined;
     await this.#tailing.catch(() => {});
+  }
+}
+
+/** A step's output as `name | line` lines: text comes in pieces, and a line is shown once it is whole (or flushed). */
+class PrefixedLines {
+  #pending = '';
+
+  constructor(
+    readonly name: string,
+    readonly write: (text: string) => void,
+  ) {}
+
+  push(text: string): void {
+    const lines = (this.#pending + text).split('\n');
+    this.#pending = lines.pop() ?? '';
+    for (const line of lines) this.write(`${this.name} | ${line}\n`);
+  }
+
+  flush(): void {
+    if (this.#pending) this.write(`${this.name} | ${this.#pending}\n`);
+    this.#pending = '';
   }
 }
