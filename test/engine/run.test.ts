@@ -66,11 +66,20 @@ describe('runStep', () => {
   });
 
   it('writes a line to the log while the step still runs', async () => {
-    const { log, base } = await setup();
-    const running = runStep({ ...base, command: 'echo first; sleep 3; echo second' });
-    const seenAt = Date.now();
-    await waitFor(async () => (await readFile(log, 'utf8').catch(() => '')) === 'first\n', 2000, 10);
-    expect(Date.now() - seenAt).toBeLessThan(1000);
+    const { dir, log, base } = await setup();
+    // The step waits for the test to let it go: the first line must be in the log before it can end.
+    const gate = path.join(dir, 'go');
+    const running = runStep({
+      ...base,
+      command: `echo first; while [ ! -e ${gate} ]; do sleep 0.02; done; echo second`,
+    });
+    let ended = false;
+    void running.then(() => {
+      ended = true;
+    });
+    await waitFor(async () => (await readFile(log, 'utf8').catch(() => '')) === 'first\n', 15_000, 10);
+    expect(ended).toBe(false);
+    await writeFile(gate, '');
     const outcome = await running;
     expect(outcome.exitCode).toBe(0);
     expect(await readFile(log, 'utf8')).toBe('first\nsecond\n');
