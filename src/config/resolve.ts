@@ -49,11 +49,13 @@ export function longFlag(def: OptionDef): string {
  * subscription's session holds the only copy of each job dealt to it: it never expires (retire it with drain).
  */
 /**
- * The share group of a slot in a fan-out of `k`: its id's first number (slots named by ordinal, `slot-1`, a
- * StatefulSet's `worker-0`, spread evenly over the groups), else a hash of its id.
+ * The share group of a slot in a fan-out of `k`: its id's last number (slots named by ordinal, `slot-1`, a
+ * StatefulSet's `worker-0`, `node12-slot3`, `jobs2-worker-1`: spread evenly over the groups), else a hash of its
+ * id. The last number, not the first: a host or project number before the ordinal would put every slot of a host
+ * in one group, and a fan-out of K would be one share group.
  */
 export function fanoutGroup(id: string, k: number): number {
-  const ordinal = /\d+/.exec(id)?.[0];
+  const ordinal = id.match(/\d+/g)?.at(-1);
   if (ordinal !== undefined) return Number(BigInt(ordinal) % BigInt(k));
   let hash = 0x811c9dc5;
   for (const char of id) hash = Math.imul(hash ^ (char.codePointAt(0) ?? 0), 0x01000193) >>> 0;

@@ -222,7 +222,8 @@ export function slotLoop(
  * files run side by side, so two files must never share one.
  */
 export function slot(name: string): string {
-  return `${name}-p${process.pid}`;
+  // The pid first: a slot's ordinal (`hol-1`) stays the id's last number, which --fanout groups by.
+  return `p${process.pid}-${name}`;
 }
 
 /** Every job has a success result message and a success result.json: the fleet lost none. */

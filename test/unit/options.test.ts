@@ -90,6 +90,14 @@ describe('resolveOptions', () => {
     expect(resolveOptions({ fanout: '2', id: 'slot-4' }, {}, context).topics).toEqual([
       '$share/mqtt-fs-worker-fanout-0/jobs/pending',
     ]);
+    // The ordinal is the last number: a host's or a project's number before it does not put a host in one group.
+    const groupOf = (id: string) => resolveOptions({ fanout: '2', id }, {}, context).topics[0];
+    expect(['node12-slot3', 'node12-slot4', 'jobs2-worker-1', 'jobs2-worker-2'].map(groupOf)).toEqual([
+      '$share/mqtt-fs-worker-fanout-1/jobs/pending',
+      '$share/mqtt-fs-worker-fanout-0/jobs/pending',
+      '$share/mqtt-fs-worker-fanout-1/jobs/pending',
+      '$share/mqtt-fs-worker-fanout-0/jobs/pending',
+    ]);
     // Copies elsewhere: the session may expire as in pull dispatch; with 1 group it holds the only copy.
     expect(slot3.sessionExpirySeconds).toBe(86_400);
     expect(resolveOptions({ fanout: '1', id: 'a' }, {}, context).sessionExpirySeconds).toBeUndefined();
