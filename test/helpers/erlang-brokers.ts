@@ -107,6 +107,15 @@ abstract class ErlangBroker implements SuiteBroker {
   }
 }
 
+/** Where Debian puts ejabberd's Erlang applications (`/usr/lib/{multiarch}/ejabberd-*`), whatever the machine. */
+function ejabberdLibs(): string | undefined {
+  for (const arch of existsSync('/usr/lib') ? readdirSync('/usr/lib') : []) {
+    const dir = path.join('/usr/lib', arch);
+    if (arch.includes('-linux-') && readdirSync(dir).some((name) => name.startsWith('ejabberd-'))) return dir;
+  }
+  return undefined;
+}
+
 function erts(): string {
   const root = '/usr/lib/erlang';
   const version = existsSync(root) ? readdirSync(root).find((name) => name.startsWith('erts-')) : undefined;
@@ -228,7 +237,7 @@ export class Ejabberd extends ErlangBroker {
   }
 
   static async start(protocol: '5' | '3.1.1' = '5'): Promise<Ejabberd> {
-    if (!existsSync('/usr/lib/x86_64-linux-gnu/ejabberd-23.01') && !existsSync('/usr/sbin/ejabberdctl'))
+    if (ejabberdLibs() === undefined)
       throw new Error('ejabberd is not installed: apt-get install -y ejabberd');
     const dir = await mkdtemp(path.join(tmpdir(), 'mfw-ejabberd-'));
     const broker = new Ejabberd(dir, await freePort(), protocol);
@@ -262,7 +271,7 @@ export class Ejabberd extends ErlangBroker {
       ['-noinput', '-mnesia', 'dir', `"${path.join(this.dir, 'spool')}"`, '-s', 'ejabberd'],
       {
         HOME: this.dir,
-        ERL_LIBS: '/usr/lib/x86_64-linux-gnu',
+        ERL_LIBS: ejabberdLibs() as string,
         EJABBERD_CONFIG_PATH: path.join(this.dir, 'ejabberd.yml'),
         EJABBERD_LOG_PATH: path.join(this.dir, 'ejabberd.log'),
       },
