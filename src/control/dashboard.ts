@@ -1,6 +1,12 @@
 import { randomBytes } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
-import { type BrokerSettings, connectBroker, disconnect, publish } from '../broker/client.js';
+import {
+  type BrokerClient,
+  type BrokerSettings,
+  connectBroker,
+  disconnect,
+  publish,
+} from '../broker/client.js';
 import { idProblem } from '../shared/ids.js';
 import { jsonObject } from '../shared/json.js';
 import type { Logger } from '../shared/log.js';
@@ -42,8 +48,6 @@ interface JobView {
   stepName: string | null;
   at: string;
 }
-
-type MqttClient = Awaited<ReturnType<typeof connectBroker>>;
 
 const MAX_JOBS = 200;
 const MAX_LOG = 64 * 1024;
@@ -129,7 +133,7 @@ function closeServer(server: Server): Promise<void> {
 }
 
 function watchFleet(
-  client: MqttClient,
+  client: BrokerClient,
   input: DashboardInput,
   fleet: Fleet,
   send: (e: string, d: unknown) => void,
@@ -223,7 +227,7 @@ async function handle(
   input: DashboardInput,
   fleet: Fleet,
   clients: Set<ServerResponse>,
-  client: MqttClient,
+  client: BrokerClient,
 ): Promise<void> {
   const url = new URL(req.url ?? '/', 'http://dashboard');
   const route = `${req.method} ${url.pathname}`;

@@ -13,6 +13,7 @@ import type { Logger } from '../shared/log.js';
 import { type Presence, parsePresence } from '../shared/presence.js';
 import { isShared } from '../shared/topics.js';
 import { forgetDrivePresence } from '../worker/presence-board.js';
+import { listWorkers } from './workers.js';
 
 export interface DrainInput {
   readonly settings: BrokerSettings;
@@ -101,34 +102,13 @@ export async function drain(input: DrainInput): Promise<DrainOutcome> {
 /** Is another slot taking jobs from one of these shared subscriptions online (from the retained presence)? */
 async function otherMemberOnline(input: DrainInput, topics: readonly string[]): Promise<boolean> {
   const root = input.presenceTopic.slice(0, input.presenceTopic.length - input.slot.length - 1);
-  const client = await connectBroker({
-    settings: input.settings,
-    clientId: `drain-${randomBytes(6).toString('hex')}`,
-    clean: true,
-  });
-  let online = false;
-  try {
-    const quiet = new Promise<void>((resolve) => {
-      let timer = setTimeout(resolve, 500);
-      client.on('message', (_topic, payload) => {
-        const member = parsePresence(payload);
-        if (
-          member &&
-          member.id !== input.slot &&
-          member.state !== 'offline' &&
-          member.topics?.some((t) => topics.includes(t))
-        )
-          online = true;
-        clearTimeout(timer);
-        timer = setTimeout(resolve, 300);
-      });
-    });
-    await client.subscribeAsync(`${root}/+`, { qos: 1 });
-    await quiet;
-    return online;
-  } finally {
-    await disconnect(client);
-  }
+  const slots = await listWorkers({ settings: input.settings, presenceTopic: root });
+  return slots.some(
+    (member) =>
+      member.id !== input.slot &&
+      member.state !== 'offline' &&
+      member.topics?.some((t) => topics.includes(t)),
+  );
 }
 
 /** The slot's retained presence (sent right after the SUBACK), or undefined when it has none. */
