@@ -1,9 +1,9 @@
-import { constants } from 'node:fs';
-import { open, readdir, unlink } from 'node:fs/promises';
+import { readdir, unlink } from 'node:fs/promises';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { JobConsumer } from '../broker/consumer.js';
 import type { Options } from '../config/options.js';
+import { readSmallFile } from '../job/job-file.js';
 import { writeFileAtomic } from '../shared/atomic-write.js';
 import { idProblem } from '../shared/ids.js';
 import type { Logger } from '../shared/log.js';
@@ -104,7 +104,9 @@ export async function drivePresence(jobsDir: string, now: number, log?: Logger):
     for (const name of await readdir(dir)) {
       const id = name.endsWith('.json') ? name.slice(0, -5) : undefined;
       if (id === undefined || idProblem(id) !== undefined) continue;
-      const presence = await readPresenceFile(path.join(dir, name));
+      // Never through a link, never blocking on a FIFO, never past 64 KiB; anything else is not a slot's file.
+      const text = await readSmallFile(path.join(dir, name), MAX_FILE_BYTES).catch(() => undefined);
+      const presence = text === undefined ? undefined : parsePresence(Buffer.from(text));
       if (!presence || presence.id !== id) continue;
       const stale = presence.state !== 'offline' && now - Date.parse(presence.at) > PRESENCE_STALE_MS;
       found.push(stale ? { ...presence, state: 'offline' } : presence);
@@ -112,22 +114,6 @@ export async function drivePresence(jobsDir: string, now: number, log?: Logger):
     return found.sort(byId);
   };
   return withIndexFolder(jobsDir, SLOTS_DIR, false, log, read, [] as Presence[]).catch(() => []);
-}
-
-async function readPresenceFile(file: string): Promise<Presence | undefined> {
-  const handle = await open(file, constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK).catch(
-    () => undefined,
-  );
-  if (!handle) return undefined;
-  try {
-    const info = await handle.stat();
-    if (!info.isFile() || info.size > MAX_FILE_BYTES) return undefined;
-    return parsePresence(await handle.readFile());
-  } catch {
-    return undefined;
-  } finally {
-    await handle.close();
-  }
 }
 
 /** Removes a retired slot's presence file (`drain`); nothing to do where there is none. */
