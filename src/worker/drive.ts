@@ -144,6 +144,9 @@ async function caching(mount: Mount): Promise<{ cacheMs: number; findings: Findi
   return { cacheMs: 0, findings };
 }
 
+/** How far behind this clock a file's stamp can be on the same host: the kernel's coarse clock, a tick or so. */
+const COARSE_CLOCK_MS = 50;
+
 /**
  * The drive's timestamps, measured: a probe file is created, its mtime set to a value with milliseconds and read
  * back (precision), and its creation time compared with this host's clock (offset). The probe is removed.
@@ -162,8 +165,11 @@ async function measureTimestamps(jobsDir: string): Promise<{ precisionMs: number
     const wanted = Math.floor(after / 1000) * 1000 - 10_000 + 999;
     await handle.utimes(wanted / 1000, wanted / 1000);
     const read = (await handle.stat()).mtimeMs;
-    // A creation stamp that falls between the two readings of this clock is an offset of 0 (within precision).
-    const offsetMs = created < before - 1000 ? before - created : created > after ? created - after : 0;
+    // A creation stamp that falls between the two readings of this clock is an offset of 0. Below them, a drive
+    // with whole-second stamps (sshfs: SFTP v3) truncates by up to a second, and the kernel stamps files from a
+    // coarse clock up to a tick behind this one: a stamp of the second before `before` is no offset either.
+    const slack = 1000 + COARSE_CLOCK_MS;
+    const offsetMs = created < before - slack ? before - created : created > after ? created - after : 0;
     const missed = Math.abs(read - wanted);
     return { precisionMs: missed < 1 ? 1 : Math.ceil(missed / 1000) * 1000, offsetMs };
   } finally {
