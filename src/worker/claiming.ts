@@ -16,7 +16,7 @@ import {
 } from './claim.js';
 import { publishResult } from './publish.js';
 import { runClaimed } from './run-claimed.js';
-import { addRunning, listRunning, removeRunning } from './running-index.js';
+import { addRunning, type IndexRound, listRunning, removeRunning } from './running-index.js';
 import type { Slot, WorkerOutcome } from './slot.js';
 
 // What a job's claim says a delivery means (run it, leave it, publish a finished result nobody published), and
@@ -129,13 +129,13 @@ export async function settleFinished(
 }
 
 /**
- * Looks through the index of running claims for a job whose worker died: its result is published if it finished,
- * or the job is taken over (attempt + 1) and run here from the request stored in its claim.
+ * Looks through the index of running claims (the entries `round` picks) for a job whose worker died: its result
+ * is published if it finished, or the job is taken over (attempt + 1) and run here from the request in its claim.
  */
-export async function takeOverOrphan(slot: Slot): Promise<WorkerOutcome | undefined> {
+export async function takeOverOrphan(slot: Slot, round: IndexRound): Promise<WorkerOutcome | undefined> {
   const root = await resolveJobsRoot(slot.options.jobsDir).catch(() => undefined);
   if (root === undefined) return undefined;
-  for (const id of await listRunning(root, slot.log)) {
+  for (const id of round.pick(await listRunning(root, slot.log))) {
     const jobLog = slot.log.child({ job: id });
     try {
       const ran = await lookAtRunning(slot, root, id, jobLog);

@@ -183,3 +183,42 @@ export async function listRunning(jobsRoot: string, log?: Logger): Promise<strin
   ).catch(() => [] as string[]);
   return names.filter((name) => idProblem(name) === undefined);
 }
+
+/** How many entries one look at the index inspects: a look costs the same in a fleet of 10 slots or 10,000. */
+export const LOOK_SIZE = 16;
+
+/**
+ * Which entries each look of one process inspects. With LOOK_SIZE or fewer, all of them. With more, the LOOK_SIZE
+ * names that follow where the last look stopped (in name order, wrapping), starting at a random place: one idle
+ * slot goes round the whole index in ceil(entries / LOOK_SIZE) looks, and slots that start together look at
+ * different entries instead of all racing for the same orphan.
+ */
+export class IndexRound {
+  #after: string | undefined;
+  readonly #size: number;
+  readonly #random: () => number;
+
+  constructor(size = LOOK_SIZE, random: () => number = Math.random) {
+    this.#size = size;
+    this.#random = random;
+  }
+
+  pick(ids: readonly string[]): string[] {
+    if (ids.length <= this.#size) return [...ids];
+    const sorted = [...ids].sort();
+    const after = this.#after;
+    const first =
+      after === undefined
+        ? Math.floor(this.#random() * sorted.length)
+        : Math.max(
+            0,
+            sorted.findIndex((id) => id > after),
+          );
+    const picked = Array.from(
+      { length: this.#size },
+      (_, i) => sorted[(first + i) % sorted.length] as string,
+    );
+    this.#after = picked.at(-1);
+    return picked;
+  }
+}

@@ -21,6 +21,7 @@ export type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
 
 import { answerFailure, handleDelivery } from './delivery.js';
 import { PresenceBoard } from './presence-board.js';
+import { IndexRound } from './running-index.js';
 import { sessionLost } from './session-memory.js';
 
 // The broker worker's loop: connect under the slot's session, hand each delivery to delivery.ts, look for jobs
@@ -129,9 +130,10 @@ export async function serve(slot: Slot): Promise<WorkerOutcome> {
   let pending = consumer.next();
   let idleSince = Date.now();
   let scanAt = 0;
+  const round = new IndexRound();
   for (;;) {
     if (Date.now() >= scanAt) {
-      const orphan = await takeOverOrphan(slot);
+      const orphan = await takeOverOrphan(slot, round);
       if (orphan) return orphan;
       scanAt = Date.now() + scanInterval(options);
     }

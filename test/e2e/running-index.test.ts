@@ -170,4 +170,29 @@ describe('the index of running jobs', () => {
     expect(await readdir(path.join(dirs.jobs, '.mqtt-fs-worker/running'))).toEqual([]);
     await client.endAsync();
   });
+
+  it('a look at a large index inspects 16 entries, and an idle slot goes round all of them', async () => {
+    // What a look costs must not grow with the fleet: 40 entries (jobs whose folders are gone, so each entry a
+    // look inspects is cleared and the count shows how many it inspected).
+    const dirs = await fleetDirs();
+    const running = path.join(dirs.jobs, '.mqtt-fs-worker/running');
+    await writeTree(
+      dirs.jobs,
+      Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`.mqtt-fs-worker/running/gone-${i}`, ''])),
+    );
+    const url = broker().url;
+    const me = slot('idx-large');
+    // One look: with a 20 s lease the next would come 5 s later, and the slot stays idle for 1 s.
+    const once = await runWorkerOnce(
+      pullArgs(url, dirs, me, ['--claim-lease', '20s', '--idle-timeout', '1s']),
+    );
+    expect(once.code, once.stderr).toBe(0);
+    expect(await readdir(running)).toHaveLength(40 - 16);
+    // A look every 500 ms (2 s lease): two more looks clear the remaining 24.
+    const idle = await runWorkerOnce(
+      pullArgs(url, dirs, me, ['--claim-lease', '2s', '--idle-timeout', '3s']),
+    );
+    expect(idle.code, idle.stderr).toBe(0);
+    expect(await readdir(running)).toEqual([]);
+  });
 });

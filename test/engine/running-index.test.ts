@@ -1,7 +1,13 @@
 import { mkdir, readdir, readFile, symlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { addRunning, listRunning, removeRunning } from '../../src/worker/running-index.js';
+import {
+  addRunning,
+  IndexRound,
+  LOOK_SIZE,
+  listRunning,
+  removeRunning,
+} from '../../src/worker/running-index.js';
 import { tempDir } from '../helpers/tmp.js';
 
 // The index of running jobs on real files, with links planted where a writer of the jobs directory could put them.
@@ -51,5 +57,34 @@ describe('the index of running jobs', () => {
       // One line says it, however often the index is looked at.
       expect(warnings, planted).toEqual([expect.stringContaining(`${planted} is a symbolic link`)]);
     }
+  });
+
+  it('a look inspects at most LOOK_SIZE entries, and successive looks go round the whole index', async () => {
+    const { jobs } = await jobsAndVictim();
+    const ids = Array.from({ length: 40 }, (_, i) => `job-${String(i).padStart(2, '0')}`);
+    for (const id of ids) await addRunning(jobs, id);
+    const listed = await listRunning(jobs);
+    expect(listed.sort()).toEqual(ids);
+    const round = new IndexRound(LOOK_SIZE, () => 0.5); // starts in the middle: job-20
+    const looks = [round.pick(listed), round.pick(listed), round.pick(listed)];
+    for (const look of looks) expect(new Set(look).size).toBe(LOOK_SIZE);
+    expect(looks[0]?.[0]).toBe('job-20');
+    // 3 looks of 16 cover all 40 (ceil(40 / 16)), wrapping past the end.
+    expect(new Set(looks.flat()).size).toBe(40);
+    // An entry added behind the round is reached when the round comes back to it, not skipped.
+    await addRunning(jobs, 'job-00a');
+    const later = [round.pick(await listRunning(jobs)), round.pick(await listRunning(jobs))].flat();
+    expect(later).toContain('job-00a');
+  });
+
+  it('a small index is looked at whole every time; two slots start their rounds at different places', () => {
+    const few = ['a', 'b', 'c'];
+    expect(new IndexRound(LOOK_SIZE, () => 0.99).pick(few)).toEqual(few);
+    const many = Array.from({ length: 100 }, (_, i) => `job-${String(i).padStart(3, '0')}`);
+    const first = new IndexRound(LOOK_SIZE, () => 0).pick(many);
+    const second = new IndexRound(LOOK_SIZE, () => 0.5).pick(many);
+    expect(first[0]).toBe('job-000');
+    expect(second[0]).toBe('job-050');
+    expect(first.filter((id) => second.includes(id))).toEqual([]);
   });
 });
