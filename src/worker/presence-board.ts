@@ -49,6 +49,21 @@ export class PresenceBoard {
     this.source = source;
   }
 
+  /**
+   * The job this slot's previous process said it was running and never said it finished: it died mid-job. Read
+   * from the drive before this process writes there; undefined when there is no such file or it says otherwise.
+   */
+  async unfinishedJob(): Promise<string | undefined> {
+    const read = (dir: string) => readSmallFile(path.join(dir, `${this.source.id}.json`), MAX_FILE_BYTES);
+    const text = await withIndexFolder(this.#jobsDir, SLOTS_DIR, false, this.#log, read, undefined).catch(
+      () => undefined,
+    );
+    const said = text === undefined ? undefined : parsePresence(Buffer.from(text));
+    return said?.id === this.source.id && said.state === 'busy' && said.pid !== process.pid
+      ? said.job
+      : undefined;
+  }
+
   /** Says the slot's state on the broker (at once) and on the drive (when the state or the job changed). */
   say(state: PresenceState, busy?: BusyWith): void {
     this.#consumer.fireAndForget(this.#topic, presenceMessage(this.source, state, busy), true);

@@ -21,7 +21,7 @@ export type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
 
 import { answerFailure, handleDelivery } from './delivery.js';
 import { PresenceBoard } from './presence-board.js';
-import { IndexRound } from './running-index.js';
+import { IndexRound, LOOK_SIZE } from './running-index.js';
 import { sessionLost } from './session-memory.js';
 
 // The broker worker's loop: connect under the slot's session, hand each delivery to delivery.ts, look for jobs
@@ -84,10 +84,15 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
     );
   }
   const presence = new PresenceBoard(consumer, options, source, log);
+  // Read before this process says idle there: a job the last process of this slot died in is looked at first.
+  const unfinished = await presence.unfinishedJob();
   presence.say('idle');
   const sidecar = new Sidecar(input);
   try {
-    return await serve({ ...input, consumer, sidecar, presence });
+    return await serve(
+      { ...input, consumer, sidecar, presence },
+      new IndexRound(LOOK_SIZE, Math.random, unfinished),
+    );
   } finally {
     await Promise.all([sidecar.close(), presence.close()]);
   }
@@ -124,13 +129,12 @@ export type Woken =
  * The idle loop: every delivery is handled in turn until one is run; between deliveries, the index of running
  * claims is scanned for orphans. A process runs at most one job.
  */
-export async function serve(slot: Slot): Promise<WorkerOutcome> {
+export async function serve(slot: Slot, round = new IndexRound()): Promise<WorkerOutcome> {
   const { options, log } = slot;
   const { consumer } = slot;
   let pending = consumer.next();
   let idleSince = Date.now();
   let scanAt = 0;
-  const round = new IndexRound();
   for (;;) {
     if (Date.now() >= scanAt) {
       const orphan = await takeOverOrphan(slot, round);

@@ -171,15 +171,12 @@ describe('the index of running jobs', () => {
     await client.endAsync();
   });
 
-  it('a look at a large index inspects 16 entries, and an idle slot goes round all of them', async () => {
+  it('a look at a large index inspects 8 entries, and an idle slot goes round all of them', async () => {
     // What a look costs must not grow with the fleet: 40 entries (jobs whose folders are gone, so each entry a
     // look inspects is cleared and the count shows how many it inspected).
     const dirs = await fleetDirs();
     const running = path.join(dirs.jobs, '.mqtt-fs-worker/running');
-    await writeTree(
-      dirs.jobs,
-      Object.fromEntries(Array.from({ length: 40 }, (_, i) => [`.mqtt-fs-worker/running/gone-${i}`, ''])),
-    );
+    await writeTree(dirs.jobs, goneEntries(40));
     const url = broker().url;
     const me = slot('idx-large');
     // One look: with a 20 s lease the next would come 5 s later, and the slot stays idle for 1 s.
@@ -187,12 +184,48 @@ describe('the index of running jobs', () => {
       pullArgs(url, dirs, me, ['--claim-lease', '20s', '--idle-timeout', '1s']),
     );
     expect(once.code, once.stderr).toBe(0);
-    expect(await readdir(running)).toHaveLength(40 - 16);
-    // A look every 500 ms (2 s lease): two more looks clear the remaining 24.
+    expect(await readdir(running)).toHaveLength(40 - 8);
+    // A look every 500 ms (2 s lease): four more looks clear the remaining 32.
     const idle = await runWorkerOnce(
-      pullArgs(url, dirs, me, ['--claim-lease', '2s', '--idle-timeout', '3s']),
+      pullArgs(url, dirs, me, ['--claim-lease', '2s', '--idle-timeout', '6s']),
     );
     expect(idle.code, idle.stderr).toBe(0);
     expect(await readdir(running)).toEqual([]);
   });
+
+  it('a slot restarted after dying mid-job looks at its own job first, however large the index', async () => {
+    const dirs = await fleetDirs();
+    const running = path.join(dirs.jobs, '.mqtt-fs-worker/running');
+    await mkdir(path.join(dirs.jobs, 'mine'));
+    const url = broker().url;
+    const me = slot('idx-restarted');
+    await registerSlots(url, dirs, [me]);
+    const client = await testClient(url);
+    const results = await collect(client, 'jobs/results/mine');
+    await publishJob(client, { id: 'mine', steps: ['if [ "$JOB_ATTEMPT" = 1 ]; then sleep 30; fi'] });
+    const first = startWorker(pullArgs(url, dirs, me));
+    await first.sawLog('step 0 started');
+    const said = path.join(dirs.jobs, '.mqtt-fs-worker/slots', `${me}.json`);
+    await waitFor(async () => (await readFile(said, 'utf8').catch(() => '')).includes('"state":"busy"'));
+    first.child.kill('SIGKILL');
+    await first.exited;
+    // 30 more entries (gone jobs): a look that inspected any of them before this slot's own job would clear it.
+    await writeTree(dirs.jobs, goneEntries(30));
+    const again = await runWorkerOnce(
+      pullArgs(url, dirs, me, ['--claim-lease', '20s', '--idle-timeout', '1s']),
+    );
+    expect(again.code, again.stderr).toBe(0);
+    expect(again.stderr).toContain('taking over from the index of running jobs');
+    await waitFor(() => results.length === 1);
+    expect(results[0]?.body).toMatchObject({ status: 'success', attempt: 2 });
+    expect(await readdir(running)).toHaveLength(30);
+    await client.endAsync();
+  });
 });
+
+/** Index entries for jobs whose folders are gone: a look that inspects one clears it. */
+function goneEntries(count: number): Record<string, string> {
+  return Object.fromEntries(
+    Array.from({ length: count }, (_, i) => [`.mqtt-fs-worker/running/gone-${i}`, '']),
+  );
+}

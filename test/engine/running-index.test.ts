@@ -66,15 +66,18 @@ describe('the index of running jobs', () => {
     const listed = await listRunning(jobs);
     expect(listed.sort()).toEqual(ids);
     const round = new IndexRound(LOOK_SIZE, () => 0.5); // starts in the middle: job-20
-    const looks = [round.pick(listed), round.pick(listed), round.pick(listed)];
+    const rounds = Math.ceil(40 / LOOK_SIZE);
+    const looks = Array.from({ length: rounds }, () => round.pick(listed));
     for (const look of looks) expect(new Set(look).size).toBe(LOOK_SIZE);
     expect(looks[0]?.[0]).toBe('job-20');
-    // 3 looks of 16 cover all 40 (ceil(40 / 16)), wrapping past the end.
+    // ceil(40 / LOOK_SIZE) looks cover all 40, wrapping past the end.
     expect(new Set(looks.flat()).size).toBe(40);
     // An entry added behind the round is reached when the round comes back to it, not skipped.
-    await addRunning(jobs, 'job-00a');
-    const later = [round.pick(await listRunning(jobs)), round.pick(await listRunning(jobs))].flat();
-    expect(later).toContain('job-00a');
+    await addRunning(jobs, 'job-20a');
+    const later = Array.from({ length: Math.ceil(41 / LOOK_SIZE) }, () =>
+      round.pick(listed.concat('job-20a')),
+    ).flat();
+    expect(later).toContain('job-20a');
   });
 
   it('a small index is looked at whole every time; two slots start their rounds at different places', () => {
@@ -86,5 +89,17 @@ describe('the index of running jobs', () => {
     expect(first[0]).toBe('job-000');
     expect(second[0]).toBe('job-050');
     expect(first.filter((id) => second.includes(id))).toEqual([]);
+  });
+
+  it("a restarted slot's first look starts with the job its previous process died in, then goes round", () => {
+    const many = Array.from({ length: 100 }, (_, i) => `job-${String(i).padStart(3, '0')}`);
+    const round = new IndexRound(LOOK_SIZE, () => 0, 'job-077');
+    const first = round.pick(many);
+    expect(first).toHaveLength(LOOK_SIZE);
+    expect(first[0]).toBe('job-077');
+    expect(first.slice(1)).toEqual(many.slice(0, LOOK_SIZE - 1));
+    expect(round.pick(many)[0]).toBe(`job-${String(LOOK_SIZE - 1).padStart(3, '0')}`);
+    // A job no longer in the index is not looked for.
+    expect(new IndexRound(LOOK_SIZE, () => 0, 'gone').pick(many)[0]).toBe('job-000');
   });
 });
