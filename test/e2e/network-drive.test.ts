@@ -105,11 +105,13 @@ describe.skipIf(!sshfsAvailable)('claims over a network filesystem with client c
       published: true,
     });
     // A take-over through y (attempt 2) is seen through x at once too, and stops the first runner publishing.
-    await acquireClaim(results(y), selfIdentity('heir', 'host-y', process.pid), 2, new Date(), {
+    const heir = await acquireClaim(results(y), selfIdentity('heir', 'host-y', process.pid), 2, new Date(), {
       request: '{"id":"job"}',
     });
     expect(await claim?.standing()).toBe('taken-over');
+    // Both claims hold a descriptor: closed here, not left to the garbage collector (Node warns, and will throw).
     claim?.stopHeartbeat();
+    heir?.stopHeartbeat();
   });
 
   for (const [caching, options] of [
