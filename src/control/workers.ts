@@ -165,5 +165,41 @@ export function formatWorkers(rows: readonly SlotRow[], now: number, color: bool
     lines.push('moves anything queued in it back to the group, then removes it from this list):');
     for (const row of abandoned) lines.push(`  mqtt-fs-worker drain --id ${row.id}`);
   }
+  const lockstep = fanoutLockstep(rows);
+  if (lockstep) lines.push('', lockstep);
   return `${lines.join('\n')}\n`;
+}
+
+const FANOUT_GROUP = /^\$share\/mqtt-fs-worker-fanout-(\d+)\/(.+)$/;
+const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+
+/**
+ * Mosquitto deals a shared subscription's messages to its members in turn, each group on its own. Groups of sizes
+ * with a common factor turn in step: with 8 and 8, a request's two copies always reach the same two slots (the
+ * fan-out becomes fixed pairs, each a `$share` of two). Sizes with no common factor (8 and 9) pair every slot with
+ * every other group's slots in turn. Said where the online slots of a fan-out topic make such groups.
+ */
+export function fanoutLockstep(rows: readonly SlotRow[]): string | undefined {
+  const groups = new Map<string, Map<string, number>>();
+  for (const row of rows) {
+    if (row.state !== 'idle' && row.state !== 'busy') continue;
+    for (const topic of row.topics ?? []) {
+      const [, group, filter] = FANOUT_GROUP.exec(topic) ?? [];
+      if (group === undefined || filter === undefined) continue;
+      const sizes = groups.get(filter) ?? new Map<string, number>();
+      sizes.set(group, (sizes.get(group) ?? 0) + 1);
+      groups.set(filter, sizes);
+    }
+  }
+  for (const [filter, sizes] of groups) {
+    const counts = [...sizes.values()];
+    // Any two groups in step make their copies land on fixed pairs, whatever the other groups do.
+    if (!counts.some((a, i) => counts.slice(i + 1).some((b) => gcd(a, b) > 1))) continue;
+    return (
+      `Fan-out on ${filter}: groups of ${counts.join(', ')} online slots. On Mosquitto, groups whose sizes share a ` +
+      'factor are dealt to in step, so each request reaches the same slots every time; sizes with no common ' +
+      'factor (with --fanout 2: an odd number of slots) spread them.'
+    );
+  }
+  return undefined;
 }

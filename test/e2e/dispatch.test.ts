@@ -91,6 +91,34 @@ describe('pull dispatch', () => {
     expect(results).toHaveLength(13);
   });
 
+  it('Mosquitto deals equal fan-out groups in step (fixed pairs) and groups of 3 and 4 to every pair', async () => {
+    // What `workers` warns about: with --fanout 2 and groups of equal size, a request's two copies always reach
+    // the same two slots; sizes with no common factor go through all of the groups' pairs.
+    const pairsSeen = async (sizes: number[], topic: string): Promise<number> => {
+      const copies = new Map<string, string[]>();
+      const members = await Promise.all(
+        sizes.flatMap((size, g) =>
+          Array.from({ length: size }, async (_, i) => {
+            const member = await testClient(broker().url);
+            member.on('message', (_t, payload) => {
+              const id = payload.toString();
+              copies.set(id, [...(copies.get(id) ?? []), `g${g}-${i}`].sort());
+            });
+            await member.subscribeAsync(`$share/mqtt-fs-worker-fanout-${g}/${topic}`, { qos: 1 });
+            return member;
+          }),
+        ),
+      );
+      const publisher = await testClient(broker().url);
+      for (let j = 0; j < 24; j++) await publisher.publishAsync(topic, String(j), { qos: 1 });
+      await waitFor(() => [...copies.values()].filter((c) => c.length === 2).length === 24);
+      await Promise.all([publisher, ...members].map((client) => client.endAsync()));
+      return new Set([...copies.values()].map((c) => c.join('+'))).size;
+    };
+    expect(await pairsSeen([4, 4], 'lockstep/even')).toBe(4);
+    expect(await pairsSeen([3, 4], 'lockstep/coprime')).toBe(12);
+  });
+
   it('with a shared subscription, jobs dealt to the busy slot wait for its long job (the price)', {
     timeout: 120_000,
   }, async () => {
