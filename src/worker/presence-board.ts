@@ -54,11 +54,10 @@ export class PresenceBoard {
    * from the drive before this process writes there; undefined when there is no such file or it says otherwise.
    */
   async unfinishedJob(): Promise<string | undefined> {
-    const read = (dir: string) => readSmallFile(path.join(dir, `${this.source.id}.json`), MAX_FILE_BYTES);
-    const text = await withIndexFolder(this.#jobsDir, SLOTS_DIR, false, this.#log, read, undefined).catch(
+    const read = (dir: string) => readPresenceFile(dir, `${this.source.id}.json`);
+    const said = await withIndexFolder(this.#jobsDir, SLOTS_DIR, false, this.#log, read, undefined).catch(
       () => undefined,
     );
-    const said = text === undefined ? undefined : parsePresence(Buffer.from(text));
     return said?.id === this.source.id && said.state === 'busy' && said.pid !== process.pid
       ? said.job
       : undefined;
@@ -109,6 +108,12 @@ export class PresenceBoard {
   }
 }
 
+/** A slot's file: never through a link, never blocking on a FIFO, never past 64 KiB; anything else is none. */
+async function readPresenceFile(dir: string, name: string): Promise<Presence | undefined> {
+  const text = await readSmallFile(path.join(dir, name), MAX_FILE_BYTES).catch(() => undefined);
+  return text === undefined ? undefined : parsePresence(Buffer.from(text));
+}
+
 /**
  * The slots' presence as written on the drive, for the brokers that do not show it. An entry not written again
  * within PRESENCE_STALE_MS is offline (its process died without saying so), last seen when it was written.
@@ -119,9 +124,7 @@ export async function drivePresence(jobsDir: string, now: number, log?: Logger):
     for (const name of await readdir(dir)) {
       const id = name.endsWith('.json') ? name.slice(0, -5) : undefined;
       if (id === undefined || idProblem(id) !== undefined) continue;
-      // Never through a link, never blocking on a FIFO, never past 64 KiB; anything else is not a slot's file.
-      const text = await readSmallFile(path.join(dir, name), MAX_FILE_BYTES).catch(() => undefined);
-      const presence = text === undefined ? undefined : parsePresence(Buffer.from(text));
+      const presence = await readPresenceFile(dir, name);
       if (!presence || presence.id !== id) continue;
       const stale = presence.state !== 'offline' && now - Date.parse(presence.at) > PRESENCE_STALE_MS;
       found.push(stale ? { ...presence, state: 'offline' } : presence);
