@@ -49,20 +49,6 @@ export class PresenceBoard {
     this.source = source;
   }
 
-  /**
-   * The job this slot's previous process said it was running and never said it finished: it died mid-job. Read
-   * from the drive before this process writes there; undefined when there is no such file or it says otherwise.
-   */
-  async unfinishedJob(): Promise<string | undefined> {
-    const read = (dir: string) => readPresenceFile(dir, `${this.source.id}.json`);
-    const said = await withIndexFolder(this.#jobsDir, SLOTS_DIR, false, this.#log, read, undefined).catch(
-      () => undefined,
-    );
-    return said?.id === this.source.id && said.state === 'busy' && said.pid !== process.pid
-      ? said.job
-      : undefined;
-  }
-
   /** Says the slot's state on the broker (at once) and on the drive (when the state or the job changed). */
   say(state: PresenceState, busy?: BusyWith): void {
     this.#consumer.fireAndForget(this.#topic, presenceMessage(this.source, state, busy), true);
@@ -106,6 +92,16 @@ export class PresenceBoard {
       });
     });
   }
+}
+
+/**
+ * The job this slot's previous process said it was running and never said it finished: it died mid-job. Read
+ * from the drive before this process writes there; undefined when there is no such file or it says otherwise.
+ */
+export async function unfinishedJob(jobsDir: string, id: string, log?: Logger): Promise<string | undefined> {
+  const read = (dir: string) => readPresenceFile(dir, `${id}.json`);
+  const said = await withIndexFolder(jobsDir, SLOTS_DIR, false, log, read, undefined).catch(() => undefined);
+  return said?.id === id && said.state === 'busy' && said.pid !== process.pid ? said.job : undefined;
 }
 
 /** A slot's file: never through a link, never blocking on a FIFO, never past 64 KiB; anything else is none. */

@@ -20,7 +20,7 @@ import {
 export type { Links, Skipped, WorkerInput, WorkerOutcome } from './slot.js';
 
 import { answerFailure, handleDelivery } from './delivery.js';
-import { PresenceBoard } from './presence-board.js';
+import { PresenceBoard, unfinishedJob } from './presence-board.js';
 import { IndexRound, LOOK_SIZE } from './running-index.js';
 import { sessionLost } from './session-memory.js';
 
@@ -44,6 +44,9 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
     connectedAt: new Date(),
     topics: options.topics,
   };
+  // Read while the broker answers, and before this process says idle there: a job the last process of this slot
+  // died in is looked at first.
+  const unfinished = unfinishedJob(options.jobsDir, options.id, log);
   if (options.protocol === '3.1.1' && options.topics.some(isShared)) {
     // MQTT 3.1.1 cannot say it lacks shared subscriptions: proved before a job is taken (broker/probe.ts).
     const problem = await sharedSubscriptionProblem(options, options.id);
@@ -84,14 +87,13 @@ export async function runWorker(input: WorkerInput): Promise<WorkerOutcome> {
     );
   }
   const presence = new PresenceBoard(consumer, options, source, log);
-  // Read before this process says idle there: a job the last process of this slot died in is looked at first.
-  const unfinished = await presence.unfinishedJob();
+  const lastJob = await unfinished;
   presence.say('idle');
   const sidecar = new Sidecar(input);
   try {
     return await serve(
       { ...input, consumer, sidecar, presence },
-      new IndexRound(LOOK_SIZE, Math.random, unfinished),
+      new IndexRound(LOOK_SIZE, Math.random, lastJob),
     );
   } finally {
     await Promise.all([sidecar.close(), presence.close()]);
