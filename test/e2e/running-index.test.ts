@@ -149,18 +149,7 @@ describe('the index of running jobs', () => {
 
   it('a real index still works: a dead runner on this host is taken over from it', async () => {
     // The control for the refusals above: the same look at the index runs a genuine orphan.
-    const dirs = await fleetDirs();
-    await mkdir(path.join(dirs.jobs, 'orphan'));
-    const url = broker().url;
-    const dies = slot('idx-dies');
-    await registerSlots(url, dirs, [dies]);
-    const client = await testClient(url);
-    const results = await collect(client, 'jobs/results/orphan');
-    await publishJob(client, { id: 'orphan', steps: ['if [ "$JOB_ATTEMPT" = 1 ]; then sleep 30; fi'] });
-    const victim = startWorker(pullArgs(url, dirs, dies));
-    await victim.sawLog('step 0 started');
-    victim.child.kill('SIGKILL');
-    await victim.exited;
+    const { dirs, url, client, results } = await diesMidJob('orphan', slot('idx-dies'));
     // A slot with no copy of the request (its session is new): only the index can lead it to the job.
     const heir = await runWorkerOnce(pullArgs(url, dirs, slot('idx-heir'), ['--idle-timeout', '5s']));
     expect(heir.code, heir.stderr).toBe(0);
@@ -194,21 +183,9 @@ describe('the index of running jobs', () => {
   });
 
   it('a slot restarted after dying mid-job looks at its own job first, however large the index', async () => {
-    const dirs = await fleetDirs();
-    const running = path.join(dirs.jobs, '.mqtt-fs-worker/running');
-    await mkdir(path.join(dirs.jobs, 'mine'));
-    const url = broker().url;
     const me = slot('idx-restarted');
-    await registerSlots(url, dirs, [me]);
-    const client = await testClient(url);
-    const results = await collect(client, 'jobs/results/mine');
-    await publishJob(client, { id: 'mine', steps: ['if [ "$JOB_ATTEMPT" = 1 ]; then sleep 30; fi'] });
-    const first = startWorker(pullArgs(url, dirs, me));
-    await first.sawLog('step 0 started');
-    const said = path.join(dirs.jobs, '.mqtt-fs-worker/slots', `${me}.json`);
-    await waitFor(async () => (await readFile(said, 'utf8').catch(() => '')).includes('"state":"busy"'));
-    first.child.kill('SIGKILL');
-    await first.exited;
+    const { dirs, url, client, results } = await diesMidJob('mine', me);
+    const running = path.join(dirs.jobs, '.mqtt-fs-worker/running');
     // 30 more entries (gone jobs): a look that inspected any of them before this slot's own job would clear it.
     await writeTree(dirs.jobs, goneEntries(30));
     const again = await runWorkerOnce(
@@ -222,6 +199,27 @@ describe('the index of running jobs', () => {
     await client.endAsync();
   });
 });
+
+/**
+ * A slot that is SIGKILLed in the first attempt of job `id`, once its presence file says it runs it: what is left
+ * is the job's claim, its index entry and the slot's last word on the drive.
+ */
+async function diesMidJob(id: string, dies: string) {
+  const dirs = await fleetDirs();
+  await mkdir(path.join(dirs.jobs, id));
+  const url = broker().url;
+  await registerSlots(url, dirs, [dies]);
+  const client = await testClient(url);
+  const results = await collect(client, `jobs/results/${id}`);
+  await publishJob(client, { id, steps: ['if [ "$JOB_ATTEMPT" = 1 ]; then sleep 30; fi'] });
+  const victim = startWorker(pullArgs(url, dirs, dies));
+  await victim.sawLog('step 0 started');
+  const said = path.join(dirs.jobs, '.mqtt-fs-worker/slots', `${dies}.json`);
+  await waitFor(async () => (await readFile(said, 'utf8').catch(() => '')).includes('"state":"busy"'));
+  victim.child.kill('SIGKILL');
+  await victim.exited;
+  return { dirs, url, client, results };
+}
 
 /** Index entries for jobs whose folders are gone: a look that inspects one clears it. */
 function goneEntries(count: number): Record<string, string> {
